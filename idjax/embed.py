@@ -1,0 +1,101 @@
+"""JVP embeddings (MATH.md 5): cheap per-sample features that landmarks propagate along.
+
+The model is truncated to its first B decoder blocks plus the final norm; f(x; theta) is the
+hidden vector at the last non-pad token. For K fixed Gaussian tangents v_k over the truncated
+model's parameters, j_k(x) = d/de f(x; theta + e v_k) at e = 0 by forward-mode AD (jax.jvp),
+batched over samples and tangents in one compiled call; [j_1..j_K] is projected to e dims.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from idjax.models import CausalLM
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbedConfig:
+    num_blocks: int = 4       # B: decoder blocks kept
+    num_tangents: int = 2     # K: random tangent directions
+    dim: int = 4096           # e: output dims (K * d_model when that is smaller: no projection then)
+    seed: int = 0
+
+
+def truncate(model: CausalLM, num_blocks: int) -> CausalLM:
+    """The first `num_blocks` decoder blocks + final norm, sharing no state with `model`."""
+    if not 1 <= num_blocks <= model.config.num_layers:
+        raise ValueError(f"num_blocks={num_blocks} must be in [1, {model.config.num_layers}]")
+    config = dataclasses.replace(model.config, num_layers=num_blocks, tie_word_embeddings=True)
+    state = nnx.state(model, nnx.Param)
+    abstract = nnx.eval_shape(lambda: CausalLM(config, dtype=model.dtype, rngs=nnx.Rngs(0)))
+    graphdef, target = nnx.split(abstract)
+    flat = dict(nnx.to_flat_state(state))
+    for path, var in nnx.to_flat_state(target):
+        value = flat[path].get_value()
+        var.set_value(value[:num_blocks] if path[0] == "layers" else value)
+    return nnx.merge(graphdef, target)
+
+
+def last_token_features(model: CausalLM, input_ids, attention_mask):
+    """f(x): the final-normed hidden state at each row's last non-pad token, float32 [B, D]."""
+    hidden, _ = model.hidden_states(input_ids, attention_mask)
+    last = jnp.maximum(jnp.sum(attention_mask, axis=-1) - 1, 0)
+    return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0].astype(jnp.float32)
+
+
+def random_tangents(params, num: int, seed: int):
+    """K standard-normal tangents shaped like `params`, leaf i drawn from fold_in(key(seed), i)."""
+    leaves, treedef = jax.tree.flatten(params)
+    key = jax.random.key(seed)
+    out = [
+        jax.random.normal(jax.random.fold_in(key, i), (num, *leaf.shape), jnp.float32).astype(leaf.dtype)
+        for i, leaf in enumerate(leaves)
+    ]
+    return jax.tree.unflatten(treedef, out)
+
+
+class JVPEmbedder:
+    """Compute JVP embeddings of data.Batch-es: one compilation per length bucket."""
+
+    def __init__(self, model: CausalLM, config: EmbedConfig = EmbedConfig()):
+        self.config = config
+        small = truncate(model, min(config.num_blocks, model.config.num_layers))
+        self.graphdef, self.params, self.rest = nnx.split(small, nnx.Param, ...)
+        self.tangents = random_tangents(self.params, config.num_tangents, config.seed)
+        raw = config.num_tangents * model.config.hidden_size
+        self.dim = min(config.dim, raw)
+        self.projection = None
+        if self.dim < raw:  # Gaussian JL map, N(0, 1/e): preserves distances in expectation
+            key = jax.random.fold_in(jax.random.key(config.seed), 1 << 20)
+            self.projection = jax.random.normal(key, (raw, self.dim), jnp.float32) / math.sqrt(self.dim)
+        self._fn = jax.jit(self._embed)
+
+    def _embed(self, params, rest, tangents, projection, ids, mask):
+        def f(p):
+            return last_token_features(nnx.merge(self.graphdef, p, rest), ids, mask)
+
+        # vmap over tangents of a jvp whose primal is unbatched: the forward pass runs once.
+        jv = jax.vmap(lambda v: jax.jvp(f, (params,), (v,))[1])(tangents)  # [K, B, D]
+        out = jnp.moveaxis(jv, 0, 1).reshape(ids.shape[0], -1)            # [B, K*D]
+        return out if projection is None else out @ projection
+
+    def __call__(self, batch) -> jax.Array:
+        """Embeddings [B, dim] float32 of one batch (padding rows are garbage: mask them)."""
+        return self._fn(self.params, self.rest, self.tangents, self.projection,
+                        jnp.asarray(batch.input_ids), jnp.asarray(batch.attention_mask))
+
+    def run(self, batches, num_samples: int, *, desc: str = "embeddings") -> np.ndarray:
+        """Embeddings of every example of `batches`, in example-index order: [num_samples, dim]."""
+        out = np.zeros((num_samples, self.dim), np.float32)
+        for batch in tqdm(batches, desc=desc, unit="batch", disable=None):
+            e = np.asarray(self(batch))
+            real = np.asarray(batch.sample_mask)
+            out[np.asarray(batch.indices)[real]] = e[real]
+        return out

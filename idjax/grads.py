@@ -1,0 +1,249 @@
+"""Per-sample losses and gradients of the masked mean token loss, and Hessian-vector products.
+
+MATH.md 1: l(theta; x) is the token cross-entropy over the response tokens of x (labels != -100),
+averaged over those tokens. A sample with no response token has no loss: it contributes 0 here and
+is reported upstream (data.tokenize skips it), never a NaN.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+IGNORE_INDEX = -100
+
+
+def token_losses(logits, labels):
+    """Per-token cross-entropy of next-token prediction; labels are aligned with the inputs.
+
+    Returns (loss [B, L-1] float32, mask [B, L-1] bool): position t predicts labels[t + 1].
+    """
+    logits = logits[:, :-1].astype(jnp.float32)
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, jnp.where(mask, targets, 0)[..., None], axis=-1)[..., 0]
+    return jnp.where(mask, logz - picked, 0.0), mask
+
+
+def sample_losses(model, input_ids, attention_mask, labels):
+    """Mean response-token loss of every sample: float32 [B]; 0 for samples without responses."""
+    logits = model(input_ids, attention_mask)
+    loss, mask = token_losses(logits, labels)
+    count = mask.sum(axis=-1)
+    return loss.sum(axis=-1) / jnp.maximum(count, 1)
+
+
+# ----------------------------------------------------------------------------- parameter subsets
+
+
+def param_filter(pattern: str | None):
+    """An NNX filter selecting Params whose dotted path matches `pattern` (re.search).
+
+    Paths look like "layers.mlp.down_proj.kernel" (layers are stacked, so one path covers all
+    layers) or "embed_tokens.embedding". LoRA adapters, when present, are matched the same way.
+    """
+    if not pattern:
+        return nnx.Param
+    rx = re.compile(pattern)
+
+    def selected(path, value):
+        return isinstance(value, nnx.Param) and bool(rx.search(".".join(map(str, path))))
+
+    return selected
+
+
+def split_params(model, pattern: str | None = None):
+    """(graphdef, selected params, everything else): the gradient is taken w.r.t. the selection."""
+    graphdef, selected, rest = nnx.split(model, param_filter(pattern), ...)
+    if not jax.tree.leaves(selected):
+        names = [".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+        raise ValueError(f"--params {pattern!r} matches no parameter; names look like {names[:4]}")
+    return graphdef, selected, rest
+
+
+@dataclasses.dataclass(frozen=True)
+class CoordinateMask:
+    """A fixed random subset of gradient coordinates (about `keep` of them), per leaf.
+
+    Bounds the cost on large models before projecting. Indices are drawn once with numpy from
+    the seed and the leaf shapes, so every process and every run picks the same coordinates.
+    """
+
+    indices: tuple  # one int32/int64 numpy array per leaf, in jax.tree.leaves order
+
+    @classmethod
+    def create(cls, tree, keep: int, seed: int = 0) -> "CoordinateMask":
+        sizes = [int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree)]
+        total = sum(sizes)
+        if keep <= 0 or keep >= total:
+            raise ValueError(f"keep={keep} must be in [1, {total - 1}] (the selected parameters have {total})")
+        out = []
+        for i, n in enumerate(sizes):
+            k = max(1, round(keep * n / total))
+            rng = np.random.default_rng([seed, i])
+            out.append(np.sort(rng.choice(n, size=min(k, n), replace=False)))
+        return cls(tuple(out))
+
+    def apply(self, tree):
+        leaves, treedef = jax.tree.flatten(tree)
+        return jax.tree.unflatten(
+            treedef, [jnp.ravel(x)[jnp.asarray(idx)] for x, idx in zip(leaves, self.indices)]
+        )
+
+    def __hash__(self):
+        return hash(tuple((len(i), int(i[:8].sum())) for i in self.indices))
+
+    def __eq__(self, other):
+        return isinstance(other, CoordinateMask) and all(
+            np.array_equal(a, b) for a, b in zip(self.indices, other.indices)
+        )
+
+
+# ----------------------------------------------------------------------------- per-example gradients
+
+
+def _one_sample_loss(graphdef, rest):
+    def loss(selected, ids, mask, labels):
+        model = nnx.merge(graphdef, selected, rest)
+        return sample_losses(model, ids[None], mask[None], labels[None])[0]
+
+    return loss
+
+
+@dataclasses.dataclass(frozen=True)
+class GradientConfig:
+    """What a projected per-example gradient is: which parameters, which preconditioner, which sketch."""
+
+    params: str | None = None        # regex over parameter paths (None: all)
+    keep: int | None = None          # keep a fixed random subset of this many coordinates
+    normalize: bool = True           # L2-normalise a(.)g before projecting (cosine scores)
+    microbatch: int = 8              # samples per vmapped gradient computation
+    seed: int = 0
+
+
+class PerExampleGradients:
+    """Projected, optionally preconditioned per-example gradients, one jit per length bucket.
+
+    For a batch, vmap(grad) gives every sample's gradient of its own mean response-token loss
+    w.r.t. the selected parameters; each is multiplied by the update model's a (Adam: D_a), masked
+    to the kept coordinates, optionally L2-normalised, and projected, all inside one compiled
+    function, so only a microbatch of full gradients ever exists at once.
+    """
+
+    def __init__(self, model, projector, config: GradientConfig = GradientConfig(), precondition=None):
+        self.config = config
+        self.projector = projector
+        self.graphdef, self.selected, self.rest = split_params(model, config.params)
+        self.precondition = precondition  # pytree like the selected params (the update model's a), or None
+        self.mask = CoordinateMask.create(self.selected, config.keep, config.seed) if config.keep else None
+        self._fn = jax.jit(self._compute)
+
+    def _compute(self, selected, rest, precondition, ids, mask, labels):
+        loss = _one_sample_loss(self.graphdef, rest)
+        mb = self.config.microbatch
+
+        def one(ids, mask, labels):
+            g = jax.grad(loss)(selected, ids, mask, labels)
+            if precondition is not None:
+                g = jax.tree.map(lambda a, x: (a * x).astype(jnp.float32), precondition, g)
+            if self.mask is not None:
+                g = self.mask.apply(g)
+            return self.projector.project(g, normalize=self.config.normalize)
+
+        b = ids.shape[0]
+        if b <= mb or b % mb:
+            return jax.vmap(one)(ids, mask, labels)
+        # Several microbatches: a scan keeps at most `mb` full gradients alive.
+        chunks = [x.reshape(b // mb, mb, *x.shape[1:]) for x in (ids, mask, labels)]
+        out = jax.lax.map(lambda c: jax.vmap(one)(*c), tuple(chunks))
+        return out.reshape(b, -1)
+
+    def __call__(self, batch):
+        """Projected gradients [B, k] float32 and a validity flag [B] for one data.Batch."""
+        out = self._fn(self.selected, self.rest, self.precondition, jnp.asarray(batch.input_ids),
+                       jnp.asarray(batch.attention_mask), jnp.asarray(batch.labels))
+        has_response = (np.asarray(batch.labels)[:, 1:] != IGNORE_INDEX).any(axis=1)
+        return out, np.asarray(batch.sample_mask) & has_response
+
+    def run(self, batches, num_samples: int, *, desc: str = "gradients") -> np.ndarray:
+        """Gradients of every example of `batches`, in example-index order: [num_samples, k]."""
+        out = None
+        for batch in tqdm(batches, desc=desc, unit="batch", disable=None):
+            g, valid = self(batch)
+            g = np.asarray(g)
+            if out is None:
+                out = np.zeros((num_samples, g.shape[1]), np.float32)
+            rows = np.asarray(batch.indices)[valid]
+            out[rows] = g[valid]
+        if out is None:
+            raise ValueError("no batches to compute gradients for")
+        return out
+
+
+# ----------------------------------------------------------------------------- Hessian-vector products
+
+
+def mean_loss_fn(graphdef, rest, batches):
+    """L_T(selected) = mean over all real samples of their mean response-token loss (MATH.md 1)."""
+    arrays = [(jnp.asarray(b.input_ids), jnp.asarray(b.attention_mask), jnp.asarray(b.labels),
+               jnp.asarray(b.sample_mask)) for b in batches]
+    total = sum(int(np.asarray(b.sample_mask).sum()) for b in batches)
+    if total == 0:
+        raise ValueError("the target set is empty")
+
+    def loss(selected):
+        model = nnx.merge(graphdef, selected, rest)
+        acc = jnp.float32(0.0)
+        for ids, mask, labels, real in arrays:
+            acc = acc + jnp.sum(jnp.where(real, sample_losses(model, ids, mask, labels), 0.0))
+        return acc / total
+
+    return loss
+
+
+def hvp(loss, params, vectors):
+    """Exact Hessian-vector products H v by forward-over-reverse (jvp of grad).
+
+    `vectors` is a pytree like `params` with a leading axis of n vectors; returns the same shape.
+    """
+    grad = jax.grad(loss)
+    return jax.vmap(lambda v: jax.jvp(grad, (params,), (v,))[1])(vectors)
+
+
+def gauss_newton_vp(graphdef, rest, batches, params, vectors):
+    """Gauss-Newton products G v = J^T H_out J v of the mean target loss (always PSD).
+
+    J is the Jacobian of the logits and H_out the softmax cross-entropy Hessian diag(p) - p p^T
+    of each trained token, weighted as in the mean loss.
+    """
+    total = sum(int(np.asarray(b.sample_mask).sum()) for b in batches)
+    if total == 0:
+        raise ValueError("the target set is empty")
+
+    def gv(v):
+        out = jax.tree.map(jnp.zeros_like, params)
+        for b in batches:
+            ids, mask, labels = (jnp.asarray(x) for x in (b.input_ids, b.attention_mask, b.labels))
+            real = jnp.asarray(b.sample_mask)
+
+            def logits_fn(p):
+                return nnx.merge(graphdef, p, rest)(ids, mask)[:, :-1].astype(jnp.float32)
+
+            logits, lin = jax.linearize(logits_fn, params)
+            u = lin(v)
+            prob = jax.nn.softmax(logits, axis=-1)
+            hu = prob * u - prob * jnp.sum(prob * u, axis=-1, keepdims=True)
+            tok = labels[:, 1:] != IGNORE_INDEX
+            weight = tok / jnp.maximum(tok.sum(-1, keepdims=True), 1) * real[:, None] / total
+            (back,) = jax.linear_transpose(lin, params)(hu * weight[..., None])
+            out = jax.tree.map(jnp.add, out, back)
+        return out
+
+    return jax.vmap(gv)(vectors)

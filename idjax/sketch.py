@@ -1,0 +1,357 @@
+"""Random projections (sketches) of gradient pytrees, MATH.md section 6.
+
+A gradient has d = 1e6..1e10 coordinates spread over many leaves; a sketch maps it to k
+float32 numbers with E[<Px, Py>] = <x, y>. The d x k matrix is never materialized: each leaf
+gets its own key, fold_in(key(seed), leaf_index), and Rademacher / Gaussian matrices are
+generated block by block (block_size rows at a time) inside a loop, so peak memory is
+O(block_size * k) and no index ever needs more than int32, whatever the total d.
+
+The sketch is a pure function of (seed, leaf order, leaf shapes): the same seed gives the same
+projection in any process, with the threefry PRNG pinned explicitly.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("rademacher", "gaussian", "srht", "none")
+_PRNG_IMPL = "threefry2x32"  # pinned so a user's jax_default_prng_impl cannot change the sketch
+_INT32_MAX = 2**31 - 1
+
+
+def fwht(x: jax.Array) -> jax.Array:
+    """Orthonormal fast Walsh-Hadamard transform over the last axis (Sylvester order).
+
+    Equals x @ scipy.linalg.hadamard(n) / sqrt(n) in O(n log n) with no n x n matrix:
+    log2(n) butterfly stages, each a reshape that pairs entries h apart.
+    """
+    n = x.shape[-1]
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"fwht needs a power-of-two last axis, got {n}")
+    lead = x.shape[:-1]
+    h = 1
+    while h < n:
+        y = x.reshape(*lead, n // (2 * h), 2, h)
+        lo, hi = y[..., 0, :], y[..., 1, :]
+        x = jnp.stack([lo + hi, lo - hi], axis=-2).reshape(*lead, n)
+        h *= 2
+    return x * jnp.asarray(1.0 / math.sqrt(n), x.dtype)
+
+
+def random_signs(key: jax.Array, shape: tuple[int, int]) -> jax.Array:
+    """Float32 +-1 matrix of `shape`, 32 signs per random uint32 word.
+
+    Unpacking bits costs 1/32 of the PRNG work of jax.random.rademacher. Bits are drawn as a
+    1-D array (several times faster to compile than 2-D threefry) with the threefry mode
+    pinned, so the signs depend on nothing but the key.
+    """
+    rows, cols = shape
+    words = -(-cols // 32)
+    with jax.threefry_partitionable(True):
+        bits = jax.random.bits(key, (rows * words,), jnp.uint32).reshape(rows, words)
+    shifts = jnp.arange(32, dtype=jnp.uint32)
+    unpacked = ((bits[..., None] >> shifts) & 1).reshape(rows, words * 32)[:, :cols]
+    return 1.0 - 2.0 * unpacked.astype(jnp.float32)
+
+
+def block_matrix(key: jax.Array, rows: int, k: int, kind: str) -> jax.Array:
+    """The [rows, k] unscaled block of a Rademacher or Gaussian sketch.
+
+    This is the definition of the sketch: coordinates [j*B, (j+1)*B) of leaf i (B = block_size)
+    meet block_matrix(fold_in(fold_in(key(seed), i), j), B, k, kind) / sqrt(k); a leaf's last,
+    partial block uses the leading rows.
+    """
+    if kind == "rademacher":
+        return random_signs(key, (rows, k))
+    if kind == "gaussian":
+        with jax.threefry_partitionable(True):
+            return jax.random.normal(key, (rows * k,), jnp.float32).reshape(rows, k)
+    raise ValueError(f"block_matrix: kind must be 'rademacher' or 'gaussian', got {kind!r}")
+
+
+def _fetch_block(x: jax.Array, j: jax.Array, rows: int) -> jax.Array:
+    """Coordinates [j*rows, (j+1)*rows) of flat leaf x as float32, zero past its end.
+
+    A static-size slice cannot run past the leaf, so the last block is sliced at n - rows
+    and rolled into place; leaves shorter than a block are zero padded (they are small).
+    """
+    n = x.shape[-1]
+    if n <= rows:
+        return jnp.pad(x.astype(jnp.float32), (0, rows - n))
+    start = j * rows
+    s = jnp.minimum(start, n - rows)
+    blk = lax.dynamic_slice_in_dim(x, s, rows).astype(jnp.float32)
+    if n % rows == 0:
+        return blk
+    shift = start - s  # > 0 only in the last block
+    keep = jnp.arange(rows) < rows - shift
+    return jnp.where(keep, jnp.roll(blk, -shift), 0.0)
+
+
+def _dense(leaves: list[jax.Array], key: jax.Array, k: int, block_size: int, kind: str) -> jax.Array:
+    """Unscaled sum of x_block @ block_matrix over every block of every leaf.
+
+    One fori_loop walks a static (leaf, block) table and a lax.switch fetches the block from
+    its leaf, so the PRNG and the matmul are compiled once, not once per leaf (threefry costs
+    ~0.3 s of XLA compile per instance; a model has hundreds of leaves). One [block, k] matrix
+    is alive at a time.
+    """
+    pairs = [(i, j) for i, x in enumerate(leaves) for j in range(-(-x.size // block_size))]
+    table = jnp.asarray(np.array(pairs, np.int32).reshape(-1, 2))
+    fetchers = [functools.partial(_fetch_block, jnp.ravel(x), rows=block_size) for x in leaves]
+
+    def body(t, acc):
+        i, j = table[t, 0], table[t, 1]
+        xb = lax.switch(i, fetchers, j) if len(fetchers) > 1 else fetchers[0](j)
+        m = block_matrix(jax.random.fold_in(jax.random.fold_in(key, i), j), block_size, k, kind)
+        return acc + jnp.dot(xb, m, precision=lax.Precision.HIGHEST)
+
+    return lax.fori_loop(0, len(pairs), body, jnp.zeros((k,), jnp.float32))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _words(key: jax.Array, m: int) -> jax.Array:
+    """m random uint32 words (1-D: several times faster to compile than 2-D threefry)."""
+    with jax.threefry_partitionable(True):
+        return jax.random.bits(key, (m,), jnp.uint32)
+
+
+def _first_k_of_permutation(words, n: int, k: int, xp):
+    """Sort range(n) by random 64-bit keys (hi, lo words), index as tie-break; first k, sorted."""
+    hi, lo, iota = words[:n], words[n:], xp.arange(n, dtype=np.int32)
+    if xp is np:
+        order = np.lexsort((iota, lo, hi))
+    else:
+        order = lax.sort((hi, lo, iota), num_keys=3)[-1]
+    return xp.sort(order[:k])
+
+
+def _first_k_distinct(words, n: int, k: int, xp):
+    """First k distinct values, in draw order, of the draws words & mask that are < n.
+
+    Masking to the next power of two and rejecting values >= n keeps every draw exactly
+    uniform on range(n). Returns (sorted sample, whether k distinct values were found).
+    """
+    mask = (1 << max(n - 1, 1).bit_length()) - 1
+    r = (words & np.uint32(mask)).astype(np.int32)
+    if xp is np:
+        valid = np.flatnonzero(r < n)
+        _, first = np.unique(r[valid], return_index=True)
+        first = np.sort(first)[:k]
+        return np.sort(r[valid][first]), len(first) >= k
+    m = r.shape[0]
+    iota = jnp.arange(m, dtype=jnp.int32)
+    keyed = jnp.where(r < n, r, n)                 # rejected draws sort last, never "first"
+    srt, order = lax.sort((keyed, iota), num_keys=2)
+    head = jnp.concatenate([jnp.ones((1,), bool), srt[1:] != srt[:-1]]) & (srt < n)
+    is_first = jnp.zeros((m,), bool).at[order].set(head)
+    rank = jnp.cumsum(is_first) - 1
+    slot = jnp.where(is_first & (rank < k), rank, k)
+    out = jnp.zeros((k,), jnp.int32).at[slot].set(r, mode="drop")
+    return jnp.sort(out), jnp.sum(is_first) >= k
+
+
+def _maybe_numpy(x) -> np.ndarray | None:
+    try:
+        return np.asarray(x)
+    except jax.errors.TracerArrayConversionError:
+        return None
+
+
+def _permutation_sample(key: jax.Array, n: int, k: int) -> jax.Array:
+    words = _words(key, 2 * n)
+    w = _maybe_numpy(words)
+    if w is not None:
+        return jnp.asarray(_first_k_of_permutation(w, n, k, np))
+    return _first_k_of_permutation(words, n, k, jnp)
+
+
+def sample_without_replacement(key: jax.Array, n: int, k: int) -> jax.Array:
+    """k distinct ints of range(n), a uniformly random subset, sorted (int32).
+
+    n <= 8k: the first k of a random permutation. Otherwise O(k log k), not O(n log n): the
+    distinct values of i.i.d. uniform draws, in order of first appearance, are a uniform sample
+    without replacement, and 4k + 128 draws (each accepted with probability > 1/2) hold k
+    distinct ones except with negligible probability (then a permutation is used). With a
+    concrete key the post-processing runs in numpy, so sampling compiles nothing but the PRNG;
+    a traced key runs the same algorithm in the graph, with the same result.
+    """
+    if n <= 8 * k:
+        return _permutation_sample(key, n, k)
+    words = _words(key, 4 * k + 128)
+    w = _maybe_numpy(words)
+    fallback = functools.partial(_permutation_sample, jax.random.fold_in(key, 1), n, k)
+    if w is not None:
+        sample, ok = _first_k_distinct(w, n, k, np)
+        return jnp.asarray(sample) if ok else fallback()
+    sample, ok = _first_k_distinct(words, n, k, jnp)
+    return lax.cond(ok, lambda: sample, fallback)
+
+
+def srht_blocks(n: int, block_size: int) -> int:
+    """Hadamard blocks (of block_size, the tail zero padded) covering a leaf of n coordinates."""
+    return -(-n // block_size)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def srht_signs(sign_keys: jax.Array, block_size: int) -> jax.Array:
+    """[blocks, block_size] +-1 signs, one key per Hadamard block (one batched PRNG call)."""
+    return jax.vmap(lambda kk: random_signs(kk, (1, block_size))[0])(sign_keys)
+
+
+def srht_plan(leaf_key: jax.Array, n: int, k: int, block_size: int):
+    """Random parts of one leaf's SRHT: (sign_keys [blocks], src, dst, scale).
+
+    The leaf's sketch is out[dst] += scale * y[src], y = blockdiag(H) (signs * x_padded) with
+    signs = srht_signs(sign_keys, block_size).
+    With n_pad >= k: src = k uniform distinct coordinates, dst = 0..k-1, scale = sqrt(n_pad/k).
+    A leaf with n_pad < k keeps all coordinates (scale 1) in n_pad distinct random output slots.
+    Either way E[P^T P] = I for the leaf; independent signs make cross-leaf terms vanish.
+    """
+    blocks = srht_blocks(n, block_size)
+    n_pad = blocks * block_size
+    # Hoisted to trace time when the key is concrete: a jitted projection then carries the
+    # sample as a constant instead of redrawing it on every call.
+    with jax.ensure_compile_time_eval():
+        sign_keys, src, dst = _srht_draw(leaf_key, blocks, n_pad, k)
+    scale = math.sqrt(n_pad / k) if n_pad >= k else 1.0
+    return sign_keys, src, dst, scale
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _block_keys(leaf_key: jax.Array, blocks: int) -> jax.Array:
+    return jax.vmap(jax.random.fold_in, (None, 0))(jax.random.fold_in(leaf_key, 0), jnp.arange(blocks))
+
+
+def _srht_draw(leaf_key: jax.Array, blocks: int, n_pad: int, k: int):
+    """(sign_keys, src, dst) of srht_plan."""
+    sample_key = jax.random.fold_in(leaf_key, 1)
+    if n_pad >= k:
+        src, dst = sample_without_replacement(sample_key, n_pad, k), jnp.arange(k)
+    else:
+        src, dst = jnp.arange(n_pad), sample_without_replacement(sample_key, k, n_pad)
+    return _block_keys(leaf_key, blocks), src, dst
+
+
+def _srht(leaves: list[jax.Array], key: jax.Array, k: int, block_size: int) -> jax.Array:
+    """All leaves' SRHTs in a few batched transforms, so compile time does not grow per leaf.
+
+    Each leaf is zero padded to whole Hadamard blocks; the blocks of consecutive leaves are
+    stacked (an O(d) copy, like the padding itself) into groups of < 2**31 coordinates, so
+    int32 indices suffice, and each group goes through one fwht and one gather/scatter-add.
+    """
+    out = jnp.zeros((k,), jnp.float32)
+    group: list = []
+    offset = 0
+
+    def flush(group):
+        parts, keys, src, dst, scale = zip(*group)
+        cat = jnp.concatenate
+        y = fwht(cat(parts).reshape(-1, block_size) * srht_signs(cat(keys), block_size)).reshape(-1)
+        return jnp.zeros((k,), jnp.float32).at[cat(dst)].add(y[cat(src)] * cat(scale))
+
+    for i, leaf in enumerate(leaves):
+        n = leaf.size
+        if not n:
+            continue
+        n_pad = srht_blocks(n, block_size) * block_size
+        if group and offset + n_pad > _INT32_MAX:
+            out, group, offset = out + flush(group), [], 0
+        with jax.ensure_compile_time_eval():
+            leaf_key = jax.random.fold_in(key, i)
+        keys, src, dst, scale = srht_plan(leaf_key, n, k, block_size)
+        x = jnp.pad(jnp.ravel(leaf).astype(jnp.float32), (0, n_pad - n))
+        group.append((x, keys, src + offset, dst, jnp.full(src.shape, scale, jnp.float32)))
+        offset += n_pad
+    return out + flush(group) if group else out
+
+
+def global_norm_sq(tree) -> jax.Array:
+    """Squared L2 norm of all leaves together, accumulated in float32."""
+    sq = [jnp.sum(jnp.square(jnp.asarray(l).astype(jnp.float32))) for l in jax.tree.leaves(tree)]
+    return sum(sq, jnp.float32(0.0))
+
+
+def project_tree(tree, key: jax.Array, kind: str, dim: int, block_size: int = 2**14,
+                 normalize: bool = False) -> jax.Array:
+    """Sketch one sample's pytree with an explicit (possibly traced) key; see Projector.
+
+    Projector.project calls this with key(seed); a traced key (e.g. vmapped over seeds) works
+    too, it only moves the SRHT coordinate sample from trace time into the graph.
+    """
+    leaves = [jnp.asarray(l) for l in jax.tree.leaves(tree)]
+    for i, leaf in enumerate(leaves):
+        if leaf.size > _INT32_MAX:
+            raise ValueError(f"leaf {i} has {leaf.size} > 2**31-1 coordinates; split it")
+    if kind == "none":
+        flat = [jnp.ravel(l).astype(jnp.float32) for l in leaves]
+        out = jnp.concatenate(flat) if flat else jnp.zeros((0,), jnp.float32)
+    elif not any(l.size for l in leaves):
+        out = jnp.zeros((dim,), jnp.float32)
+    elif kind == "srht":
+        out = _srht(leaves, key, dim, block_size)
+    else:
+        out = _dense(leaves, key, dim, block_size, kind) * jnp.float32(1.0 / math.sqrt(dim))
+    if normalize:
+        # The sketch is linear, so scaling the [k] output equals normalizing the input tree.
+        # Both wheres keep value and gradient finite for an all-zero tree.
+        sq = global_norm_sq(tree)
+        out = out * jnp.where(sq > 0, lax.rsqrt(jnp.where(sq > 0, sq, 1.0)), 0.0)
+    return out
+
+
+@dataclass(frozen=True)
+class Projector:
+    """A fixed random linear map from a gradient pytree to R^k with E[<Px, Py>] = <x, y>.
+
+    kind: "rademacher" | "gaussian" (dense blockwise sketches, entries +-1/sqrt(k) or
+    N(0, 1/k)), "srht" (subsampled randomized Hadamard, O(d log block_size) per sample), or
+    "none" (the flattened tree itself, for tiny models and exact references).
+    block_size: coordinates per generated block; memory is O(block_size * k) for the dense
+    kinds (2**14 x 2**15 float32 is 2 GiB: lower it for large k). For "srht" it is the
+    Hadamard block length and must be a power of two.
+    """
+
+    kind: str
+    dim: int
+    seed: int = 0
+    block_size: int = 2**14
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"Projector.kind must be one of {KINDS}, got {self.kind!r}")
+        if self.kind != "none" and self.dim < 1:
+            raise ValueError(f"Projector.dim must be >= 1, got {self.dim}")
+        if self.block_size < 1:
+            raise ValueError(f"Projector.block_size must be >= 1, got {self.block_size}")
+        if self.kind == "srht" and self.block_size & (self.block_size - 1):
+            raise ValueError(f"srht needs a power-of-two block_size, got {self.block_size}")
+
+    def key(self) -> jax.Array:
+        """The root PRNG key; leaf i uses fold_in(key, i)."""
+        with jax.ensure_compile_time_eval():
+            return jax.random.key(self.seed, impl=_PRNG_IMPL)
+
+    @functools.partial(jax.jit, static_argnames=("self", "normalize"))
+    def project(self, tree, *, normalize: bool = False) -> jax.Array:
+        """Sketch ONE sample's pytree to a float32 [dim] vector (jit- and vmap-able).
+
+        normalize=True divides by the tree's global L2 norm first (cosine scores); a zero
+        tree gives zeros, never NaN. Jitted with the (hashable) projector static, so eager
+        calls compile once per tree structure; inside a caller's jit/vmap it simply inlines.
+        """
+        return project_tree(tree, self.key(), self.kind, self.dim, self.block_size, normalize)
+
+    def project_batch(self, trees, *, normalize: bool = False) -> jax.Array:
+        """Sketch a pytree whose leaves have a leading sample axis: [B, dim]."""
+        return jax.vmap(lambda t: self.project(t, normalize=normalize))(trees)

@@ -1,0 +1,89 @@
+"""JVP embeddings against finite differences and one-tangent-at-a-time references."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from idjax import data
+from idjax.embed import EmbedConfig, JVPEmbedder, last_token_features, truncate
+from idjax.models import CausalLM, ModelConfig
+
+CFG = ModelConfig(
+    model_type="qwen3", vocab_size=53, hidden_size=16, intermediate_size=32, num_layers=4,
+    num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True,
+)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return CausalLM(CFG, rngs=nnx.Rngs(1))
+
+
+@pytest.fixture(scope="module")
+def batch():
+    rng = np.random.default_rng(0)
+    exs = []
+    for i, n in enumerate([5, 9, 12]):
+        ids = rng.integers(1, CFG.vocab_size, n).astype(np.int32)
+        exs.append(data.Example(i, str(i), None, ids, ids.copy(), False))
+    (b,) = data.make_batches(exs, 4, (16,), pad_id=0)
+    return b
+
+
+def test_truncated_model_matches_first_blocks(model, batch):
+    small = truncate(model, 2)
+    ids, mask = jnp.asarray(batch.input_ids), jnp.asarray(batch.attention_mask)
+    a, _ = small.hidden_states(ids, mask)
+    b, _ = model.hidden_states(ids, mask, num_blocks=2)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="num_blocks"):
+        truncate(model, 5)
+
+
+def test_jvp_embeddings_equal_finite_differences(model, batch):
+    emb = JVPEmbedder(model, EmbedConfig(num_blocks=2, num_tangents=2, dim=4096, seed=3))
+    assert emb.dim == 2 * CFG.hidden_size and emb.projection is None
+    got = np.asarray(emb(batch)).reshape(4, 2, CFG.hidden_size)
+    ids, mask = jnp.asarray(batch.input_ids), jnp.asarray(batch.attention_mask)
+
+    @jax.jit
+    def f(p):
+        return last_token_features(nnx.merge(emb.graphdef, p, emb.rest), ids, mask)
+
+    eps = 1e-4  # tangents are N(0, 1) against weights of scale 0.02: keep the step small
+    for k in range(2):
+        v = jax.tree.map(lambda t: t[k], emb.tangents)
+        plus = f(jax.tree.map(lambda p, t: p + eps * t, emb.params, v))
+        minus = f(jax.tree.map(lambda p, t: p - eps * t, emb.params, v))
+        fd = np.asarray((plus - minus) / (2 * eps))
+        real = batch.sample_mask
+        err = np.linalg.norm(fd[real] - got[real, k]) / np.linalg.norm(got[real, k])
+        assert err < 3e-3, err  # measured ~1e-4; FD error falls as eps^2 down to this eps
+
+
+def test_tangent_batching_equals_one_at_a_time(model, batch):
+    emb = JVPEmbedder(model, EmbedConfig(num_blocks=3, num_tangents=3, seed=0))
+    together = np.asarray(emb(batch))
+    d = CFG.hidden_size
+    for k in range(3):
+        one = JVPEmbedder(model, EmbedConfig(num_blocks=3, num_tangents=1, seed=0))
+        one.tangents = jax.tree.map(lambda t: t[k:k + 1], emb.tangents)
+        np.testing.assert_allclose(np.asarray(one(batch)), together[:, k * d:(k + 1) * d], rtol=1e-5, atol=1e-5)
+
+
+def test_padding_and_projection(model, batch):
+    emb = JVPEmbedder(model, EmbedConfig(num_blocks=2, num_tangents=2, dim=8, seed=0))
+    assert emb.dim == 8 and emb.projection.shape == (32, 8)
+    raw = JVPEmbedder(model, EmbedConfig(num_blocks=2, num_tangents=2, seed=0))
+    np.testing.assert_allclose(np.asarray(emb(batch)), np.asarray(raw(batch)) @ np.asarray(emb.projection),
+                               rtol=1e-5, atol=1e-5)
+    # The same sample in a wider bucket (more right padding) embeds identically.
+    wide = data.Batch(*(np.pad(x, ((0, 0), (0, 16)), constant_values=c) for x, c in
+                        ((batch.input_ids, 0), (batch.attention_mask, 0), (batch.labels, -100))),
+                      batch.sample_mask, batch.indices)
+    real = batch.sample_mask
+    np.testing.assert_allclose(np.asarray(raw(wide))[real], np.asarray(raw(batch))[real], rtol=1e-5, atol=1e-5)
+    out = raw.run([batch], 3)
+    assert out.shape == (3, 32) and np.all(np.isfinite(out))

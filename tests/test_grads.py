@@ -1,0 +1,190 @@
+"""Per-example gradients and HVPs against independent references (loops, dense Hessians, FD)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from idjax import data
+from idjax.grads import (
+    GradientConfig, PerExampleGradients, gauss_newton_vp, hvp, mean_loss_fn, sample_losses, split_params,
+)
+from idjax.models import CausalLM, ModelConfig
+from idjax.sketch import Projector
+
+CFG = ModelConfig(
+    model_type="llama", vocab_size=61, hidden_size=16, intermediate_size=24, num_layers=2,
+    num_heads=4, num_kv_heads=2, head_dim=4, tie_word_embeddings=True,
+)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return CausalLM(CFG, rngs=nnx.Rngs(3))
+
+
+def examples(n, rng, lengths=(5, 13, 20), no_response=()):
+    out = []
+    for i in range(n):
+        length = int(rng.choice(lengths))  # few distinct lengths: the loop reference compiles per length
+        ids = rng.integers(1, CFG.vocab_size, length).astype(np.int32)
+        labels = ids.copy()
+        labels[: length // 2] = -100  # the "prompt" half is masked
+        if i in no_response:
+            labels[:] = -100
+        out.append(data.Example(i, f"s{i}", None, ids, labels, False))
+    return out
+
+
+def loop_grad(model, ex, pattern, precondition=None):
+    """Reference: jax.grad on one unpadded sample, flattened."""
+    graphdef, sel, rest = split_params(model, pattern)
+    g = _single_grad(graphdef, sel, rest, jnp.asarray(ex.input_ids)[None], jnp.asarray(ex.labels)[None])
+    if precondition is not None:
+        g = jax.tree.map(lambda a, x: a * x, precondition, g)
+    return np.concatenate([np.ravel(x) for x in jax.tree.leaves(g)])
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _single_grad(graphdef, sel, rest, ids, labels):
+    def loss(s):
+        return sample_losses(nnx.merge(graphdef, s, rest), ids, None, labels)[0]
+
+    return jax.grad(loss)(sel)
+
+
+@pytest.mark.parametrize("pattern", [None, "mlp.down_proj"])
+def test_per_example_gradients_equal_a_loop(model, pattern):
+    rng = np.random.default_rng(0)
+    exs = examples(11, rng, no_response={4})
+    batches = data.make_batches(exs, 4, (8, 16, 32), pad_id=0)
+    assert len({b.bucket for b in batches}) >= 2  # several buckets, padded rows and padded tokens
+    pg = PerExampleGradients(model, Projector("none", 0), GradientConfig(params=pattern, normalize=False))
+    got = pg.run(batches, len(exs))
+    for ex in exs:
+        ref = loop_grad(model, ex, pattern)
+        np.testing.assert_allclose(got[ex.index], ref, atol=2e-6, rtol=1e-4)
+    assert not np.any(np.isnan(got)) and np.all(got[4] == 0)  # no response: zero, never NaN
+
+
+def test_microbatched_preconditioned_normalized_projection(model):
+    rng = np.random.default_rng(1)
+    exs = examples(8, rng, lengths=(6, 15))
+    (batch,) = data.make_batches(exs, 8, (16,), pad_id=0)
+    _, sel, _ = split_params(model, "layers")
+    a = jax.tree.map(lambda x: jnp.asarray(rng.uniform(0.5, 2.0, x.shape), jnp.float32), sel)
+    proj = Projector("rademacher", 64, seed=5)
+    pg = PerExampleGradients(model, proj, GradientConfig(params="layers", microbatch=2), precondition=a)
+    got, valid = pg(batch)
+    assert valid.all()
+    for ex in exs:
+        g = loop_grad(model, ex, "layers", a)
+        g = g / np.linalg.norm(g)
+        # Same projector applied to the reference flat vector (unflattened the same way).
+        leaves, treedef = jax.tree.flatten(sel)
+        parts, o = [], 0
+        for leaf in leaves:
+            parts.append(g[o:o + leaf.size].reshape(leaf.shape))
+            o += leaf.size
+        ref = proj.project(jax.tree.unflatten(treedef, parts))
+        np.testing.assert_allclose(got[ex.index], ref, atol=1e-5)
+
+
+def test_coordinate_mask_keeps_a_fixed_subset(model):
+    rng = np.random.default_rng(2)
+    exs = examples(3, rng)
+    batches = data.make_batches(exs, 3, (32,), pad_id=0)
+    cfg = GradientConfig(params="mlp", keep=300, normalize=False, seed=7)
+    masked = PerExampleGradients(model, Projector("none", 0), cfg).run(batches, 3)
+    again = PerExampleGradients(model, Projector("none", 0), cfg).run(batches, 3)
+    np.testing.assert_array_equal(masked, again)
+    full = PerExampleGradients(model, Projector("none", 0), GradientConfig(params="mlp", normalize=False))
+    full = full.run(batches, 3)
+    assert abs(masked.shape[1] - 300) <= 3
+    # Every kept coordinate is a coordinate of the full gradient, at the mask's indices.
+    pg = PerExampleGradients(model, Projector("none", 0), cfg)
+    sizes = [x.size for x in jax.tree.leaves(pg.selected)]
+    flat_idx = np.concatenate([idx + off for idx, off in zip(pg.mask.indices, np.cumsum([0] + sizes[:-1]))])
+    np.testing.assert_allclose(masked, full[:, flat_idx], atol=1e-7)
+
+
+def test_bad_param_pattern(model):
+    with pytest.raises(ValueError, match="matches no parameter"):
+        split_params(model, "no_such_weight")
+
+
+# ----------------------------------------------------------------------------- HVP
+
+
+@pytest.fixture(scope="module")
+def target(model):
+    rng = np.random.default_rng(3)
+    exs = examples(5, rng, lengths=(6, 12))
+    batches = data.make_batches(exs, 2, (16,), pad_id=0)
+    graphdef, sel, rest = split_params(model, "layers.mlp.down_proj")
+    return graphdef, sel, rest, batches
+
+
+def _flat(tree):
+    return jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(tree)])
+
+
+def _unflat(vec, like):
+    leaves, treedef = jax.tree.flatten(like)
+    out, o = [], 0
+    for leaf in leaves:
+        out.append(vec[o:o + leaf.size].reshape(leaf.shape))
+        o += leaf.size
+    return jax.tree.unflatten(treedef, out)
+
+
+def test_hvp_equals_dense_hessian_and_finite_differences(target):
+    graphdef, sel, rest, batches = target
+    loss = mean_loss_fn(graphdef, rest, batches)
+    flat0 = _flat(sel)
+    assert flat0.size == 2 * 24 * 16
+    dense = jax.jit(jax.hessian(lambda v: loss(_unflat(v, sel))))(flat0)
+    rng = np.random.default_rng(4)
+    vecs = jnp.asarray(rng.standard_normal((3, flat0.size)), jnp.float32)
+    got = jax.jit(lambda vs: hvp(loss, sel, vs))(jax.vmap(lambda v: _unflat(v, sel))(vecs))
+    got = jax.vmap(_flat)(got)
+    ref = vecs @ dense.T
+    np.testing.assert_allclose(got, ref, atol=1e-5 * float(jnp.abs(ref).max()), rtol=1e-4)
+    # Central finite differences of the gradient (float32: eps trades truncation for round-off).
+    grad = jax.jit(lambda v: _flat(jax.grad(loss)(_unflat(v, sel))))
+    eps = 1e-2
+    for v, h in zip(vecs, got):
+        fd = (grad(flat0 + eps * v) - grad(flat0 - eps * v)) / (2 * eps)
+        assert float(jnp.linalg.norm(fd - h) / jnp.linalg.norm(h)) < 1e-2
+
+
+def test_gauss_newton_equals_dense_jacobian_product(target):
+    graphdef, sel, rest, batches = target
+    rng = np.random.default_rng(5)
+    flat0 = _flat(sel)
+    vecs = jnp.asarray(rng.standard_normal((2, flat0.size)), jnp.float32)
+    gv = jax.jit(lambda vs: gauss_newton_vp(graphdef, rest, batches, sel, vs))
+    got = jax.vmap(_flat)(gv(jax.vmap(lambda v: _unflat(v, sel))(vecs)))
+    # Reference: explicit J (per trained token), explicit softmax Hessian, weights of the mean loss.
+    total = sum(int(b.sample_mask.sum()) for b in batches)
+    ref = np.zeros_like(np.asarray(vecs))
+    for b in batches:
+        def logits(v):
+            return nnx.merge(graphdef, _unflat(v, sel), rest)(jnp.asarray(b.input_ids), jnp.asarray(b.attention_mask))[:, :-1]
+
+        jac = np.asarray(jax.jit(jax.jacfwd(logits))(flat0))  # [B, L-1, V, d]
+        p = np.asarray(jax.nn.softmax(jax.jit(logits)(flat0), -1))
+        for i in range(b.input_ids.shape[0]):
+            if not b.sample_mask[i]:
+                continue
+            toks = np.flatnonzero(b.labels[i, 1:] != -100)
+            for t in toks:
+                h = np.diag(p[i, t]) - np.outer(p[i, t], p[i, t])
+                j = jac[i, t]
+                ref += (np.asarray(vecs) @ j.T @ h @ j) / len(toks) / total
+    np.testing.assert_allclose(got, ref, atol=1e-6, rtol=1e-3)
+    # PSD: v^T G v >= 0
+    assert np.all(np.sum(np.asarray(got) * np.asarray(vecs), axis=1) >= -1e-7)
