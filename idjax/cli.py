@@ -65,6 +65,135 @@ def cmd_data(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- train / warmup / eval
+
+
+def _usage(command: str, msg: str) -> int:
+    print(f"idjax {command}: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _optimizer_spec(args, steps: int):
+    from idjax.optim import OptimizerSpec
+
+    warm = args.warmup_steps if args.warmup_steps is not None else round(args.warmup_ratio * steps)
+    return OptimizerSpec(
+        name=args.optimizer, learning_rate=args.lr, schedule=args.schedule, warmup_steps=warm,
+        total_steps=steps if args.schedule != "constant" else 0, weight_decay=args.weight_decay,
+        momentum=args.momentum if args.optimizer == "sgd" else 0.0, clip_norm=args.clip_norm or None,
+    )
+
+
+def _train_config(args, examples, lora=None):
+    """The TrainConfig of the parsed flags; the schedule's total_steps is the run's length."""
+    import dataclasses
+
+    from idjax import train
+    from idjax.optim import OptimizerSpec
+
+    base = train.TrainConfig(
+        optimizer=OptimizerSpec(args.optimizer, args.lr), batch_size=args.batch_size, grad_accum=args.grad_accum,
+        steps=args.steps, epochs=args.epochs, seed=args.seed, compute_dtype=args.compute_dtype, lora=lora,
+        checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints, remat=args.remat)
+    steps = train.total_steps(examples, base)
+    return dataclasses.replace(base, optimizer=_optimizer_spec(args, steps))
+
+
+def cmd_train(args) -> int:
+    from idjax import data, models, train
+
+    if args.weighted and not args.selection:
+        return _usage("train", "--weighted needs --selection FILE (the weights come from the selection)")
+    lora = None
+    if args.lora_rank:
+        lora = train.LoraConfig(args.lora_rank, args.lora_alpha)
+    records = data.read_records(args.data)
+    weights = None
+    if args.selection:
+        records, weights = train.read_selection(args.selection, records, args.weighted)
+    model, tok = models.load(args.model, dtype=args.dtype)
+    examples, _ = data.tokenize(records, tok, max_length=args.max_length, source=str(args.data))
+    if not examples:
+        raise data.DataError(f"{args.data}: no sample has a response token to train on")
+    config = _train_config(args, examples, lora)
+    result = train.train(model, examples, config, weights=weights, out_dir=args.out, resume=args.resume,
+                         tokenizer=tok)
+    hist = result.history
+    print(json.dumps({"out": str(args.out), "steps": int(result.state.step), "samples": len(examples),
+                      "first_loss": hist[0]["loss"] if hist else None, "last_loss": hist[-1]["loss"] if hist else None,
+                      "lora_rank": args.lora_rank or None, "weighted": bool(args.weighted)}))
+    return 0
+
+
+def cmd_warmup(args) -> int:
+    from idjax import data, models, train
+
+    records = data.read_records(args.data)
+    model, tok = models.load(args.model, dtype=args.dtype)
+    examples = train.warmup_examples(records, tok, fraction=args.fraction, seed=args.seed,
+                                     max_length=args.max_length)
+    config = _train_config(args, examples)
+    result = train.warmup(model, examples, tok, config, args.out, pool_size=len(records), fraction=args.fraction)
+    hist = result.history
+    print(json.dumps({"out": str(args.out), "steps": int(result.state.step), "samples": len(examples),
+                      "pool": len(records), "optimizer": config.optimizer.name,
+                      "last_loss": hist[-1]["loss"] if hist else None}))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from idjax import data, evaluate, models, tasks
+
+    if args.task is None and args.data is None:
+        return _usage("eval", "give --data FILE (a chat JSONL), --task NAME, or both")
+    if args.task == "humaneval" and not args.allow_code_execution:
+        return _usage("eval", "humaneval's pass@1 runs model-written code on this machine; add "
+                              "--allow-code-execution to accept that")
+    model, tok = models.load(args.model, dtype=args.dtype)
+    out: dict = {"model": str(args.model), "data": None if args.data is None else str(args.data), "task": args.task}
+    if args.task:
+        task = tasks.load_task(args.task, args.data, limit=args.limit, with_target=False)
+        records, source = task.eval_records, f"{args.task} evaluation set"
+    else:
+        task, records, source = None, data.read_records(args.data, limit=args.limit), str(args.data)
+    examples, _ = data.tokenize(records, tok, max_length=args.max_length, source=source)
+    if not examples:
+        raise data.DataError(f"{source}: no sample has a response token to score")
+    out.update(evaluate.target_loss(model, examples, batch_size=args.batch_size, pad_id=tok.pad_token_id or 0))
+    if task is not None:
+        out["metric"] = task.metric
+        out.update(task.score(model, tok, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                              allow_code_execution=args.allow_code_execution))
+    print(json.dumps(out))
+    return 0
+
+
+def _add_training(p: argparse.ArgumentParser, *, lr: float, optimizer: str, schedule: str, batch_size: int):
+    p.add_argument("--data", required=True, help="chat JSONL / Parquet / HF dataset (Tulu V2 format)")
+    p.add_argument("--out", required=True, help="output directory (model, optimizer state, checkpoints, metrics)")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, default=None, help="optimizer steps")
+    length.add_argument("--epochs", type=float, default=None, help="passes over the data (default 1)")
+    p.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr})")
+    p.add_argument("--optimizer", default=optimizer, choices=["adamw", "adam", "sgd"])
+    p.add_argument("--schedule", default=schedule, choices=["constant", "linear", "cosine"],
+                   help=f"learning-rate decay after the linear warm-up (default {schedule})")
+    p.add_argument("--warmup-ratio", type=float, default=0.03, help="warm-up steps as a fraction of the run")
+    p.add_argument("--warmup-steps", type=int, default=None, help="warm-up steps (overrides --warmup-ratio)")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (sgd only)")
+    p.add_argument("--clip-norm", type=float, default=1.0, help="global gradient-norm clipping (0: off)")
+    p.add_argument("--batch-size", type=int, default=batch_size, help="samples per microbatch")
+    p.add_argument("--grad-accum", type=int, default=1, help="microbatches per optimizer step")
+    p.add_argument("--max-length", type=int, default=1024, help="truncate samples to this many tokens")
+    p.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="matmul dtype; master weights stay float32")
+    p.add_argument("--remat", action="store_true", help="recompute layer activations (less memory)")
+    p.add_argument("--seed", type=int, default=0, help="data order, LoRA init and warm-up subset")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="save a checkpoint every N steps (0: at the end)")
+    p.add_argument("--keep-checkpoints", type=int, default=3)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="idjax", description=__import__("idjax").__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -88,6 +217,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--limit", type=int, default=None, help="read at most this many records")
     p.set_defaults(func=cmd_data)
+    p = sub.add_parser("train", help="fine-tune a model on a chat dataset or a selection of it")
+    _add_model(p)
+    _add_training(p, lr=2e-5, optimizer="adamw", schedule="linear", batch_size=8)
+    p.add_argument("--selection", default=None, help="JSONL from `idjax select`: train on these ids only")
+    p.add_argument("--weighted", action="store_true", help="use the selection's weights as loss weights")
+    p.add_argument("--lora-rank", type=int, default=0, help="train rank-R LoRA adapters instead of every weight")
+    p.add_argument("--lora-alpha", type=float, default=16.0)
+    p.add_argument("--resume", default=None, help="a run directory to continue from its last checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("warmup", help="train briefly on a random fraction of the pool; save optimizer state")
+    _add_model(p)
+    _add_training(p, lr=2e-5, optimizer="adamw", schedule="constant", batch_size=8)
+    p.add_argument("--fraction", type=float, default=0.05, help="fraction of the pool to train on (default 0.05)")
+    p.set_defaults(func=cmd_warmup)
+
+    p = sub.add_parser("eval", help="target loss / perplexity and a task metric; prints one JSON object")
+    _add_model(p)
+    p.add_argument("--data", default=None, help="chat JSONL, or with --task a file in the HF dataset's format")
+    p.add_argument("--task", default=None, choices=["gsm8k", "mmlu", "squad", "humaneval"],
+                   help="also compute the task metric (data from --data, else the HF hub)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=2048)
+    p.add_argument("--max-new-tokens", type=int, default=256, help="generation length for generated answers")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N questions only")
+    p.add_argument("--allow-code-execution", action="store_true",
+                   help="humaneval: run model-written code in a subprocess")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 

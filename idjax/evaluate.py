@@ -1,0 +1,256 @@
+"""Evaluation: target loss / perplexity, generated-answer exact match, multiple choice, SQuAD F1.
+
+Why these: the selection objective is the target loss (MATH.md 1), so it is always reported;
+the task metrics are what the paper's tables report (GSM8k exact match, MMLU accuracy by option
+log-likelihood, SQuAD F1/EM, HumanEval pass@1). Every model call is jitted per length bucket.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import re
+import string
+from functools import partial
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+
+from idjax import data as D
+from idjax.grads import token_losses
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+@partial(jax.jit, static_argnums=0)
+def _loss_sums(graphdef, state, ids, mask, labels):
+    """Per-row summed response-token loss and token count (float32)."""
+    model = nnx.merge(graphdef, state)
+    loss, tmask = token_losses(model(ids, mask), labels)
+    return loss.sum(axis=-1), tmask.sum(axis=-1)
+
+
+def token_loss_sums(model, examples: Sequence[D.Example], *, batch_size: int = 8, buckets=None,
+                    pad_id: int = 0, desc: str = "loss") -> tuple[np.ndarray, np.ndarray]:
+    """(summed loss, response-token count) per example, in the order of `examples` (float64 on host)."""
+    from tqdm.auto import tqdm
+
+    if not examples:
+        raise D.DataError("nothing to evaluate: no examples")
+    if buckets is None:
+        longest = max(len(e.input_ids) for e in examples)
+        buckets = D.default_buckets(max(64, 1 << (longest - 1).bit_length()))
+    pos = {e.index: k for k, e in enumerate(examples)}
+    if len(pos) != len(examples):
+        raise ValueError("examples must have distinct indices")
+    sums, counts = np.zeros(len(examples)), np.zeros(len(examples))
+    graphdef, state = nnx.split(model)
+    for b in tqdm(D.make_batches(examples, batch_size, buckets, pad_id=pad_id), desc=desc, disable=None):
+        s, c = _loss_sums(graphdef, state, b.input_ids, b.attention_mask, b.labels)
+        s, c = np.asarray(s, np.float64), np.asarray(c, np.float64)
+        for r in np.flatnonzero(b.sample_mask):
+            sums[pos[int(b.indices[r])]], counts[pos[int(b.indices[r])]] = s[r], c[r]
+    return sums, counts
+
+
+def target_loss(model, examples: Sequence[D.Example], *, batch_size: int = 8, buckets=None,
+                pad_id: int = 0) -> dict:
+    """{"loss": mean over samples of each sample's mean token loss (L_T, MATH.md 1),
+    "token_loss": mean over all response tokens, "perplexity": exp(token_loss), "samples", "tokens"}."""
+    sums, counts = token_loss_sums(model, examples, batch_size=batch_size, buckets=buckets, pad_id=pad_id)
+    per_sample = sums / np.maximum(counts, 1)
+    token_loss = float(sums.sum() / max(counts.sum(), 1))
+    return {"loss": float(per_sample.mean()), "token_loss": token_loss,
+            "perplexity": float(math.exp(min(token_loss, 700.0))), "samples": len(examples),
+            "tokens": int(counts.sum())}
+
+
+# ----------------------------------------------------------------------------- answer extraction and scoring
+
+_NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+
+
+def normalize_number(text: str) -> str | None:
+    """'$1,234.50' -> '1234.5', '18.0' -> '18'; None when it is not a number."""
+    t = text.strip().replace(",", "").replace("$", "").rstrip(".")
+    try:
+        v = float(t)
+    except ValueError:
+        return None
+    if not math.isfinite(v):
+        return None
+    return str(int(v)) if v == int(v) else repr(v)
+
+
+def gsm8k_answer(text: str) -> str | None:
+    """The final number of a GSM8k-style answer: the text after the last '####', else the last number."""
+    if "####" in text:
+        tail = text.rsplit("####", 1)[1]
+        nums = _NUMBER.findall(tail)
+        if nums:
+            return normalize_number(nums[0])
+    nums = _NUMBER.findall(text)
+    return normalize_number(nums[-1]) if nums else None
+
+
+def exact_match(predictions: Sequence[str], references: Sequence[str],
+                extractor: Callable[[str], str | None] = lambda s: s.strip()) -> float:
+    """Fraction of predictions whose extracted answer equals the reference's (None never matches)."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    if not predictions:
+        return 0.0
+    hits = 0
+    for p, r in zip(predictions, references):
+        a, b = extractor(p), extractor(r)
+        hits += a is not None and a == b
+    return hits / len(predictions)
+
+
+def normalize_answer(s: str) -> str:
+    """SQuAD v1.1 normalisation: lowercase, drop punctuation and articles, collapse whitespace."""
+    s = s.lower()
+    s = "".join(ch for ch in s if ch not in set(string.punctuation))
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+def squad_f1(prediction: str, truth: str) -> float:
+    """Token-overlap F1 between normalised answers (the official SQuAD v1.1 script)."""
+    p, t = normalize_answer(prediction).split(), normalize_answer(truth).split()
+    common = collections.Counter(p) & collections.Counter(t)
+    same = sum(common.values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(p), same / len(t)
+    return 2 * precision * recall / (precision + recall)
+
+
+def squad_em(prediction: str, truth: str) -> float:
+    return float(normalize_answer(prediction) == normalize_answer(truth))
+
+
+def squad_scores(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -> dict:
+    """{"exact_match", "f1"} in percent: per question the max over its gold answers, then the mean."""
+    if len(predictions) != len(answers):
+        raise ValueError(f"{len(predictions)} predictions for {len(answers)} questions")
+    if not predictions:
+        return {"exact_match": 0.0, "f1": 0.0}
+    em = [max(squad_em(p, g) for g in gold) for p, gold in zip(predictions, answers)]
+    f1 = [max(squad_f1(p, g) for g in gold) for p, gold in zip(predictions, answers)]
+    return {"exact_match": 100.0 * float(np.mean(em)), "f1": 100.0 * float(np.mean(f1))}
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    eos = set(model.config.eos_token_ids)
+    if tokenizer.eos_token_id is not None:
+        eos.add(tokenizer.eos_token_id)
+    return sorted(eos)
+
+
+def render_prompt(tokenizer, messages: Sequence[dict]) -> list[int]:
+    """Token ids of a conversation ready for the assistant's answer (chat template if there is one)."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+    else:
+        text = "\n\n".join(m["content"] for m in messages)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def generate_answers(model, tokenizer, conversations: Sequence[Sequence[dict]], *, max_new_tokens: int = 256,
+                     batch_size: int = 8) -> list[str]:
+    """Greedy answers, batch by batch (the last batch is padded with repeats: one compile per shape)."""
+    from tqdm.auto import tqdm
+
+    from idjax.models import generate
+
+    prompts = [render_prompt(tokenizer, c) for c in conversations]
+    eos, pad = _eos_ids(model, tokenizer), tokenizer.pad_token_id or 0
+    out: list[str] = []
+    for k in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=None):
+        chunk = prompts[k:k + batch_size]
+        padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
+        tokens = generate(model, padded, max_new_tokens=max_new_tokens, eos_ids=eos, pad_id=pad)
+        out += [tokenizer.decode(t, skip_special_tokens=True) for t in tokens[:len(chunk)]]
+    return out
+
+
+# ----------------------------------------------------------------------------- multiple choice
+
+
+def option_logliks(model, tokenizer, prompts: Sequence[Sequence[dict]], options: Sequence[Sequence[str]], *,
+                   batch_size: int = 8) -> list[np.ndarray]:
+    """Summed log-likelihood of each option's tokens as the assistant's answer to each prompt.
+
+    The option is tokenized on its own and appended to the prompt tokens, so every option is
+    scored on the same context.
+    """
+    if len(prompts) != len(options):
+        raise ValueError(f"{len(prompts)} prompts for {len(options)} option lists")
+    examples, owner = [], []
+    for q, (msgs, opts) in enumerate(zip(prompts, options)):
+        ctx = render_prompt(tokenizer, msgs)
+        for o, text in enumerate(opts):
+            cont = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if not cont:
+                raise ValueError(f"question {q}: option {o} ({text!r}) has no tokens")
+            ids = np.asarray(ctx + cont, np.int32)
+            labels = np.full_like(ids, D.IGNORE_INDEX)
+            labels[len(ctx):] = ids[len(ctx):]
+            examples.append(D.Example(len(examples), f"{q}:{o}", None, ids, labels, False))
+            owner.append((q, o))
+    sums, _ = token_loss_sums(model, examples, batch_size=batch_size, pad_id=tokenizer.pad_token_id or 0,
+                              desc="options")
+    out = [np.zeros(len(o)) for o in options]
+    for (q, o), s in zip(owner, sums):
+        out[q][o] = -s
+    return out
+
+
+def multiple_choice_accuracy(model, tokenizer, prompts, options, answers: Sequence[int], *,
+                             batch_size: int = 8) -> dict:
+    """{"accuracy", "predictions"}: the option with the highest log-likelihood is the model's answer."""
+    ll = option_logliks(model, tokenizer, prompts, options, batch_size=batch_size)
+    preds = [int(np.argmax(x)) for x in ll]
+    acc = float(np.mean([p == a for p, a in zip(preds, answers)])) if preds else 0.0
+    return {"accuracy": acc, "predictions": preds}
+
+
+# ----------------------------------------------------------------------------- code execution
+
+
+def run_python_tests(program: str, timeout: float = 10.0) -> bool:
+    """True when `program` exits 0 in a fresh Python subprocess within `timeout` seconds.
+
+    This runs model-written code: callers must have the user's consent (--allow-code-execution).
+    """
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        try:
+            r = subprocess.run([sys.executable, "-I", "-c", program], cwd=d, capture_output=True, timeout=timeout,
+                               env={"PATH": "/usr/bin:/bin", "PYTHONHASHSEED": "0"})
+        except subprocess.TimeoutExpired:
+            return False
+    return r.returncode == 0
+
+
+def extract_code(completion: str, prompt: str, entry_point: str) -> str:
+    """The program to test: the fenced code block if any; prefixed with the prompt unless it defines entry_point."""
+    blocks = re.findall(r"```(?:python|py)?\n(.*?)(?:```|$)", completion, flags=re.S)
+    code = blocks[0] if blocks else completion
+    if re.search(rf"^\s*def\s+{re.escape(entry_point)}\s*\(", code, flags=re.M):
+        imports = "\n".join(line for line in prompt.splitlines() if line.startswith(("import ", "from ")))
+        return imports + "\n" + code
+    return prompt + code
