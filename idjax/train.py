@@ -379,6 +379,37 @@ def _abstract(tree):
                                                        or default), tree)
 
 
+def _key(path) -> str:
+    """A key path as Orbax names it on disk ("opt_state.1.0.mu.layers.mlp.up_proj.kernel.value")."""
+    out = []
+    for k in path:
+        out.append(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))))
+    return ".".join(out)
+
+
+def _check_shapes(directory: Path, target, what: str) -> None:
+    """Compare a saved tree's array shapes with `target` before restoring, so a mismatch is one
+    clear line naming the first differing arrays (and Orbax is never asked to restore it)."""
+    import orbax.checkpoint as ocp
+
+    try:
+        with ocp.StandardCheckpointer() as c:
+            saved_tree = c.metadata(directory.absolute()).item_metadata.tree
+    except Exception as e:
+        raise CheckpointError(f"{directory}: unreadable checkpoint ({type(e).__name__}: {e})") from e
+    saved = {_key(p): tuple(v.shape) for p, v in jax.tree_util.tree_leaves_with_path(saved_tree)}
+    want = {_key(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(target)}
+    order = lambda k: (not k.startswith("trainable"), k)  # noqa: E731  parameters before optimizer moments
+    problems = [f"{k}: checkpoint {saved[k]}, here {want[k]}" for k in sorted(want.keys() & saved.keys(), key=order)
+                if saved[k] != want[k]]
+    problems += [f"{k}: missing from the checkpoint" for k in sorted(want.keys() - saved.keys(), key=order)]
+    problems += [f"{k}: not in this {what}" for k in sorted(saved.keys() - want.keys(), key=order)]
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise CheckpointError(f"{directory}: the checkpoint does not match this {what}: "
+                              f"{'; '.join(problems[:3])}{more}")
+
+
 def save_checkpoint(manager, state: TrainState, meta: dict) -> None:
     """One Orbax step: the state arrays plus JSON metadata (position, fingerprint, elapsed time)."""
     import orbax.checkpoint as ocp
@@ -418,6 +449,7 @@ def restore_checkpoint(directory: str | os.PathLike, template: TrainState, finge
             _check_fingerprint(ckpt, meta.get("fingerprint", {}), fingerprint)
         target = {"trainable": _abstract(template.trainable), "opt_state": _abstract(template.opt_state),
                   "rng": _abstract(template.rng)}
+        _check_shapes(ckpt / str(step) / "state", target, "model and optimizer")
         try:
             got = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
         except Exception as e:
@@ -480,6 +512,7 @@ def load_optimizer_state(path: str | os.PathLike, params) -> tuple[OptimizerSpec
     f32 = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
         x.shape, jnp.float32 if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype), params)
     target = jax.eval_shape(spec.build().init, f32)
+    _check_shapes(state_dir, target, "model")
     try:
         with ocp.StandardCheckpointer() as ckptr:
             opt_state = ckptr.restore(state_dir, target)
