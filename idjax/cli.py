@@ -50,7 +50,7 @@ def cmd_data(args) -> int:
     examples, stats = data.tokenize(records, tok, max_length=args.max_length, source=str(args.file))
     buckets = data.default_buckets(args.max_length)
     per_bucket = Counter(data.bucket_for(len(e.input_ids), buckets) for e in examples)
-    trained = sum(int((e.labels != -100).sum()) for e in examples)
+    trained = sum(int((e.labels != data.IGNORE_INDEX).sum()) for e in examples)
     print(json.dumps({
         "file": str(args.file),
         "records": stats.n_records,

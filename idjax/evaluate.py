@@ -150,13 +150,6 @@ def squad_scores(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -
 # ----------------------------------------------------------------------------- generation
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
-    eos = set(model.config.eos_token_ids)
-    if tokenizer.eos_token_id is not None:
-        eos.add(tokenizer.eos_token_id)
-    return sorted(eos)
-
-
 def render_prompt(tokenizer, messages: Sequence[dict]) -> list[int]:
     """Token ids of a conversation ready for the assistant's answer (chat template if there is one)."""
     if getattr(tokenizer, "chat_template", None):
@@ -172,9 +165,10 @@ def generate_answers(model, tokenizer, conversations: Sequence[Sequence[dict]], 
     from tqdm.auto import tqdm
 
     from idjax.models import generate
+    from idjax.models.generate import stop_ids
 
     prompts = [render_prompt(tokenizer, c) for c in conversations]
-    eos, pad = _eos_ids(model, tokenizer), tokenizer.pad_token_id or 0
+    eos, pad = stop_ids(model, tokenizer), tokenizer.pad_token_id or 0
     out: list[str] = []
     for k in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=None):
         chunk = prompts[k:k + batch_size]

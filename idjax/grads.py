@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-IGNORE_INDEX = -100
+from idjax.data import IGNORE_INDEX
 
 
 def token_losses(logits, labels):
@@ -68,7 +68,7 @@ def split_params(model, pattern: str | None = None):
     return graphdef, selected, rest
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class CoordinateMask:
     """A fixed random subset of gradient coordinates (about `keep` of them), per leaf.
 
@@ -95,14 +95,6 @@ class CoordinateMask:
         leaves, treedef = jax.tree.flatten(tree)
         return jax.tree.unflatten(
             treedef, [jnp.ravel(x)[jnp.asarray(idx)] for x, idx in zip(leaves, self.indices)]
-        )
-
-    def __hash__(self):
-        return hash(tuple((len(i), int(i[:8].sum())) for i in self.indices))
-
-    def __eq__(self, other):
-        return isinstance(other, CoordinateMask) and all(
-            np.array_equal(a, b) for a, b in zip(self.indices, other.indices)
         )
 
 
@@ -190,13 +182,19 @@ class PerExampleGradients:
 # ----------------------------------------------------------------------------- Hessian-vector products
 
 
+def _num_samples(batches) -> int:
+    """Real (non-padding) samples of a target set; an empty one has no loss to take products of."""
+    total = sum(int(np.asarray(b.sample_mask).sum()) for b in batches)
+    if total == 0:
+        raise ValueError("the target set is empty")
+    return total
+
+
 def mean_loss_fn(graphdef, rest, batches):
     """L_T(selected) = mean over all real samples of their mean response-token loss (MATH.md 1)."""
     arrays = [(jnp.asarray(b.input_ids), jnp.asarray(b.attention_mask), jnp.asarray(b.labels),
                jnp.asarray(b.sample_mask)) for b in batches]
-    total = sum(int(np.asarray(b.sample_mask).sum()) for b in batches)
-    if total == 0:
-        raise ValueError("the target set is empty")
+    total = _num_samples(batches)
 
     def loss(selected):
         model = nnx.merge(graphdef, selected, rest)
@@ -223,9 +221,7 @@ def gauss_newton_vp(graphdef, rest, batches, params, vectors):
     J is the Jacobian of the logits and H_out the softmax cross-entropy Hessian diag(p) - p p^T
     of each trained token, weighted as in the mean loss.
     """
-    total = sum(int(np.asarray(b.sample_mask).sum()) for b in batches)
-    if total == 0:
-        raise ValueError("the target set is empty")
+    total = _num_samples(batches)
 
     def gv(v):
         out = jax.tree.map(jnp.zeros_like, params)

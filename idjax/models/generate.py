@@ -71,6 +71,14 @@ def generate(model: CausalLM, prompts: list[list[int]], *, max_new_tokens: int =
     return results
 
 
+def stop_ids(model: CausalLM, tokenizer) -> list[int]:
+    """Token ids that end an answer: the config's EOS ids plus the tokenizer's (e.g. <|im_end|>)."""
+    eos = set(model.config.eos_token_ids)
+    if tokenizer.eos_token_id is not None:
+        eos.add(tokenizer.eos_token_id)
+    return sorted(eos)
+
+
 def chat(model: CausalLM, tokenizer, conversations, *, max_new_tokens: int = 64) -> list[str]:
     """Answer chat conversations (a string is one user turn) with the tokenizer's chat template."""
     prompts = []
@@ -78,9 +86,6 @@ def chat(model: CausalLM, tokenizer, conversations, *, max_new_tokens: int = 64)
         messages = [{"role": "user", "content": conv}] if isinstance(conv, str) else conv
         prompts.append(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    eos = set(model.config.eos_token_ids)
-    if tokenizer.eos_token_id is not None:
-        eos.add(tokenizer.eos_token_id)
-    out = generate(model, ids, max_new_tokens=max_new_tokens, eos_ids=sorted(eos),
+    out = generate(model, ids, max_new_tokens=max_new_tokens, eos_ids=stop_ids(model, tokenizer),
                    pad_id=tokenizer.pad_token_id or 0)
     return [tokenizer.decode(t, skip_special_tokens=True) for t in out]
