@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
 
 from idjax import data, models  # noqa: E402
 from idjax.embed import EmbedConfig, JVPEmbedder  # noqa: E402
@@ -80,14 +81,28 @@ def docstring_records(n: int) -> list[dict]:
 # ----------------------------------------------------------------------------- helpers
 
 
-def timed(fn, repeats: int) -> float:
-    """Median wall time of fn() over `repeats` calls (fn must block until done)."""
+def throughput(fn, items, n: int, repeats: int, label: str) -> float:
+    """Samples/s of fn(item) over all items (fn must block until done), median of `repeats` passes."""
     ts = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        fn()
+        for item in items:
+            fn(item)
         ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
+    rate = n / float(np.median(ts))
+    print(f"{label}: {rate:.2f} samples/s", flush=True)
+    return rate
+
+
+def warm_up(fn, batches) -> dict[int, float]:
+    """Compile + first call of fn, once per length bucket: seconds per bucket."""
+    first = {}
+    for b in batches:
+        if b.bucket not in first:
+            t0 = time.perf_counter()
+            fn(b)
+            first[b.bucket] = time.perf_counter() - t0
+    return first
 
 
 def matmul_peak(n: int = 2048, tries: int = 10) -> float:
@@ -109,6 +124,25 @@ def torch_name(name: str) -> str:
     name = re.sub(r"layers\.\d+\.", "layers.", name)
     name = name.replace("embed_tokens.weight", "embed_tokens.embedding")
     return re.sub(r"(proj)\.weight$", r"\1.kernel", name)
+
+
+def idjax_layout(named, selected) -> list[tuple[int, bool]]:
+    """(index into `named`, transpose?) in the order idjax flattens its selected parameters.
+
+    idjax stacks layers on a leading axis and stores linear kernels as [in, out]; HF keeps one
+    [out, in] tensor per layer. Concatenating torch gradients in this order gives the same flat
+    vector as idjax's, so per-sample gradients can be compared coordinate by coordinate.
+    """
+    order = []
+    for path, _ in nnx.to_flat_state(selected):
+        dotted = ".".join(map(str, path))
+        members = []
+        for i, (nm, _) in enumerate(named):
+            if torch_name(nm) == dotted:
+                layer = re.search(r"layers\.(\d+)\.", nm)
+                members.append((int(layer.group(1)) if layer else 0, i))
+        order += [(i, dotted.endswith(".kernel")) for _, i in sorted(members)]
+    return order
 
 
 def torch_rademacher_project(flat, k: int, block: int, seed: int, torch):
@@ -166,7 +200,7 @@ def main(argv=None):
     buckets = sorted({b.bucket for b in batches})
     print(f"{n} samples, {tokens} tokens (mean {lens.mean():.1f}), {len(batches)} batches, buckets {buckets}")
 
-    rows, notes = [], []
+    notes = []
     results = {}
     peak = matmul_peak()
     print(f"matmul peak {peak / 1e9:.1f} GFLOP/s")
@@ -177,21 +211,12 @@ def main(argv=None):
     n_sel = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(peg.selected))
     N = model.config.num_params
     print(f"gradient w.r.t. {n_sel:,} of {N:,} parameters; projection {args.proj_dim}")
-    first = {}
-    for b in batches:  # warm-up: one compile per bucket
-        if b.bucket not in first:
-            t0 = time.perf_counter()
-            jax.block_until_ready(peg(b)[0])
-            first[b.bucket] = time.perf_counter() - t0
+    def idjax_grads(b):
+        return jax.block_until_ready(peg(b)[0])
+
+    first = warm_up(idjax_grads, batches)
     print(f"idjax grads warm-up (compile + 1 batch) per bucket: {first}", flush=True)
-
-    def run_idjax():
-        for b in batches:
-            jax.block_until_ready(peg(b)[0])
-
-    t = timed(run_idjax, args.repeats)
-    results["grad_idjax"] = n / t
-    print(f"idjax grads: {n / t:.2f} samples/s", flush=True)
+    results["grad_idjax"] = throughput(idjax_grads, batches, n, args.repeats, "idjax grads")
     idjax_out = peg.run(batches, max(e.index for e in examples) + 1)
 
     # ------------------------------------------------------------------ gradients: torch loop
@@ -206,30 +231,29 @@ def main(argv=None):
     if n_sel_t != n_sel:
         notes.append(f"torch selects {n_sel_t:,} parameters, idjax {n_sel:,} (tied embedding counted once in torch)")
 
+    layout = idjax_layout(named, peg.selected)
+    if len(layout) != len(named):
+        notes.append(f"{len(named) - len(layout)} torch parameters have no idjax counterpart in the layout")
+
     def torch_one(ex):
         ids = torch.as_tensor(ex.input_ids[None].astype(np.int64))
         lab = torch.as_tensor(ex.labels[None].astype(np.int64))
         loss = hf(input_ids=ids, labels=lab).loss  # mean CE over response tokens (shifted)
         grads = torch.autograd.grad(loss, tparams)
-        flat = torch.cat([g.reshape(-1) for g in grads])
+        flat = torch.cat([(grads[i].T if t else grads[i]).reshape(-1) for i, t in layout])
         flat = flat / flat.norm().clamp_min(1e-30)
         if proj is None:
             return flat
         return torch_rademacher_project(flat, proj, args.block_size, 0, torch)
 
-    torch_out = None
     if "torch_loop" not in skip:
         torch_one(examples[0])  # warm-up
         outs = {}
 
-        def run_loop():
-            for ex in examples:
-                outs[ex.index] = torch_one(ex)
+        def torch_loop(ex):
+            outs[ex.index] = torch_one(ex)
 
-        t = timed(run_loop, args.repeats)
-        results["grad_torch_loop"] = n / t
-        torch_out = outs
-        print(f"torch loop grads: {n / t:.2f} samples/s", flush=True)
+        results["grad_torch_loop"] = throughput(torch_loop, examples, n, args.repeats, "torch loop grads")
         if proj is not None:
             # Different PRNGs => different sketches; the norms of normalized sketches still agree
             # in expectation (~1 +- sqrt(2/k)), a weak sanity check that both compute a gradient.
@@ -273,14 +297,7 @@ def main(argv=None):
 
         try:
             vbatch(batches[0])  # warm-up
-
-            def run_vmap():
-                for b in batches:
-                    vbatch(b)
-
-            t = timed(run_vmap, args.repeats)
-            results["grad_torch_vmap"] = n / t
-            print(f"torch.func vmap grads: {n / t:.2f} samples/s", flush=True)
+            results["grad_torch_vmap"] = throughput(vbatch, batches, n, args.repeats, "torch.func vmap grads")
             if proj is not None:
                 notes.append("torch.func vmap computes the 8 gradients batched, then projects each row "
                              "(the projection is not vmapped: regenerating signs per row as in the loop)")
@@ -294,19 +311,11 @@ def main(argv=None):
     if "embed" not in skip:
         emb = JVPEmbedder(model, EmbedConfig(num_blocks=args.blocks, num_tangents=args.tangents))
         n_trunc = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(emb.params))
-        warmed = set()
-        for b in batches:  # warm-up: one compile per bucket
-            if b.bucket not in warmed:
-                warmed.add(b.bucket)
-                jax.block_until_ready(emb(b))
+        def idjax_embed(b):
+            return jax.block_until_ready(emb(b))
 
-        def run_emb():
-            for b in batches:
-                jax.block_until_ready(emb(b))
-
-        t = timed(run_emb, args.repeats)
-        results["emb_idjax"] = n / t
-        print(f"idjax embeddings: {n / t:.2f} samples/s", flush=True)
+        warm_up(idjax_embed, batches)
+        results["emb_idjax"] = throughput(idjax_embed, batches, n, args.repeats, "idjax embeddings")
 
         from torch.func import functional_call, jvp
 
@@ -333,14 +342,7 @@ def main(argv=None):
             return torch.cat([jvp(f, (tp,), (v,))[1] for v in tangents])
 
         torch_embed(examples[0])
-
-        def run_temb():
-            for ex in examples:
-                torch_embed(ex)
-
-        t = timed(run_temb, args.repeats)
-        results["emb_torch_loop"] = n / t
-        print(f"torch jvp embeddings: {n / t:.2f} samples/s", flush=True)
+        results["emb_torch_loop"] = throughput(torch_embed, examples, n, args.repeats, "torch jvp embeddings")
 
     # ------------------------------------------------------------------ report
     def fmt(x):
@@ -400,7 +402,7 @@ def main(argv=None):
         f"{n_trunc if 'emb_idjax' in results else 0:,}, blocks={args.blocks}, includes the 28M embedding "
         "table, which costs a gather not a matmul, so these fractions are upper estimates); tokens = "
         "real (non-pad) tokens",
-        f"- idjax compile + first batch per bucket (s): "
+        "- idjax compile + first batch per bucket (s): "
         + ", ".join(f"{k}: {v:.1f}" for k, v in first.items() if v is not None),
     ]
     text = "\n".join(desc) + "\n\n" + table + "\n\n" + "\n".join(f"- {t}" for t in targets + notes) + "\n"
