@@ -345,8 +345,8 @@ def main(argv=None):
         results["emb_torch_loop"] = throughput(torch_embed, examples, n, args.repeats, "torch jvp embeddings")
 
     # ------------------------------------------------------------------ report
-    def fmt(x):
-        return "failed" if x is None else ("-" if x is ... else f"{x:.2f}")
+    def fmt(x, unit=""):
+        return "failed" if x is None else f"{x:.2f}{unit}"
 
     g_flops = 6 * N * tokens / n  # per sample
     lines = ["| method | samples/s | idjax speed-up | achieved GFLOP/s | fraction of matmul peak |",
@@ -358,7 +358,7 @@ def main(argv=None):
                        ("grad_torch_vmap", "gradients: torch.func functional_call + vmap(grad) (batch 8)")]:
         if key in results:
             v = results[key]
-            lines.append(f"| {label} | {fmt(v)} | {fmt(None if v is None else gi / v)}x | "
+            lines.append(f"| {label} | {fmt(v)} | {fmt(None if v is None else gi / v, 'x')} | "
                          f"{fmt(None if v is None else v * g_flops / 1e9)} | "
                          f"{'-' if v is None else f'{v * g_flops / peak:.1%}'} |")
     if "emb_idjax" in results:
