@@ -9,14 +9,20 @@ state and the model cannot drift apart.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
+
+from idjax.models import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -292,3 +298,89 @@ def _eta(spec: OptimizerSpec, opt_state, fallback_count: int | None) -> float:
         raise ValueError("update_model: no schedule count in opt_state (no ScaleByScheduleState) "
                          f"for schedule {spec.schedule!r}; build the optimizer with spec.build()")
     return float(spec.lr_schedule()(count))
+
+
+# ----------------------------------------------------------------------------- optimizer state on disk
+
+
+def _key(path) -> str:
+    """A key path as Orbax names it on disk ("opt_state.1.0.mu.layers.mlp.up_proj.kernel.value")."""
+    out = []
+    for k in path:
+        out.append(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))))
+    return ".".join(out)
+
+
+def check_shapes(directory: Path, target, what: str) -> None:
+    """Compare a saved tree's array shapes with `target` before restoring, so a mismatch is one
+    clear line naming the first differing arrays (and Orbax is never asked to restore it)."""
+    import orbax.checkpoint as ocp
+
+    try:
+        with ocp.StandardCheckpointer() as c:
+            saved_tree = c.metadata(directory.absolute()).item_metadata.tree
+    except Exception as e:
+        raise CheckpointError(f"{directory}: unreadable checkpoint ({type(e).__name__}: {e})") from e
+    saved = {_key(p): tuple(v.shape) for p, v in jax.tree_util.tree_leaves_with_path(saved_tree)}
+    want = {_key(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(target)}
+    order = lambda k: (not k.startswith("trainable"), k)  # noqa: E731  parameters before optimizer moments
+    problems = [f"{k}: checkpoint {saved[k]}, here {want[k]}" for k in sorted(want.keys() & saved.keys(), key=order)
+                if saved[k] != want[k]]
+    problems += [f"{k}: missing from the checkpoint" for k in sorted(want.keys() - saved.keys(), key=order)]
+    problems += [f"{k}: not in this {what}" for k in sorted(saved.keys() - want.keys(), key=order)]
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise CheckpointError(f"{directory}: the checkpoint does not match this {what}: "
+                              f"{'; '.join(problems[:3])}{more}")
+
+
+def save_optimizer_state(out_dir: str | os.PathLike, spec: OptimizerSpec, opt_state, step: int,
+                         extra: dict | None = None) -> Path:
+    """Write optimizer.json (the OptimizerSpec) and opt_state/ (Orbax) so selection can rebuild (a, b, eta)."""
+    import orbax.checkpoint as ocp
+
+    out = Path(out_dir).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / "opt_state"
+    if target.exists():
+        import shutil
+
+        shutil.rmtree(target)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(target, opt_state)
+    (out / "optimizer.json").write_text(json.dumps({"spec": spec.to_dict(), "step": int(step), **(extra or {})},
+                                                   indent=2))
+    return out
+
+
+def load_optimizer_state(path: str | os.PathLike, params) -> tuple[OptimizerSpec, Any]:
+    """(spec, opt_state) of a warm-up or training run, shaped like `params`.
+
+    params: the model or its Param state (`nnx.state(model, nnx.Param)`); the state is restored in
+    float32 over the same tree, ready for `optim.update_model(spec, opt_state, params)`.
+    Raises CheckpointError when the directory holds no optimizer state or it does not fit params.
+    """
+    import orbax.checkpoint as ocp
+
+    p = Path(path).absolute()
+    meta_file, state_dir = p / "optimizer.json", p / "opt_state"
+    if not meta_file.exists() or not state_dir.is_dir():
+        raise CheckpointError(f"{p}: no optimizer state (expected optimizer.json and opt_state/ written by "
+                              "`idjax warmup` or `idjax train`)")
+    try:
+        spec = OptimizerSpec.from_dict(json.loads(meta_file.read_text())["spec"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{meta_file}: not a valid optimizer description ({e})") from None
+    if isinstance(params, nnx.Module):
+        params = nnx.state(params, nnx.Param)
+    f32 = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+        x.shape, jnp.float32 if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype), params)
+    target = jax.eval_shape(spec.build().init, f32)
+    check_shapes(state_dir, target, "model")
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            opt_state = ckptr.restore(state_dir, target)
+    except Exception as e:
+        raise CheckpointError(f"{state_dir}: the optimizer state does not match this model "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:300]})") from e
+    return spec, opt_state

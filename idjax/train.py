@@ -37,7 +37,7 @@ from idjax import data as D
 from idjax.grads import sample_losses
 from idjax.models import CausalLM, CheckpointError
 from idjax.models.modeling import abstract_model
-from idjax.optim import OptimizerSpec
+from idjax.optim import OptimizerSpec, check_shapes, save_optimizer_state
 
 log = logging.getLogger(__name__)
 
@@ -379,37 +379,6 @@ def _abstract(tree):
                                                        or default), tree)
 
 
-def _key(path) -> str:
-    """A key path as Orbax names it on disk ("opt_state.1.0.mu.layers.mlp.up_proj.kernel.value")."""
-    out = []
-    for k in path:
-        out.append(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))))
-    return ".".join(out)
-
-
-def _check_shapes(directory: Path, target, what: str) -> None:
-    """Compare a saved tree's array shapes with `target` before restoring, so a mismatch is one
-    clear line naming the first differing arrays (and Orbax is never asked to restore it)."""
-    import orbax.checkpoint as ocp
-
-    try:
-        with ocp.StandardCheckpointer() as c:
-            saved_tree = c.metadata(directory.absolute()).item_metadata.tree
-    except Exception as e:
-        raise CheckpointError(f"{directory}: unreadable checkpoint ({type(e).__name__}: {e})") from e
-    saved = {_key(p): tuple(v.shape) for p, v in jax.tree_util.tree_leaves_with_path(saved_tree)}
-    want = {_key(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(target)}
-    order = lambda k: (not k.startswith("trainable"), k)  # noqa: E731  parameters before optimizer moments
-    problems = [f"{k}: checkpoint {saved[k]}, here {want[k]}" for k in sorted(want.keys() & saved.keys(), key=order)
-                if saved[k] != want[k]]
-    problems += [f"{k}: missing from the checkpoint" for k in sorted(want.keys() - saved.keys(), key=order)]
-    problems += [f"{k}: not in this {what}" for k in sorted(saved.keys() - want.keys(), key=order)]
-    if problems:
-        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise CheckpointError(f"{directory}: the checkpoint does not match this {what}: "
-                              f"{'; '.join(problems[:3])}{more}")
-
-
 def save_checkpoint(manager, state: TrainState, meta: dict) -> None:
     """One Orbax step: the state arrays plus JSON metadata (position, fingerprint, elapsed time)."""
     import orbax.checkpoint as ocp
@@ -449,7 +418,7 @@ def restore_checkpoint(directory: str | os.PathLike, template: TrainState, finge
             _check_fingerprint(ckpt, meta.get("fingerprint", {}), fingerprint)
         target = {"trainable": _abstract(template.trainable), "opt_state": _abstract(template.opt_state),
                   "rng": _abstract(template.rng)}
-        _check_shapes(ckpt / str(step) / "state", target, "model and optimizer")
+        check_shapes(ckpt / str(step) / "state", target, "model and optimizer")
         try:
             got = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
         except Exception as e:
@@ -465,61 +434,6 @@ def _check_fingerprint(where: Path, saved: dict, current: dict) -> None:
         details = "; ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}" for k in diff)
         raise CheckpointError(f"{where}: the checkpoint was made by a different run ({details[:800]}); "
                               "resume with the same model, data and recipe, or start a new --out")
-
-
-# ----------------------------------------------------------------------------- optimizer state for selection
-
-
-def save_optimizer_state(out_dir: str | os.PathLike, spec: OptimizerSpec, opt_state, step: int,
-                         extra: dict | None = None) -> Path:
-    """Write optimizer.json (the OptimizerSpec) and opt_state/ (Orbax) so selection can rebuild (a, b, eta)."""
-    import orbax.checkpoint as ocp
-
-    out = Path(out_dir).absolute()
-    out.mkdir(parents=True, exist_ok=True)
-    target = out / "opt_state"
-    if target.exists():
-        import shutil
-
-        shutil.rmtree(target)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(target, opt_state)
-    (out / "optimizer.json").write_text(json.dumps({"spec": spec.to_dict(), "step": int(step), **(extra or {})},
-                                                   indent=2))
-    return out
-
-
-def load_optimizer_state(path: str | os.PathLike, params) -> tuple[OptimizerSpec, Any]:
-    """(spec, opt_state) of a warm-up or training run, shaped like `params`.
-
-    params: the model or its Param state (`nnx.state(model, nnx.Param)`); the state is restored in
-    float32 over the same tree, ready for `optim.update_model(spec, opt_state, params)`.
-    Raises CheckpointError when the directory holds no optimizer state or it does not fit params.
-    """
-    import orbax.checkpoint as ocp
-
-    p = Path(path).absolute()
-    meta_file, state_dir = p / "optimizer.json", p / "opt_state"
-    if not meta_file.exists() or not state_dir.is_dir():
-        raise CheckpointError(f"{p}: no optimizer state (expected optimizer.json and opt_state/ written by "
-                              "`idjax warmup` or `idjax train`)")
-    try:
-        spec = OptimizerSpec.from_dict(json.loads(meta_file.read_text())["spec"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{meta_file}: not a valid optimizer description ({e})") from None
-    if isinstance(params, nnx.Module):
-        params = nnx.state(params, nnx.Param)
-    f32 = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
-        x.shape, jnp.float32 if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype), params)
-    target = jax.eval_shape(spec.build().init, f32)
-    _check_shapes(state_dir, target, "model")
-    try:
-        with ocp.StandardCheckpointer() as ckptr:
-            opt_state = ckptr.restore(state_dir, target)
-    except Exception as e:
-        raise CheckpointError(f"{state_dir}: the optimizer state does not match this model "
-                              f"({type(e).__name__}: {str(e).splitlines()[0][:300]})") from e
-    return spec, opt_state
 
 
 # ----------------------------------------------------------------------------- the loop

@@ -17,7 +17,7 @@ from idjax import train as T
 from idjax.grads import sample_losses
 from idjax.models import CausalLM, CheckpointError, ModelConfig
 from idjax.models.modeling import abstract_model
-from idjax.optim import OptimizerSpec, update_model
+from idjax.optim import OptimizerSpec, load_optimizer_state, update_model
 
 TASKS = Path(__file__).parent / "fixtures" / "tasks"
 CFG = ModelConfig(model_type="llama", vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=1,
@@ -279,7 +279,7 @@ def test_warmup_state_gives_the_adam_update_model(tmp_path):
 
     model, _ = load(tmp_path / "w", tokenizer=False)
     params = params_of(model)
-    loaded_spec, opt_state = T.load_optimizer_state(tmp_path / "w", model)
+    loaded_spec, opt_state = load_optimizer_state(tmp_path / "w", model)
     assert loaded_spec == spec
     _tree_equal(opt_state, result.state.opt_state)
     um = update_model(loaded_spec, opt_state, params)
@@ -301,9 +301,9 @@ def test_warmup_state_gives_the_adam_update_model(tmp_path):
     assert meta["ids"] == [e.id for e in exs] and meta["steps"] == 3
     # a model of another shape is refused
     with pytest.raises(CheckpointError, match="does not match"):
-        T.load_optimizer_state(tmp_path / "w", abstract_model(ModelConfig(**{**CFG.__dict__, "num_layers": 3})))
+        load_optimizer_state(tmp_path / "w", abstract_model(ModelConfig(**{**CFG.__dict__, "num_layers": 3})))
     with pytest.raises(CheckpointError, match="no optimizer state"):
-        T.load_optimizer_state(tmp_path, model)
+        load_optimizer_state(tmp_path, model)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -334,7 +334,7 @@ def test_cli_warmup_train_selection_resume(tiny_dir, tmp_path, capsys):
                    "--steps", 2, "--batch-size", 2, "--lr", 1e-3, "--max-length", 64) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["samples"] == 4 and out["steps"] == 2
-    spec, state = T.load_optimizer_state(tmp_path / "w", __import__("idjax").models.load(tmp_path / "w")[0])
+    spec, state = load_optimizer_state(tmp_path / "w", __import__("idjax").models.load(tmp_path / "w")[0])
     assert spec.name == "adamw" and int(state[-1][0].count) == 2  # clip, then adamw
 
     sel = tmp_path / "sel.jsonl"
