@@ -168,6 +168,119 @@ def cmd_eval(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- embed / select
+
+
+def _embed_config(args):
+    from idjax.embed import EmbedConfig
+
+    return EmbedConfig(num_blocks=args.embed_blocks, num_tangents=args.embed_tangents, dim=args.embed_dim,
+                       seed=args.seed)
+
+
+def _pool(args, tok):
+    from idjax import data
+
+    records = data.read_records(args.train)
+    examples, stats = data.tokenize(records, tok, max_length=args.max_length, source=str(args.train))
+    if not examples:
+        raise data.DataError(f"{args.train}: no sample has a response token")
+    return examples, stats
+
+
+def cmd_embed(args) -> int:
+    from idjax import models, pipeline
+
+    model, tok = models.load(args.model, dtype=args.dtype)
+    examples, stats = _pool(args, tok)
+    store = pipeline.embed_pool(model, examples, _embed_config(args), args.store, batch_size=args.batch_size,
+                                chunk_rows=args.chunk_rows)
+    print(json.dumps({"store": str(store.path), "rows": store.shape[0], "dim": store.shape[1],
+                      "skipped_no_response": len(stats.skipped_no_response), "truncated": stats.n_truncated}))
+    return 0
+
+
+def cmd_select(args) -> int:
+    import time
+    from pathlib import Path
+
+    from idjax import data, models, pipeline
+    from idjax.optim import load_optimizer_state, update_model
+
+    if args.k < 1:
+        return _usage("select", f"--k must be >= 1, got {args.k}")
+    if not args.landmarks > 0:
+        return _usage("select", f"--landmarks must be a fraction in (0, 1) or a count >= 1, got {args.landmarks}")
+    t0 = time.perf_counter()
+    # Data first: bad input fails in seconds, before the model is loaded.
+    tok = models.load_tokenizer(models.resolve(args.model))
+    pool, stats = _pool(args, tok)
+    if args.target_task:
+        from idjax import tasks
+
+        target_records = tasks.load_task(args.target_task, args.target).target
+        source = f"{args.target_task} target set"
+    elif args.target:
+        target_records, source = data.read_records(args.target), str(args.target)
+    else:
+        return _usage("select", "give --target FILE (chat JSONL) or --target-task NAME")
+    targets, tstats = data.tokenize(target_records, tok, max_length=args.max_length, source=source)
+    if not targets:
+        raise data.DataError(f"{source}: no target sample has a response token "
+                             f"({len(tstats.skipped_no_response)} skipped)")
+    if args.k > len(pool):
+        raise data.DataError(f"--k {args.k} is larger than the pool: {args.train} has {len(pool)} samples with a "
+                             f"response token ({len(stats.skipped_no_response)} skipped)")
+    model, _ = models.load(args.model, dtype=args.dtype, tokenizer=False)
+    update = None
+    if args.optimizer_state:
+        spec, state = load_optimizer_state(args.optimizer_state, model)
+        from flax import nnx
+
+        update = update_model(spec, state, nnx.state(model, nnx.Param))
+    config = pipeline.SelectConfig(
+        k=args.k, landmarks=args.landmarks, exact=args.exact, landmark_method=args.landmark_method,
+        propagation=args.propagation, order=args.order, hessian=args.hessian, lam=args.lam,
+        learning_rate=args.lr, aggregate=args.aggregate, rank_by=args.rank_by, proj_dim=args.proj_dim,
+        proj_kind=args.proj_kind, params=args.params, microbatch=args.microbatch,
+        normalize=not args.no_normalize, embed=_embed_config(args), seed=args.seed, batch_size=args.batch_size,
+        chunk_rows=args.chunk_rows)
+    out = Path(args.out)
+    store = Path(args.store) if args.store else out.with_suffix(".store")
+    load_s = time.perf_counter() - t0
+    selection = pipeline.select_samples(model, pool, targets, config, update=update, store_dir=store)
+    selection.info["timings_s"] = {"load": round(load_s, 3), **selection.info["timings_s"]}
+    extra = {"command": {"model": str(args.model), "train": str(args.train), "target": args.target,
+                         "target_task": args.target_task,
+                         "optimizer_state": args.optimizer_state, "max_length": args.max_length,
+                         "dtype": args.dtype},
+             "pool_stats": {"records": stats.n_records, "kept": stats.n_kept, "truncated": stats.n_truncated,
+                            "skipped_no_response": stats.skipped_no_response[:100]},
+             "target_stats": {"records": tstats.n_records, "kept": tstats.n_kept,
+                              "skipped_no_response": tstats.skipped_no_response[:100]}}
+    meta = pipeline.write_selection(selection, pool, out, extra)
+    print(json.dumps({"out": str(out), "meta": str(meta), "selected": len(selection.rows),
+                      "pool": len(pool), "landmarks": int(len(selection.landmarks)),
+                      "seconds": round(time.perf_counter() - t0, 1)}))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from idjax import demo
+
+    if args.k_fraction is not None and not 0 < args.k_fraction <= 1:
+        return _usage("demo", f"--k-fraction must be in (0, 1], got {args.k_fraction}")
+    if args.landmarks is not None and not 0 < args.landmarks <= 1:
+        return _usage("demo", f"--landmarks must be a fraction of the pool in (0, 1], got {args.landmarks}")
+    kwargs = dict(demo.QUICK) if args.quick else {}
+    for name in ("task", "k_fraction", "landmarks", "seed", "pool_limit", "train_steps"):
+        if getattr(args, name) is not None:
+            kwargs[name] = getattr(args, name)
+    report = demo.run_demo(args.out, **kwargs)
+    print(demo.format_report(report))
+    return 0
+
+
 def _add_training(p: argparse.ArgumentParser, *, lr: float, optimizer: str, schedule: str, batch_size: int):
     p.add_argument("--data", required=True, help="chat JSONL / Parquet / HF dataset (Tulu V2 format)")
     p.add_argument("--out", required=True, help="output directory (model, optimizer state, checkpoints, metrics)")
@@ -192,6 +305,17 @@ def _add_training(p: argparse.ArgumentParser, *, lr: float, optimizer: str, sche
     p.add_argument("--seed", type=int, default=0, help="data order, LoRA init and warm-up subset")
     p.add_argument("--checkpoint-every", type=int, default=0, help="save a checkpoint every N steps (0: at the end)")
     p.add_argument("--keep-checkpoints", type=int, default=3)
+
+
+def _add_pool(p: argparse.ArgumentParser):
+    p.add_argument("--train", required=True, help="the pool: chat JSONL / Parquet / HF dataset (Tulu V2 format)")
+    p.add_argument("--max-length", type=int, default=1024, help="truncate samples to this many tokens")
+    p.add_argument("--batch-size", type=int, default=8, help="samples per compiled batch")
+    p.add_argument("--chunk-rows", type=int, default=256, help="rows per store chunk (the unit of resumption)")
+    p.add_argument("--seed", type=int, default=0, help="landmarks, tangents, sketches, round-robin order")
+    p.add_argument("--embed-blocks", type=int, default=4, help="decoder blocks kept for JVP embeddings")
+    p.add_argument("--embed-tangents", type=int, default=2, help="random tangents per JVP embedding")
+    p.add_argument("--embed-dim", type=int, default=4096, help="embedding size after projection")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -245,6 +369,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-code-execution", action="store_true",
                    help="humaneval: run model-written code in a subprocess")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("embed", help="JVP embeddings of a pool into a resumable store (reused by select)")
+    _add_model(p)
+    _add_pool(p)
+    p.add_argument("--store", required=True, help="store directory (re-running resumes / reuses it)")
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("select", help="choose and weight the pool samples that most help on a target set")
+    _add_model(p)
+    _add_pool(p)
+    p.add_argument("--target", default=None,
+                   help="target chat JSONL (rows may carry \"task\": per-task budgets); with --target-task, "
+                        "a file in that task's HF format (absent: the HF hub)")
+    p.add_argument("--target-task", default=None, choices=["gsm8k", "mmlu", "squad", "humaneval"],
+                   help="build the target set with a task recipe (e.g. GSM8k chain-of-thought exemplars)")
+    p.add_argument("--k", type=int, required=True, help="how many samples to select")
+    p.add_argument("--out", required=True, help="output JSONL; the configuration goes to OUT.meta.json")
+    p.add_argument("--store", default=None, help="store directory (default: OUT with suffix .store)")
+    p.add_argument("--landmarks", type=float, default=0.1,
+                   help="landmarks: a fraction of the pool (< 1) or a count (default 0.1)")
+    p.add_argument("--exact", action="store_true", help="every sample is a landmark (no embeddings; LESS-style)")
+    p.add_argument("--landmark-method", default="random", choices=["random", "kmeans++"])
+    p.add_argument("--propagation", default="krr", choices=["krr", "ridge"])
+    p.add_argument("--order", type=int, default=1, choices=[1, 2], help="2 adds the target Hessian term")
+    p.add_argument("--hessian", default="gauss-newton", choices=["exact", "gauss-newton"], help="for --order 2")
+    p.add_argument("--lam", type=float, default=None,
+                   help="weight regulariser (default: the value whose first-order support is the top k)")
+    p.add_argument("--lr", type=float, default=1e-5, help="step size of the GD update model (no optimizer state)")
+    p.add_argument("--optimizer-state", default=None,
+                   help="a warm-up/train output directory: model a, b, eta from its optimizer (absent: GD)")
+    p.add_argument("--aggregate", default="mean", choices=["mean", "round-robin"],
+                   help="score against the mean target gradient, or round-robin over target samples")
+    p.add_argument("--rank-by", default=None, choices=["score", "weight"],
+                   help="top-k by score or by optimal weight (default: score for order 1, weight for 2)")
+    p.add_argument("--proj-dim", type=int, default=4096, help="gradient sketch size (0: no projection)")
+    p.add_argument("--proj-kind", default="srht", choices=["srht", "rademacher", "gaussian"])
+    p.add_argument("--params", default=None, help="regex over parameter names (e.g. down_proj); default all")
+    p.add_argument("--microbatch", type=int, default=None,
+                   help="samples per vmapped gradient (default: as many as fit in ~1 GiB, dividing --batch-size)")
+    p.add_argument("--no-normalize", action="store_true", help="inner products instead of cosines")
+    p.set_defaults(func=cmd_select)
+
+    p = sub.add_parser("demo", help="the whole pipeline on the embedded SmolLM2 and bundled data, on a CPU, "
+                                    "in minutes: warm-up, selection, fine-tuning vs random, target loss")
+    p.add_argument("--out", default="idjax-demo", help="output directory; re-running reuses it (default ./idjax-demo)")
+    p.add_argument("--task", default=None, choices=["code", "definitions", "jargon"],
+                   help="target task of the bundled data (default definitions)")
+    p.add_argument("--k-fraction", type=float, default=None, help="selection budget, a fraction of the pool (0.1)")
+    p.add_argument("--landmarks", type=float, default=None, help="random landmarks, a fraction of the pool (0.25)")
+    p.add_argument("--seed", type=int, default=None, help="warm-up subset, landmarks, sketches, random subset (0)")
+    p.add_argument("--pool-limit", type=int, default=None, help="use the first N pool rows (400; all: 879)")
+    p.add_argument("--train-steps", type=int, default=None, help="fine-tuning steps for both subsets (24)")
+    p.add_argument("--quick", action="store_true",
+                   help="a tiny run (120 pool rows, 2 fine-tuning steps, 64 tokens) to check the setup")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -91,10 +91,10 @@ class JVPEmbedder:
         return self._fn(self.params, self.rest, self.tangents, self.projection,
                         jnp.asarray(batch.input_ids), jnp.asarray(batch.attention_mask))
 
-    def run(self, batches, num_samples: int, *, desc: str = "embeddings") -> np.ndarray:
+    def run(self, batches, num_samples: int, *, desc: str = "embeddings", progress: bool = True) -> np.ndarray:
         """Embeddings of every example of `batches`, in example-index order: [num_samples, dim]."""
         out = np.zeros((num_samples, self.dim), np.float32)
-        for batch in tqdm(batches, desc=desc, unit="batch", disable=None):
+        for batch in tqdm(batches, desc=desc, unit="batch", disable=None if progress else True):
             e = np.asarray(self(batch))
             real = np.asarray(batch.sample_mask)
             out[np.asarray(batch.indices)[real]] = e[real]

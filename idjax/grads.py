@@ -68,6 +68,17 @@ def split_params(model, pattern: str | None = None):
     return graphdef, selected, rest
 
 
+def restrict(tree, selected):
+    """The part of a full-model State (e.g. the update model's a or b) matching `selected`'s paths."""
+    if tree is None:
+        return None
+    flat = dict(nnx.to_flat_state(tree))
+    try:
+        return nnx.from_flat_state([(path, flat[path]) for path, _ in nnx.to_flat_state(selected)])
+    except KeyError as e:
+        raise ValueError(f"the tree has no entry for parameter {'.'.join(map(str, e.args[0]))}") from None
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class CoordinateMask:
     """A fixed random subset of gradient coordinates (about `keep` of them), per leaf.
@@ -129,20 +140,25 @@ class PerExampleGradients:
     function, so only a microbatch of full gradients ever exists at once.
     """
 
-    def __init__(self, model, projector, config: GradientConfig = GradientConfig(), precondition=None):
+    def __init__(self, model, projector, config: GradientConfig = GradientConfig(), precondition=None,
+                 offset=None):
         self.config = config
         self.projector = projector
         self.graphdef, self.selected, self.rest = split_params(model, config.params)
-        self.precondition = precondition  # pytree like the selected params (the update model's a), or None
+        # Pytrees like the selected params (restrict() cuts them from full-model trees), or None:
+        self.precondition = precondition  # the update model's a: each gradient becomes a * g
+        self.offset = offset              # subtracted from each gradient first (targets: eta * H_T b)
         self.mask = CoordinateMask.create(self.selected, config.keep, config.seed) if config.keep else None
         self._fn = jax.jit(self._compute)
 
-    def _compute(self, selected, rest, precondition, ids, mask, labels):
+    def _compute(self, selected, rest, precondition, offset, ids, mask, labels):
         loss = _one_sample_loss(self.graphdef, rest)
         mb = self.config.microbatch
 
         def one(ids, mask, labels):
             g = jax.grad(loss)(selected, ids, mask, labels)
+            if offset is not None:
+                g = jax.tree.map(lambda x, o: x - o.astype(x.dtype), g, offset)
             if precondition is not None:
                 g = jax.tree.map(lambda a, x: (a * x).astype(jnp.float32), precondition, g)
             if self.mask is not None:
@@ -159,15 +175,15 @@ class PerExampleGradients:
 
     def __call__(self, batch):
         """Projected gradients [B, k] float32 and a validity flag [B] for one data.Batch."""
-        out = self._fn(self.selected, self.rest, self.precondition, jnp.asarray(batch.input_ids),
+        out = self._fn(self.selected, self.rest, self.precondition, self.offset, jnp.asarray(batch.input_ids),
                        jnp.asarray(batch.attention_mask), jnp.asarray(batch.labels))
         has_response = (np.asarray(batch.labels)[:, 1:] != IGNORE_INDEX).any(axis=1)
         return out, np.asarray(batch.sample_mask) & has_response
 
-    def run(self, batches, num_samples: int, *, desc: str = "gradients") -> np.ndarray:
+    def run(self, batches, num_samples: int, *, desc: str = "gradients", progress: bool = True) -> np.ndarray:
         """Gradients of every example of `batches`, in example-index order: [num_samples, k]."""
         out = None
-        for batch in tqdm(batches, desc=desc, unit="batch", disable=None):
+        for batch in tqdm(batches, desc=desc, unit="batch", disable=None if progress else True):
             g, valid = self(batch)
             g = np.asarray(g)
             if out is None:
@@ -243,3 +259,74 @@ def gauss_newton_vp(graphdef, rest, batches, params, vectors):
         return out
 
     return jax.vmap(gv)(vectors)
+
+
+def hessian_products(graphdef, rest, batches, params, vectors, kind: str = "exact"):
+    """H_T v for a stack of vectors: exact Hessian (jvp of grad) or Gauss-Newton (always PSD)."""
+    if kind == "exact":
+        return hvp(mean_loss_fn(graphdef, rest, batches), params, vectors)
+    if kind == "gauss-newton":
+        return gauss_newton_vp(graphdef, rest, batches, params, vectors)
+    raise ValueError(f"hessian must be 'exact' or 'gauss-newton', got {kind!r}")
+
+
+def target_direction(model, batches, pattern: str | None = None, *, shift=None, eta: float = 1.0,
+                     hessian: str = "exact"):
+    """(v, offset): v = g_T - eta * H_T shift over the selected params, offset = eta * H_T shift (or None).
+
+    MATH.md 3: p = G D_a (g_T - eta H_T b). `shift` is the update model's b restricted to the
+    selection (None for GD). `offset` is what per-target-sample columns subtract from their own
+    gradient (the mean-target Hessian stands in for each sample's own).
+    """
+    graphdef, selected, rest = split_params(model, pattern)
+    loss = mean_loss_fn(graphdef, rest, batches)
+    g = jax.jit(jax.grad(loss))(selected)
+    if shift is None:
+        return g, None
+    hb = jax.jit(lambda p, b: hessian_products(graphdef, rest, batches, p, jax.tree.map(lambda x: x[None], b),
+                                               hessian))(selected, shift)
+    offset = jax.tree.map(lambda x: eta * x[0], hb)
+    return jax.tree.map(jnp.subtract, g, offset), offset
+
+
+class ProjectedCurvature:
+    """Second-order landmark terms (MATH.md 4.3): for each source sample, u = a * g (L2-normalised
+    when asked, as the first-order scores are) and h = H_T u, both projected with the same sketch,
+    so Q_L[i, j] = <P u_j, P h_i>. One HVP at a time (lax.map) bounds memory to one double pass
+    over the target set; one compilation per length bucket.
+    """
+
+    def __init__(self, model, projector, target_batches, config: GradientConfig = GradientConfig(),
+                 precondition=None, hessian: str = "exact"):
+        if config.keep:
+            raise ValueError("second-order selection works on whole parameter tensors; drop the coordinate mask "
+                             "(keep) or restrict --params instead")
+        if hessian not in ("exact", "gauss-newton"):
+            raise ValueError(f"hessian must be 'exact' or 'gauss-newton', got {hessian!r}")
+        _num_samples(target_batches)
+        self.config, self.projector, self.hessian = config, projector, hessian
+        self.target_batches = target_batches
+        self.graphdef, self.selected, self.rest = split_params(model, config.params)
+        self.precondition = precondition
+        self._fn = jax.jit(self._compute)
+
+    def _compute(self, selected, rest, precondition, ids, mask, labels):
+        loss = _one_sample_loss(self.graphdef, rest)
+
+        def one(args):
+            g = jax.grad(loss)(selected, *args)
+            u = g if precondition is None else jax.tree.map(lambda a, x: (a * x).astype(jnp.float32), precondition, g)
+            if self.config.normalize:
+                norm = jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(u)))
+                u = jax.tree.map(lambda x: x / jnp.maximum(norm, 1e-30).astype(x.dtype), u)
+            h = hessian_products(self.graphdef, rest, self.target_batches, selected,
+                                 jax.tree.map(lambda x: x[None], u), self.hessian)
+            h = jax.tree.map(lambda x: x[0], h)
+            return self.projector.project(u), self.projector.project(h)
+
+        return jax.lax.map(one, (ids, mask, labels))
+
+    def __call__(self, batch):
+        """(P u [B, k], P h [B, k]) for one data.Batch; padding rows are garbage (mask them)."""
+        return self._fn(self.selected, self.rest, self.precondition, jnp.asarray(batch.input_ids),
+                        jnp.asarray(batch.attention_mask), jnp.asarray(batch.labels))

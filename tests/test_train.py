@@ -337,9 +337,16 @@ def test_cli_warmup_train_selection_resume(tiny_dir, tmp_path, capsys):
     spec, state = load_optimizer_state(tmp_path / "w", __import__("idjax").models.load(tmp_path / "w")[0])
     assert spec.name == "adamw" and int(state[-1][0].count) == 2  # clip, then adamw
 
+    # the warm-up directory is both the model and the optimizer state of a selection (AdamW update model)
     sel = tmp_path / "sel.jsonl"
-    sel.write_text("".join(json.dumps({"index": i, "id": rid, "score": 1.0 - i / 10, "weight": w}) + "\n"
-                           for i, (rid, w) in enumerate([("cot_0", 0.5), ("cot_1", 0.3), ("flan_v2_0", 0.2)])))
+    assert run_cli("select", "--model", tmp_path / "w", "--optimizer-state", tmp_path / "w", "--train", pool,
+                   "--target-task", "gsm8k", "--target", f"{TASKS}/gsm8k.jsonl", "--k", 3, "--exact", "--proj-dim", 64, "--max-length", 64,
+                   "--out", sel) == 0
+    capsys.readouterr()
+    meta = json.loads(sel.with_suffix(".meta.json").read_text())
+    assert meta["update_model"] == "adamw" and meta["selected"] == 3
+    chosen = [json.loads(line) for line in sel.read_text().splitlines()]
+    assert abs(sum(r["weight"] for r in chosen) - 1) < 1e-5  # first-order weights live on the top k
     args = ["train", "--model", tmp_path / "w", "--data", pool, "--selection", sel, "--weighted", "--out",
             tmp_path / "t", "--steps", 4, "--batch-size", 1, "--lr", 1e-3, "--checkpoint-every", 2,
             "--lora-rank", 2, "--max-length", 64]

@@ -1,0 +1,417 @@
+"""The selection pipeline (MATH.md 3-7): embed -> landmarks -> landmark gradients -> propagate -> weights -> select.
+
+Every expensive per-sample array (pool embeddings, landmark gradients, landmark curvature) goes
+through an on-disk chunked store whose directory name carries the fingerprint of everything it
+depends on (model, data, configuration), so an interrupted run resumes where it stopped and a
+later run with another target set reuses the pool's embeddings and gradients.
+
+Scores are cosines by default (MATH.md 3, "cosine variant"): each source direction a * g_i is
+L2-normalised and the reported score is <u_i, v> / ||v|| with v = g_T - eta H_T b. The weight
+solver sees the same u_i but the unnormalised v, so p and Q keep the scale of the Taylor model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from idjax import data as D
+from idjax.embed import EmbedConfig, JVPEmbedder
+from idjax.grads import (
+    GradientConfig, PerExampleGradients, ProjectedCurvature, restrict, split_params,
+    target_direction,
+)
+from idjax.landmarks import Propagator, choose_landmarks
+from idjax.optim import UpdateModel
+from idjax.select import per_task, round_robin, top_k, top_k_lexicographic
+from idjax.sketch import Projector
+from idjax.store import ArrayStore, compute_missing, fingerprint
+from idjax.weights import default_lam, lam_for_budget, solve_weights
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectConfig:
+    """Everything that decides a selection besides the model and the data."""
+
+    k: int
+    landmarks: float = 0.1             # a fraction of the pool (< 1) or a count (>= 1)
+    exact: bool = False                # every sample is a landmark: no embeddings, no propagation
+    landmark_method: str = "random"    # random | kmeans++
+    propagation: str = "krr"           # krr | ridge
+    delta: float = 1e-2                # ridge damping, relative to the kernel's mean diagonal
+    order: int = 1                     # 1: scores / closed-form weights; 2: adds the Hessian term
+    hessian: str = "gauss-newton"      # exact | gauss-newton (order 2)
+    lam: float | None = None           # None: the lam whose first-order support is the top k
+    learning_rate: float = 1e-5        # eta of plain GD (no optimizer state); only order 2 depends on it
+    aggregate: str = "mean"            # mean | round-robin (one column per target sample)
+    rank_by: str | None = None         # score | weight; None: score for order 1, weight for order 2
+    proj_dim: int = 4096               # sketch size; 0 = no projection (exact, tiny models)
+    proj_kind: str = "srht"            # srht | rademacher | gaussian
+    params: str | None = None          # regex over parameter paths; None = all parameters
+    keep: int | None = None            # optional fixed random coordinate subset before projecting
+    normalize: bool = True             # cosine scores
+    microbatch: int | None = None      # samples per vmapped gradient; None: as many as fit in ~1 GiB
+    embed: EmbedConfig = EmbedConfig()
+    seed: int = 0
+    batch_size: int = 8
+    chunk_rows: int = 256              # rows per store chunk: the unit of resumption
+
+    def __post_init__(self):
+        choices = {"landmark_method": ("random", "kmeans++"), "propagation": ("krr", "ridge"),
+                   "hessian": ("exact", "gauss-newton"), "aggregate": ("mean", "round-robin"),
+                   "rank_by": (None, "score", "weight"), "proj_kind": ("srht", "rademacher", "gaussian")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {[a for a in allowed if a]}, got {getattr(self, name)!r}")
+        if self.order not in (1, 2):
+            raise ValueError(f"order must be 1 or 2, got {self.order}")
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k}")
+        if not self.landmarks > 0:
+            raise ValueError(f"landmarks must be a fraction in (0, 1) or a count >= 1, got {self.landmarks}")
+        if self.proj_dim < 0 or self.batch_size < 1 or self.chunk_rows < 1 or (self.microbatch or 1) < 1:
+            raise ValueError("proj_dim must be >= 0 and batch_size, chunk_rows, microbatch >= 1")
+        if self.lam is not None and not self.lam > 0:
+            raise ValueError(f"lam must be > 0, got {self.lam}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def num_landmarks(self, n: int) -> int:
+        if self.exact:
+            return n
+        count = round(self.landmarks * n) if self.landmarks < 1 else int(self.landmarks)
+        return int(min(n, max(1, count)))
+
+
+@dataclasses.dataclass
+class Selection:
+    """A selection and everything needed to explain it."""
+
+    rows: np.ndarray          # positions in the pool examples, in selection order
+    scores: np.ndarray        # [N] cosine of each u_i with the target direction (propagated off landmarks)
+    weights: np.ndarray       # [N] optimal weights on the simplex
+    owners: list | None       # who took each selected row: a target id (round-robin) or task (per-task)
+    landmarks: np.ndarray     # landmark positions in the pool
+    info: dict                # configuration, timings per stage, stores, solver report
+
+
+# ----------------------------------------------------------------------------- fingerprints
+
+
+def tree_fingerprint(tree) -> str:
+    """A cheap, stable fingerprint of a pytree of arrays: shapes, dtypes, sums and a strided sample.
+
+    Hashing every byte of an 8B-parameter model would take minutes; a strided sample of each leaf
+    plus its sum changes whenever the weights do (fine-tuning moves every coordinate).
+    """
+    parts = []
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        x = np.asarray(jax.device_get(leaf))
+        flat = x.reshape(-1)
+        step = max(1, flat.size // 4096)
+        sample = flat[::step][:4096].astype(np.float32)
+        parts.append([jax.tree_util.keystr(path), list(x.shape), str(x.dtype),
+                      float(np.sum(flat, dtype=np.float64)), fingerprint(sample)])
+    return fingerprint(parts)
+
+
+def model_fingerprint(model) -> str:
+    from flax import nnx
+
+    return fingerprint([dataclasses.asdict(model.config) | {"rope": str(model.config.rope)},
+                        tree_fingerprint(nnx.state(model, nnx.Param))])
+
+
+def examples_fingerprint(examples: Sequence[D.Example]) -> str:
+    return fingerprint([(e.id, fingerprint(e.input_ids), fingerprint(e.labels)) for e in examples])
+
+
+def update_fingerprint(update: UpdateModel | None) -> str:
+    if update is None:
+        return "gd"
+    return fingerprint([update.name, update.eta, tree_fingerprint(update.a), tree_fingerprint(update.b)])
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def auto_microbatch(selected, batch_size: int, budget_bytes: int = 1 << 30) -> int:
+    """Samples per vmapped gradient: a microbatch holds that many full float32 gradients at once,
+    so all 135M parameters of SmolLM2 get 1 and a down_proj subset gets 8. A divisor of batch_size,
+    because PerExampleGradients only splits batches into equal microbatches."""
+    size = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(selected))
+    cap = max(1, budget_bytes // max(1, 4 * size))
+    return max(m for m in range(1, batch_size + 1) if batch_size % m == 0 and m <= cap)
+
+
+@contextlib.contextmanager
+def _stage(name: str, timings: dict):
+    t0 = time.perf_counter()
+    log.info("stage %s ...", name)
+    try:
+        yield
+    finally:
+        timings[name] = round(time.perf_counter() - t0, 3)
+        log.info("stage %s: %.1f s", name, timings[name])
+
+
+def _buckets(examples: Sequence[D.Example]) -> tuple[int, ...]:
+    longest = max(len(e.input_ids) for e in examples)
+    return D.default_buckets(max(longest, 1), min_length=min(64, longest))
+
+
+def _local(examples: Sequence[D.Example]) -> list[D.Example]:
+    """The same examples indexed 0..n-1, so per-chunk results land in chunk order."""
+    return [dataclasses.replace(e, index=j) for j, e in enumerate(examples)]
+
+
+def _open(root: Path, name: str, shape, chunk_rows: int, fp: dict) -> ArrayStore:
+    directory = root / f"{name}-{fingerprint(fp)[:12]}"
+    return ArrayStore.open(directory, shape=shape, dtype=np.float32, chunk_rows=chunk_rows, fingerprint=fp)
+
+
+def embed_pool(model, examples: Sequence[D.Example], config: EmbedConfig, store_dir, *, batch_size: int = 8,
+               chunk_rows: int = 256, model_fp: str | None = None, data_fp: str | None = None) -> ArrayStore:
+    """JVP embeddings of every pool example, in a resumable store: rows follow `examples`."""
+    if not examples:
+        raise D.DataError("the pool is empty")
+    embedder = JVPEmbedder(model, config)
+    fp = {"kind": "jvp-embeddings", "model": model_fp or model_fingerprint(model),
+          "data": data_fp or examples_fingerprint(examples), "embed": dataclasses.asdict(config)}
+    store = _open(Path(store_dir), "embeddings", (len(examples), embedder.dim), chunk_rows, fp)
+    buckets, pad = _buckets(examples), model.config.pad_token_id or 0
+
+    def chunk(start, stop):
+        part = _local(examples[start:stop])
+        return embedder.run(D.make_batches(part, batch_size, buckets, pad_id=pad), len(part), progress=False)
+
+    compute_missing(store, chunk, desc="embed pool")
+    return store
+
+
+def _gradients(model, examples, rows, projector, gcfg, precondition, store_dir, fp, batch_size, chunk_rows):
+    """Projected gradients of examples[rows] (in that order), through a resumable store."""
+    grads = PerExampleGradients(model, projector, gcfg, precondition=precondition)
+    dim = _out_dim(grads.selected, projector, grads.mask)
+    store = _open(Path(store_dir), "gradients", (len(rows), dim), chunk_rows, fp)
+    buckets, pad = _buckets(examples), model.config.pad_token_id or 0
+
+    def chunk(start, stop):
+        part = _local([examples[int(r)] for r in rows[start:stop]])
+        return grads.run(D.make_batches(part, batch_size, buckets, pad_id=pad), len(part), progress=False)
+
+    compute_missing(store, chunk, desc="landmark gradients")
+    return store, grads
+
+
+def _out_dim(selected, projector, mask) -> int:
+    tree = selected if mask is None else mask.apply(selected)
+    return int(jax.eval_shape(lambda t: projector.project(t), tree).shape[0])
+
+
+def _curvature(model, examples, rows, projector, gcfg, precondition, target_batches, hessian, store_dir, fp,
+               batch_size, chunk_rows):
+    """Projected H_T u_i of the landmarks (u_i as in the gradient store), through a resumable store."""
+    curv = ProjectedCurvature(model, projector, target_batches, gcfg, precondition=precondition, hessian=hessian)
+    dim = _out_dim(curv.selected, projector, None)
+    store = _open(Path(store_dir), "curvature", (len(rows), dim), chunk_rows, fp)
+    buckets, pad = _buckets(examples), model.config.pad_token_id or 0
+
+    def chunk(start, stop):
+        part = _local([examples[int(r)] for r in rows[start:stop]])
+        out = np.zeros((len(part), dim), np.float32)
+        for batch in D.make_batches(part, batch_size, buckets, pad_id=pad):
+            _, h = curv(batch)
+            real = np.asarray(batch.sample_mask)
+            out[np.asarray(batch.indices)[real]] = np.asarray(h)[real]
+        return out
+
+    compute_missing(store, chunk, desc="landmark curvature")
+    return store
+
+
+# ----------------------------------------------------------------------------- the whole selection
+
+
+def select_samples(model, pool: Sequence[D.Example], targets: Sequence[D.Example], config: SelectConfig, *,
+                   update: UpdateModel | None = None, store_dir=None) -> Selection:
+    """Influence Distillation on `pool` for `targets` (MATH.md 3-7).
+
+    update: the update model read from a warm-up's optimizer state (optim.update_model); None is
+    plain GD with step config.learning_rate. store_dir: where resumable arrays live (None: a
+    temporary directory, nothing kept).
+    """
+    if not pool:
+        raise D.DataError("the pool has no sample with a response token")
+    if not targets:
+        raise D.DataError("the target set has no sample with a response token")
+    n = len(pool)
+    if config.k > n:
+        raise ValueError(f"k={config.k} is larger than the pool ({n} samples with a response token)")
+    if config.keep and config.order == 2:
+        raise ValueError("order 2 works on whole parameter tensors: drop keep (the coordinate mask)")
+    if store_dir is None:
+        with tempfile.TemporaryDirectory(prefix="idjax-store-") as tmp:
+            return select_samples(model, pool, targets, config, update=update, store_dir=tmp)
+    store_dir = Path(store_dir)
+    store_dir.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    eta = update.eta if update is not None else config.learning_rate
+    _, selected, _ = split_params(model, config.params)
+    a = restrict(update.a, selected) if update is not None else None
+    b = restrict(update.b, selected) if update is not None else None
+    projector = Projector("none" if config.proj_dim == 0 else config.proj_kind, config.proj_dim, seed=config.seed)
+    gcfg = GradientConfig(params=config.params, keep=config.keep, normalize=config.normalize,
+                          microbatch=config.microbatch or auto_microbatch(selected, config.batch_size),
+                          seed=config.seed)
+    model_fp, pool_fp = model_fingerprint(model), examples_fingerprint(pool)
+    stores = {}
+
+    embeddings = None
+    if not config.exact:
+        with _stage("embed", timings):
+            store = embed_pool(model, pool, config.embed, store_dir, batch_size=config.batch_size,
+                               chunk_rows=config.chunk_rows, model_fp=model_fp, data_fp=pool_fp)
+            embeddings = store.view()
+            stores["embeddings"] = str(store.path)
+
+    with _stage("landmarks", timings):
+        num = config.num_landmarks(n)
+        if config.exact or num == n:
+            landmarks = np.arange(n)
+        else:
+            landmarks = choose_landmarks(embeddings, num, method=config.landmark_method, seed=config.seed)
+    log.info("%d landmarks of %d pool samples", len(landmarks), n)
+
+    with _stage("gradients", timings):
+        fp = {"kind": "gradients", "model": model_fp, "data": pool_fp, "rows": fingerprint(landmarks),
+              "update": update_fingerprint(update), "params": config.params, "keep": config.keep,
+              "normalize": config.normalize, "projection": [projector.kind, config.proj_dim, config.seed]}
+        gstore, grads = _gradients(model, pool, landmarks, projector, gcfg, a, store_dir, fp,
+                                   config.batch_size, config.chunk_rows)
+        g_l = gstore.to_array()
+        stores["gradients"] = str(gstore.path)
+
+    target_batches = D.make_batches(targets, config.batch_size, _buckets(targets),
+                                    pad_id=model.config.pad_token_id or 0)
+    with _stage("targets", timings):
+        v, offset = target_direction(model, target_batches, config.params, shift=b, eta=eta, hessian=config.hessian)
+        v_sel = v if grads.mask is None else grads.mask.apply(v)
+        v_norm = float(jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(v_sel))))
+        if not v_norm > 0:
+            raise ValueError("the target gradient is zero: nothing to align with (is the target loss already 0?)")
+        v_proj = np.asarray(projector.project(v_sel), np.float64)
+        columns = None
+        tasks = [t.task for t in targets]
+        per_task_mode = len({t for t in tasks if t}) > 1
+        if config.aggregate == "round-robin" or per_task_mode:
+            tg = PerExampleGradients(model, projector, dataclasses.replace(gcfg, normalize=True), offset=offset)
+            columns = tg.run(target_batches, len(targets), progress=False).astype(np.float64)  # [t, k]
+
+    with _stage("propagate", timings):
+        p_l = g_l.astype(np.float64) @ v_proj                        # <u_l, v>
+        cols_l = None if columns is None else g_l.astype(np.float64) @ columns.T
+        if len(landmarks) == n:
+            prop = None
+            order = np.empty(n, np.int64)
+            order[landmarks] = np.arange(n)
+            p = p_l[order]
+            cols = None if cols_l is None else cols_l[order]
+        else:
+            prop = Propagator.fit(embeddings, landmarks, kind=config.propagation, delta=config.delta)
+            p = np.asarray(prop.apply(p_l.astype(np.float32)), np.float64)
+            cols = None if cols_l is None else np.asarray(prop.apply(cols_l.astype(np.float32)), np.float64)
+        scores = p / v_norm
+
+    solver_info: dict = {"eta": eta}
+    with _stage("weights", timings):
+        if config.order == 1:
+            lam = config.lam if config.lam is not None else float(lam_for_budget(p, config.k))
+            sol = solve_weights(p, None, eta=eta, lam=lam)
+        else:
+            with _stage("curvature", timings):
+                cfp = {**fp, "kind": "curvature", "hessian": config.hessian,
+                       "targets": examples_fingerprint(targets), "eta": eta}
+                cstore = _curvature(model, pool, landmarks, projector, gcfg, a, target_batches, config.hessian,
+                                    store_dir, cfp, config.batch_size, config.chunk_rows)
+                stores["curvature"] = str(cstore.path)
+                h_l = cstore.to_array().astype(np.float64)
+                q_l = h_l @ g_l.astype(np.float64).T                  # Q_L[i, j] = <P h_i, P u_j>
+                q_l = 0.5 * (q_l + q_l.T)
+            if prop is None:
+                perm = np.empty(n, np.int64)
+                perm[landmarks] = np.arange(n)
+                q = jnp.asarray(q_l[np.ix_(perm, perm)], jnp.float32)
+                matvec = lambda w: q @ w  # noqa: E731
+            else:
+                matvec = prop.low_rank_matvec(np.asarray(q_l, np.float32))
+                if not getattr(matvec, "jittable", False):
+                    raise ValueError(f"order 2 keeps the propagation matrix C ({n} x {len(landmarks)} float32) in "
+                                     "memory and it is over the cache limit: use fewer landmarks, or --order 1")
+            lam = config.lam if config.lam is not None else float(default_lam(p, matvec, eta, config.k))
+            sol = solve_weights(p, matvec, eta=eta, lam=lam)
+            if not sol.converged:
+                log.warning("weight solver stopped after %d iterations with duality gap %.3g", sol.iterations, sol.gap)
+        weights = np.asarray(sol.weights, np.float64)
+        solver_info.update(lam=float(sol.lam), objective=float(sol.objective), iterations=int(sol.iterations),
+                           converged=bool(sol.converged), gap=float(sol.gap),
+                           support=int((weights > 0).sum()))
+
+    with _stage("select", timings):
+        owners = None
+        if per_task_mode:
+            rows, owners = per_task(cols, [t.task or "" for t in targets], config.k, aggregate=config.aggregate,
+                                    seed=config.seed)
+        elif config.aggregate == "round-robin":
+            rows, owner_cols = round_robin(cols, config.k, seed=config.seed, return_owner=True)
+            owners = [targets[int(j)].id for j in owner_cols]
+        elif (config.rank_by or ("score" if config.order == 1 else "weight")) == "weight":
+            rows = top_k_lexicographic(weights, scores, config.k)
+        else:
+            rows = top_k(scores, config.k)
+
+    info = {"config": config.to_dict(), "timings_s": timings, "stores": stores, "solver": solver_info,
+            "pool_size": n, "targets": len(targets), "landmarks": int(len(landmarks)),
+            "update_model": update.name if update is not None else "gd",
+            "fingerprints": {"model": model_fp, "pool": pool_fp, "targets": examples_fingerprint(targets)},
+            "target_norm": v_norm, "gradient_dim": int(g_l.shape[1])}
+    if prop is not None:
+        info["propagation"] = {"kind": prop.kind, "bandwidth": float(getattr(prop, "bandwidth", math.nan) or 0.0)}
+    return Selection(rows=np.asarray(rows, np.int64), scores=scores, weights=weights, owners=owners,
+                     landmarks=np.asarray(landmarks), info=info)
+
+
+def write_selection(selection: Selection, pool: Sequence[D.Example], out, extra: dict | None = None) -> Path:
+    """JSONL rows {"index", "id", "score", "weight"} in selection order (+ "by": who took it), and a
+    sidecar <out>.meta.json with the configuration, timings, stores and solver report."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for r, row in enumerate(selection.rows):
+        ex = pool[int(row)]
+        item = {"index": int(ex.index), "id": ex.id, "score": float(selection.scores[row]),
+                "weight": float(selection.weights[row])}
+        if selection.owners is not None:
+            item["by"] = selection.owners[r]
+        lines.append(json.dumps(item))
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tmp.replace(out)
+    meta = out.with_suffix(".meta.json")
+    meta.write_text(json.dumps({**selection.info, **(extra or {}), "selected": len(selection.rows)}, indent=2,
+                               default=str))
+    return meta

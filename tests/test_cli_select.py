@@ -1,0 +1,145 @@
+"""`idjax embed` / `idjax select` on the embedded SmolLM2: bad input, an interrupted run, a real selection."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from idjax.cli import main
+from idjax.store import ArrayStore
+
+DEMO = Path(__file__).resolve().parents[1] / "idjax" / "assets" / "demo"
+FIX = Path(__file__).parent / "fixtures" / "tasks"
+POOL = FIX / "tulu_v2.jsonl"
+TARGET = FIX / "gsm8k.jsonl"
+
+
+def _write(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def _chat(i, answer="An answer."):
+    return {"id": f"t{i}", "messages": [{"role": "user", "content": f"Question {i}?"},
+                                        {"role": "assistant", "content": answer}]}
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory):
+    return _write(tmp_path_factory.mktemp("t") / "target.jsonl", [_chat(i) for i in range(2)])
+
+
+def _run(argv, capsys):
+    code = main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("case", ["k_too_large", "empty_target", "no_response_target", "malformed_pool",
+                                  "missing_field", "bad_optimizer_state", "usage"])
+def test_select_bad_input_is_one_line(case, target, tmp_path, capsys):
+    argv = ["select", "--train", str(POOL), "--target", str(target), "--k", "2", "--out", str(tmp_path / "s.jsonl")]
+    expect, code_want = None, 1
+    if case == "k_too_large":
+        argv[argv.index("--k") + 1] = "1000"
+        expect = "larger than the pool"
+    elif case == "empty_target":
+        argv[argv.index("--target") + 1] = str(_write(tmp_path / "empty.jsonl", []))
+        expect = "no records"
+    elif case == "no_response_target":
+        argv[argv.index("--target") + 1] = str(_write(tmp_path / "nr.jsonl", [_chat(0, answer="")]))
+        expect = "no target sample has a response token"
+    elif case == "malformed_pool":
+        argv[argv.index("--train") + 1] = str(_write(tmp_path / "bad.jsonl", [_chat(0), "{not json"]))
+        expect = r"bad\.jsonl:2"
+    elif case == "missing_field":
+        argv[argv.index("--train") + 1] = str(_write(tmp_path / "nf.jsonl", [{"id": "x", "text": "hello"}]))
+        expect = "nf.jsonl:1"
+    elif case == "bad_optimizer_state":
+        import jax
+        from flax import nnx
+
+        from idjax.models import CausalLM, ModelConfig
+        from idjax.optim import OptimizerSpec, save_optimizer_state
+
+        tiny = CausalLM(ModelConfig(model_type="llama", vocab_size=32, hidden_size=8, intermediate_size=8,
+                                    num_layers=1, num_heads=2, num_kv_heads=1, head_dim=4), rngs=nnx.Rngs(0))
+        spec = OptimizerSpec("adamw", 1e-3)
+        params = nnx.state(tiny, nnx.Param)
+        save_optimizer_state(tmp_path / "warm", spec, spec.build().init(jax.tree.map(lambda x: x, params)), 0)
+        argv += ["--optimizer-state", str(tmp_path / "warm")]
+        expect = "does not match this model"
+    elif case == "usage":
+        argv[argv.index("--k") + 1] = "0"
+        expect, code_want = "--k must be >= 1", 2
+    code, out, err = _run(argv, capsys)
+    assert code == code_want, err
+    lines = [line for line in err.splitlines() if "error" in line]
+    assert len(lines) == 1 and re.search(expect, lines[0]), err
+    assert "Traceback" not in err and out == ""
+
+
+def _embed_cmd(store, pool):
+    return [sys.executable, "-m", "idjax.cli", "embed", "--train", str(pool), "--store", str(store),
+            "--chunk-rows", "2", "--batch-size", "2", "--embed-blocks", "1", "--embed-dim", "64", "--max-length", "128"]
+
+
+def _env():
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+
+
+def test_embed_resumes_after_a_kill(tmp_path):
+    """SIGKILL `idjax embed` after its first chunk; the re-run computes only the missing chunks and ends
+    with the same array as an uninterrupted run."""
+    store = tmp_path / "store"
+    proc = subprocess.Popen(_embed_cmd(store, POOL), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(store.glob("embeddings-*/chunk-*.npy")):
+        if proc.poll() is not None:
+            pytest.fail(f"embed ended before writing a chunk: {proc.stderr.read().decode()[-2000:]}")
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (sub,) = store.glob("embeddings-*")
+    done_before = len(list(sub.glob("chunk-*.npy")))
+    total = ArrayStore.open(sub, create=False).num_chunks
+    assert 1 <= done_before < total
+    again = subprocess.run(_embed_cmd(store, POOL), env=_env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    m = re.search(r"(\d+) chunk\(s\) reused, (\d+) computed", again.stderr)
+    assert m and int(m[1]) >= done_before and int(m[1]) + int(m[2]) == total, again.stderr[-2000:]
+    fresh = subprocess.run(_embed_cmd(tmp_path / "fresh", POOL), env=_env(), capture_output=True, text=True,
+                           timeout=600)
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    resumed = ArrayStore.open(sub, create=False).to_array()
+    (fsub,) = (tmp_path / "fresh").glob("embeddings-*")
+    np.testing.assert_array_equal(resumed, ArrayStore.open(fsub, create=False).to_array())
+    assert json.loads(again.stdout)["rows"] == resumed.shape[0]
+
+
+def test_select_writes_rows_and_sidecar(tmp_path, capsys):
+    """A real landmark run with per-task budgets (targets carry "task"), read back from disk."""
+    rows = [dict(_chat(i, answer=f"Answer {i}."), task="a" if i % 2 else "b") for i in range(4)]
+    tgt = _write(tmp_path / "tasks.jsonl", rows)
+    out = tmp_path / "sel.jsonl"
+    argv = ["select", "--train", str(POOL), "--target", str(tgt), "--k", "6", "--out", str(out),
+            "--landmarks", "0.5", "--proj-dim", "256", "--params", "down_proj", "--embed-blocks", "1",
+            "--embed-dim", "64", "--batch-size", "4", "--max-length", "128", "--aggregate", "round-robin"]
+    code, stdout, err = _run(argv, capsys)
+    assert code == 0, err
+    summary = json.loads(stdout)
+    got = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(got) == 6 and len({r["id"] for r in got}) == 6
+    assert [r["by"] for r in got] == ["a"] * 3 + ["b"] * 3
+    assert all(set(r) >= {"index", "id", "score", "weight"} for r in got)
+    meta = json.loads(Path(summary["meta"]).read_text())
+    assert meta["landmarks"] == 8 and meta["config"]["k"] == 6
+    assert {"load", "embed", "landmarks", "gradients", "targets", "propagate", "weights", "select"} <= set(
+        meta["timings_s"])

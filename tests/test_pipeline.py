@@ -1,0 +1,163 @@
+"""The selection pipeline against independent references: a PyTorch per-sample loop, dense Hessians, scipy."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.optimize
+import torch
+import transformers
+from flax import nnx
+from jax.flatten_util import ravel_pytree
+
+import idjax.models as M
+from idjax import data
+from idjax.embed import EmbedConfig
+from idjax.grads import sample_losses, split_params
+from idjax.optim import OptimizerSpec, update_model
+from idjax.pipeline import SelectConfig, select_samples
+
+VOCAB = 89
+
+
+def _examples(n, seed, prefix, lengths=(6, 11, 17)):
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        length = int(rng.choice(lengths))
+        ids = rng.integers(1, VOCAB, length).astype(np.int32)
+        labels = ids.copy()
+        labels[: length // 2] = data.IGNORE_INDEX
+        out.append(data.Example(i, f"{prefix}{i}", None, ids, labels, False))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      tie_word_embeddings=False)
+    hf = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    path = tmp_path_factory.mktemp("tiny") / "llama"
+    hf.save_pretrained(path)
+    return hf, path
+
+
+def _torch_grad(hf, examples):
+    """Gradient of the mean over `examples` of their mean response-token loss, one sample at a time."""
+    hf.zero_grad()
+    for ex in examples:
+        logits = hf(input_ids=torch.tensor(ex.input_ids[None], dtype=torch.long)).logits[0, :-1]
+        target = torch.tensor(ex.labels[1:], dtype=torch.long)
+        loss = torch.nn.functional.cross_entropy(logits, target, ignore_index=-100, reduction="mean")
+        (loss / len(examples)).backward()
+    return torch.cat([p.grad.reshape(-1) for p in hf.parameters()]).double().numpy()
+
+
+def test_exact_first_order_scores_equal_torch_cosines(tiny_hf, tmp_path):
+    hf, path = tiny_hf
+    model, _ = M.load(path, tokenizer=False)
+    pool, targets = _examples(10, 1, "p"), _examples(3, 2, "t")
+    g_t = _torch_grad(hf, targets)
+    ref = np.array([g @ g_t / np.linalg.norm(g) / np.linalg.norm(g_t) for g in (_torch_grad(hf, [x]) for x in pool)])
+    cfg = SelectConfig(k=4, exact=True, proj_dim=0, batch_size=4, microbatch=2)
+    sel = select_samples(model, pool, targets, cfg, store_dir=tmp_path / "store")
+    np.testing.assert_allclose(sel.scores, ref, atol=1e-4)
+    np.testing.assert_array_equal(sel.rows, np.argsort(-ref, kind="stable")[:4])
+    # first-order weights: the support is the top k of the scores and they sum to 1
+    assert set(np.flatnonzero(sel.weights > 0)) <= set(sel.rows.tolist())
+    assert abs(sel.weights.sum() - 1) < 1e-5
+    # a re-run reuses the gradient store and gives the same answer
+    again = select_samples(model, pool, targets, cfg, store_dir=tmp_path / "store")
+    np.testing.assert_array_equal(again.scores, sel.scores)
+
+
+def test_landmarks_keep_exact_values(tiny_hf, tmp_path):
+    model, _ = M.load(tiny_hf[1], tokenizer=False)
+    pool, targets = _examples(16, 3, "p"), _examples(2, 4, "t")
+    base = SelectConfig(k=3, proj_dim=0, batch_size=4, embed=EmbedConfig(num_blocks=1, dim=16), chunk_rows=5)
+    exact = select_samples(model, pool, targets, dataclasses.replace(base, exact=True), store_dir=tmp_path)
+    every = select_samples(model, pool, targets, dataclasses.replace(base, landmarks=16), store_dir=tmp_path)
+    np.testing.assert_allclose(every.scores, exact.scores, atol=1e-6)
+    for kind in ("krr", "ridge"):
+        half = select_samples(model, pool, targets, dataclasses.replace(base, landmarks=0.5, propagation=kind),
+                              store_dir=tmp_path)
+        assert len(half.landmarks) == 8
+        np.testing.assert_allclose(half.scores[half.landmarks], exact.scores[half.landmarks], atol=1e-5)
+        assert np.isfinite(half.scores).all() and half.info["stores"]["embeddings"]
+
+
+def _simplex_qp(p, q, eta, lam):
+    n = len(p)
+    f = lambda w: -p @ w + 0.5 * eta * w @ q @ w + 0.5 * lam * w @ w  # noqa: E731
+    jac = lambda w: -p + eta * q @ w + lam * w  # noqa: E731
+    best = None
+    for start in [np.full(n, 1 / n), *np.eye(n)[:3]]:
+        r = scipy.optimize.minimize(f, start, jac=jac, method="SLSQP", bounds=[(0, None)] * n,
+                                    constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1, "jac": lambda w: np.ones(n)}],
+                                    options={"ftol": 1e-14, "maxiter": 1000})
+        if best is None or r.fun < best.fun:
+            best = r
+    return best.x
+
+
+@pytest.mark.parametrize("hessian", ["exact", "gauss-newton"])
+def test_second_order_adamw_weights_match_dense_reference(hessian, tmp_path):
+    """p = U (g_T - eta H b), Q = U H U^T with U the normalised rows a * g_i (MATH.md 3), H a dense Hessian."""
+    cfg = M.ModelConfig(model_type="llama", vocab_size=VOCAB, hidden_size=16, intermediate_size=12, num_layers=2,
+                        num_heads=4, num_kv_heads=2, head_dim=4, tie_word_embeddings=True)
+    model = M.CausalLM(cfg, rngs=nnx.Rngs(5))
+    params = nnx.state(model, nnx.Param)
+    spec = OptimizerSpec("adamw", 1e-2, weight_decay=0.1)
+    tx, state = spec.build(), spec.build().init(params)
+    for s in range(3):  # a few steps on random gradients: non-trivial m, v, count
+        g = jax.tree.map(lambda x: jax.random.normal(jax.random.key(s), x.shape), params)
+        _, state = tx.update(g, state, params)
+    update = update_model(spec, state, params)
+    pool, targets = _examples(7, 6, "p"), _examples(3, 7, "t")
+    sc = SelectConfig(k=3, exact=True, proj_dim=0, order=2, hessian=hessian, params="down_proj", lam=0.5,
+                      batch_size=4)
+    sel = select_samples(model, pool, targets, sc, update=update, store_dir=tmp_path)
+
+    graphdef, selected, rest = split_params(model, "down_proj")
+    flat0, unravel = ravel_pytree(selected)
+    restrict = lambda tree: ravel_pytree(  # noqa: E731
+        nnx.from_flat_state([(k, dict(nnx.to_flat_state(tree))[k]) for k, _ in nnx.to_flat_state(selected)]))[0]
+    a, b = np.asarray(restrict(update.a), np.float64), np.asarray(restrict(update.b), np.float64)
+
+    def loss_of(examples):
+        def f(flat):
+            m = nnx.merge(graphdef, unravel(flat), rest)
+            return jnp.mean(jnp.stack([sample_losses(m, jnp.asarray(e.input_ids[None]), jnp.ones((1, len(e.input_ids)),
+                                       jnp.int32), jnp.asarray(e.labels[None]))[0] for e in examples]))
+        return f
+
+    target = loss_of(targets)
+    if hessian == "exact":
+        h = np.asarray(jax.hessian(target)(flat0), np.float64)
+    else:  # J^T H_out J of the logits, per target sample, averaged
+        h = np.zeros((flat0.size, flat0.size))
+        for e in targets:
+            ids = jnp.asarray(e.input_ids[None])
+            logits_fn = lambda fl: nnx.merge(graphdef, unravel(fl), rest)(ids)[0, :-1]  # noqa: E731
+            jac = np.asarray(jax.jacobian(logits_fn)(flat0), np.float64)      # [T, V, d]
+            prob = np.asarray(jax.nn.softmax(logits_fn(flat0)), np.float64)   # [T, V]
+            tok = e.labels[1:] != data.IGNORE_INDEX
+            for t in np.flatnonzero(tok):
+                hout = np.diag(prob[t]) - np.outer(prob[t], prob[t])
+                h += jac[t].T @ hout @ jac[t] / tok.sum() / len(targets)
+    g_t = np.asarray(jax.grad(target)(flat0), np.float64)
+    u = np.stack([a * np.asarray(jax.grad(loss_of([e]))(flat0), np.float64) for e in pool])
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    v = g_t - update.eta * h @ b
+    p, q = u @ v, u @ h @ u.T
+    np.testing.assert_allclose(sel.scores, p / np.linalg.norm(v), atol=2e-4)
+    w = _simplex_qp(p, q, update.eta, 0.5)
+    np.testing.assert_allclose(sel.weights, w, atol=2e-4)
+    assert sel.info["solver"]["converged"]
