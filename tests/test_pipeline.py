@@ -119,11 +119,8 @@ def test_second_order_adamw_weights_match_dense_reference(hessian, tmp_path):
     for s in range(3):  # a few steps on random gradients: non-trivial m, v, count
         g = jax.tree.map(lambda x: jax.random.normal(jax.random.key(s), x.shape), params)
         _, state = tx.update(g, state, params)
-    update = update_model(spec, state, params)
+    update = update_model(spec, state, params)  # AdamW's a and b do not depend on the learning rate
     pool, targets = _examples(7, 6, "p"), _examples(3, 7, "t")
-    sc = SelectConfig(k=3, exact=True, proj_dim=0, order=2, hessian=hessian, params="down_proj", lam=0.5,
-                      batch_size=4)
-    sel = select_samples(model, pool, targets, sc, update=update, store_dir=tmp_path)
 
     graphdef, selected, rest = split_params(model, "down_proj")
     flat0, unravel = ravel_pytree(selected)
@@ -140,24 +137,34 @@ def test_second_order_adamw_weights_match_dense_reference(hessian, tmp_path):
 
     target = loss_of(targets)
     if hessian == "exact":
-        h = np.asarray(jax.hessian(target)(flat0), np.float64)
+        h = np.asarray(jax.jit(jax.hessian(target))(flat0), np.float64)
     else:  # J^T H_out J of the logits, per target sample, averaged
         h = np.zeros((flat0.size, flat0.size))
         for e in targets:
             ids = jnp.asarray(e.input_ids[None])
             logits_fn = lambda fl: nnx.merge(graphdef, unravel(fl), rest)(ids)[0, :-1]  # noqa: E731
-            jac = np.asarray(jax.jacobian(logits_fn)(flat0), np.float64)      # [T, V, d]
+            jac = np.asarray(jax.jit(jax.jacobian(logits_fn))(flat0), np.float64)  # [T, V, d]
             prob = np.asarray(jax.nn.softmax(logits_fn(flat0)), np.float64)   # [T, V]
             tok = e.labels[1:] != data.IGNORE_INDEX
             for t in np.flatnonzero(tok):
                 hout = np.diag(prob[t]) - np.outer(prob[t], prob[t])
                 h += jac[t].T @ hout @ jac[t] / tok.sum() / len(targets)
-    g_t = np.asarray(jax.grad(target)(flat0), np.float64)
-    u = np.stack([a * np.asarray(jax.grad(loss_of([e]))(flat0), np.float64) for e in pool])
+    g_t = np.asarray(jax.jit(jax.grad(target))(flat0), np.float64)
+    u = np.stack([a * np.asarray(jax.jit(jax.grad(loss_of([e])))(flat0), np.float64) for e in pool])
     u /= np.linalg.norm(u, axis=1, keepdims=True)
-    v = g_t - update.eta * h @ b
-    p, q = u @ v, u @ h @ u.T
+    q = u @ h @ u.T
+    # Pick eta so that the curvature term is as large as the budget's ridge: order 2 must matter.
+    budget_lam = lambda p: np.sum(np.sort(p)[::-1][:3] - np.sort(p)[::-1][3])  # noqa: E731
+    eta = 0.5 * budget_lam(u @ g_t) / np.linalg.norm(q, 2)
+    update = dataclasses.replace(update, eta=float(eta))
+    v = g_t - eta * h @ b
+    p = u @ v
+    lam = float(budget_lam(p))
+    sc = SelectConfig(k=3, exact=True, proj_dim=0, order=2, hessian=hessian, params="down_proj", lam=lam,
+                      batch_size=4)
+    sel = select_samples(model, pool, targets, sc, update=update, store_dir=tmp_path)
     np.testing.assert_allclose(sel.scores, p / np.linalg.norm(v), atol=2e-4)
-    w = _simplex_qp(p, q, update.eta, 0.5)
+    w = _simplex_qp(p, q, eta, lam)
     np.testing.assert_allclose(sel.weights, w, atol=2e-4)
+    assert np.abs(w - _simplex_qp(p, 0 * q, eta, lam)).max() > 1e-2  # the Hessian term changed the weights
     assert sel.info["solver"]["converged"]
