@@ -279,12 +279,12 @@ def target_direction(model, batches, pattern: str | None = None, *, shift=None, 
     gradient (the mean-target Hessian stands in for each sample's own).
     """
     graphdef, selected, rest = split_params(model, pattern)
-    loss = mean_loss_fn(graphdef, rest, batches)
-    g = jax.jit(jax.grad(loss))(selected)
+    # rest goes in as an argument: closed over, the frozen weights would be constants that XLA folds.
+    g = jax.jit(lambda p, r: jax.grad(mean_loss_fn(graphdef, r, batches))(p))(selected, rest)
     if shift is None:
         return g, None
-    hb = jax.jit(lambda p, b: hessian_products(graphdef, rest, batches, p, jax.tree.map(lambda x: x[None], b),
-                                               hessian))(selected, shift)
+    hb = jax.jit(lambda p, r, b: hessian_products(graphdef, r, batches, p, jax.tree.map(lambda x: x[None], b),
+                                                  hessian))(selected, rest, shift)
     offset = jax.tree.map(lambda x: eta * x[0], hb)
     return jax.tree.map(jnp.subtract, g, offset), offset
 
