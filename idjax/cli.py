@@ -420,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--landmarks", type=float, default=None, help="random landmarks, a fraction of the pool (0.25)")
     p.add_argument("--seed", type=int, default=None, help="warm-up subset, landmarks, sketches, random subset (0)")
     p.add_argument("--pool-limit", type=int, default=None, help="use the first N pool rows (300; all: 879)")
-    p.add_argument("--train-steps", type=int, default=None, help="fine-tuning steps for both subsets (6)")
+    p.add_argument("--train-steps", type=int, default=None, help="fine-tuning steps for both subsets (8)")
     p.add_argument("--quick", action="store_true",
                    help="a tiny run (64 pool rows, 2 fine-tuning steps, 64 tokens) to check the setup")
     p.set_defaults(func=cmd_demo)
