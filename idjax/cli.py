@@ -1,7 +1,9 @@
 """The `idjax` command.
 
-Every subcommand reports bad input as one line on stderr and a non-zero exit (2 for usage errors,
-1 for bad files or checkpoints); --debug shows the traceback instead.
+Every subcommand reports bad input as one line on stderr that names the file, row and field, and a
+non-zero exit: 2 for usage errors (a bad flag value, --k larger than the pool), 1 for bad files,
+checkpoints and runtime failures (out of memory: a hint on what to shrink), 130 for Ctrl-C (finished
+store chunks and checkpoints are kept; re-running resumes). --debug adds the traceback.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import argparse
 import json
 import logging
 import sys
+import traceback
 from collections import Counter
 
 log = logging.getLogger("idjax")
@@ -107,6 +110,7 @@ def cmd_train(args) -> int:
     lora = None
     if args.lora_rank:
         lora = train.LoraConfig(args.lora_rank, args.lora_alpha)
+    _start_distributed(args, spmd=True)
     records = data.read_records(args.data)
     weights = None
     if args.selection:
@@ -128,6 +132,7 @@ def cmd_train(args) -> int:
 def cmd_warmup(args) -> int:
     from idjax import data, models, train
 
+    _start_distributed(args, spmd=True)
     records = data.read_records(args.data)
     model, tok = models.load(args.model, dtype=args.dtype)
     examples = train.warmup_examples(records, tok, fraction=args.fraction, seed=args.seed,
@@ -149,6 +154,12 @@ def cmd_eval(args) -> int:
     if args.task == "humaneval" and not args.allow_code_execution:
         return _usage("eval", "humaneval's pass@1 runs model-written code on this machine; add "
                               "--allow-code-execution to accept that")
+    _start_distributed(args)
+    from idjax import distributed
+
+    if not distributed.is_primary():  # evaluation is not split over processes: process 0 does it all
+        print(json.dumps({"process": distributed.process_index(), "evaluated_by": 0}))
+        return 0
     model, tok = models.load(args.model, dtype=args.dtype)
     out: dict = {"model": str(args.model), "data": None if args.data is None else str(args.data), "task": args.task}
     if args.task:
@@ -191,6 +202,7 @@ def _pool(args, tok):
 def cmd_embed(args) -> int:
     from idjax import models, pipeline
 
+    _start_distributed(args)
     model, tok = models.load(args.model, dtype=args.dtype)
     examples, stats = _pool(args, tok)
     store = pipeline.embed_pool(model, examples, _embed_config(args), args.store, batch_size=args.batch_size,
@@ -211,6 +223,7 @@ def cmd_select(args) -> int:
         return _usage("select", f"--k must be >= 1, got {args.k}")
     if not args.landmarks > 0:
         return _usage("select", f"--landmarks must be a fraction in (0, 1) or a count >= 1, got {args.landmarks}")
+    _start_distributed(args)
     t0 = time.perf_counter()
     # Data first: bad input fails in seconds, before the model is loaded.
     tok = models.load_tokenizer(models.resolve(args.model))
@@ -229,8 +242,8 @@ def cmd_select(args) -> int:
         raise data.DataError(f"{source}: no target sample has a response token "
                              f"({len(tstats.skipped_no_response)} skipped)")
     if args.k > len(pool):
-        raise data.DataError(f"--k {args.k} is larger than the pool: {args.train} has {len(pool)} samples with a "
-                             f"response token ({len(stats.skipped_no_response)} skipped)")
+        return _usage("select", f"--k {args.k} is larger than the pool: {args.train} has {len(pool)} samples with "
+                                f"a response token ({len(stats.skipped_no_response)} skipped)")
     model, _ = models.load(args.model, dtype=args.dtype, tokenizer=False)
     update = None
     if args.optimizer_state:
@@ -249,6 +262,12 @@ def cmd_select(args) -> int:
     store = Path(args.store) if args.store else out.with_suffix(".store")
     load_s = time.perf_counter() - t0
     selection = pipeline.select_samples(model, pool, targets, config, update=update, store_dir=store)
+    if selection is None:  # another process of a multi-process run: process 0 writes the selection
+        from idjax import distributed
+
+        print(json.dumps({"process": distributed.process_index(), "processes": distributed.process_count(),
+                          "out": str(out), "written_by": 0, "store": str(store)}))
+        return 0
     selection.info["timings_s"] = {"load": round(load_s, 3), **selection.info["timings_s"]}
     extra = {"command": {"model": str(args.model), "train": str(args.train), "target": args.target,
                          "target_task": args.target_task,
@@ -281,6 +300,16 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_run(args) -> int:
+    """The whole pipeline from a YAML config; every stage is cached under the out directory."""
+    from idjax import run
+
+    config = run.load_config(args.config, out=args.out)
+    result = run.run(config, force=args.force or (), source=args.config)
+    print(json.dumps(result.summary))
+    return 0
+
+
 def _add_training(p: argparse.ArgumentParser, *, lr: float, optimizer: str, schedule: str, batch_size: int):
     p.add_argument("--data", required=True, help="chat JSONL / Parquet / HF dataset (Tulu V2 format)")
     p.add_argument("--out", required=True, help="output directory (model, optimizer state, checkpoints, metrics)")
@@ -305,6 +334,34 @@ def _add_training(p: argparse.ArgumentParser, *, lr: float, optimizer: str, sche
     p.add_argument("--seed", type=int, default=0, help="data order, LoRA init and warm-up subset")
     p.add_argument("--checkpoint-every", type=int, default=0, help="save a checkpoint every N steps (0: at the end)")
     p.add_argument("--keep-checkpoints", type=int, default=3)
+
+
+def _add_distributed(p: argparse.ArgumentParser):
+    """Several devices and processes (idjax.distributed); the IDJAX_* variables give the defaults."""
+    g = p.add_argument_group("several devices and processes")
+    g.add_argument("--coordinator", default=None,
+                   help="HOST:PORT of process 0 for a multi-process run (jax.distributed), or 'auto' on a TPU pod "
+                        "slice / SLURM / Open MPI; env IDJAX_COORDINATOR")
+    g.add_argument("--num-processes", type=int, default=None, help="processes in the run; env IDJAX_NUM_PROCESSES")
+    g.add_argument("--process-id", type=int, default=None, help="this process, 0..N-1; env IDJAX_PROCESS_ID")
+    g.add_argument("--mesh", default=None,
+                   help="device mesh, e.g. data=4,fsdp=2 (fsdp > 1 shards parameters; default: every local device "
+                        "on data)")
+    g.add_argument("--heartbeat-timeout", type=int, default=60,
+                   help="seconds without a heartbeat after which a process counts as dead (default 60)")
+
+
+def _start_distributed(args, *, spmd: bool = False):
+    """Join the multi-process run (if any) and set the device mesh, before any model is loaded.
+
+    spmd: the command runs collectives across processes (training), so the mesh spans every process's
+    devices and a dead process aborts the others; otherwise each process uses its own devices and the
+    others report a dead process at their next barrier (selection, embeddings)."""
+    from idjax import distributed
+
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                           heartbeat_timeout_s=args.heartbeat_timeout, fault_tolerant=not spmd)
+    distributed.set_mesh(distributed.mesh_from_spec(args.mesh, global_devices=spmd))
 
 
 def _add_pool(p: argparse.ArgumentParser):
@@ -349,12 +406,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-rank", type=int, default=0, help="train rank-R LoRA adapters instead of every weight")
     p.add_argument("--lora-alpha", type=float, default=16.0)
     p.add_argument("--resume", default=None, help="a run directory to continue from its last checkpoint")
+    _add_distributed(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("warmup", help="train briefly on a random fraction of the pool; save optimizer state")
     _add_model(p)
     _add_training(p, lr=2e-5, optimizer="adamw", schedule="constant", batch_size=8)
     p.add_argument("--fraction", type=float, default=0.05, help="fraction of the pool to train on (default 0.05)")
+    _add_distributed(p)
     p.set_defaults(func=cmd_warmup)
 
     p = sub.add_parser("eval", help="target loss / perplexity and a task metric; prints one JSON object")
@@ -368,12 +427,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N questions only")
     p.add_argument("--allow-code-execution", action="store_true",
                    help="humaneval: run model-written code in a subprocess")
+    _add_distributed(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("embed", help="JVP embeddings of a pool into a resumable store (reused by select)")
     _add_model(p)
     _add_pool(p)
     p.add_argument("--store", required=True, help="store directory (re-running resumes / reuses it)")
+    _add_distributed(p)
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("select", help="choose and weight the pool samples that most help on a target set")
@@ -409,6 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--microbatch", type=int, default=None,
                    help="samples per vmapped gradient (default: as many as fit in ~1 GiB, dividing --batch-size)")
     p.add_argument("--no-normalize", action="store_true", help="inner products instead of cosines")
+    _add_distributed(p)
     p.set_defaults(func=cmd_select)
 
     p = sub.add_parser("demo", help="the whole pipeline on the embedded SmolLM2 and bundled data, on a CPU, "
@@ -424,7 +486,166 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="a tiny run (64 pool rows, 2 fine-tuning steps, 64 tokens) to check the setup")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("run", help="the whole pipeline from a YAML config (data, warm-up, selection, "
+                                   "fine-tuning, evaluation); re-running skips every stage whose inputs did not change")
+    p.add_argument("config", help="YAML file (example: idjax/assets/run-example.yaml); relative input paths "
+                                  "in it are relative to the file")
+    p.add_argument("--out", default=None, help="output directory (overrides the config's `out`)")
+    p.add_argument("--force", action="append", default=None,
+                   choices=["data", "warmup", "select", "train", "eval", "all"],
+                   help="recompute this stage and everything after it, even when cached (repeatable)")
+    p.set_defaults(func=cmd_run)
     return parser
+
+
+# ----------------------------------------------------------------------------- errors and exit codes
+#
+# Exit codes: 0 done; 1 a bad file, path or checkpoint, or a runtime failure (out of memory included);
+# 2 a usage error (argparse, a flag value out of range, a request the input cannot satisfy such as --k
+# larger than the pool); 130 Ctrl-C. Each failure is one line on stderr; --debug adds the traceback.
+
+# (dest, test, requirement) for flags shared by several subcommands: checked before any work starts.
+_ARG_RULES = (
+    ("batch_size", lambda v: v >= 1, ">= 1"),
+    ("grad_accum", lambda v: v >= 1, ">= 1"),
+    ("microbatch", lambda v: v >= 1, ">= 1"),
+    ("steps", lambda v: v >= 1, ">= 1"),
+    ("epochs", lambda v: v > 0, "> 0"),
+    ("max_length", lambda v: v >= 1, ">= 1"),
+    ("max_new_tokens", lambda v: v >= 1, ">= 1"),
+    ("limit", lambda v: v >= 1, ">= 1"),
+    ("chunk_rows", lambda v: v >= 1, ">= 1"),
+    ("embed_blocks", lambda v: v >= 1, ">= 1"),
+    ("embed_tangents", lambda v: v >= 1, ">= 1"),
+    ("embed_dim", lambda v: v >= 1, ">= 1"),
+    ("proj_dim", lambda v: v >= 0, ">= 0"),
+    ("lr", lambda v: 0 <= v < float("inf"), "a finite number >= 0"),
+    ("lam", lambda v: 0 < v < float("inf"), "a finite number > 0"),
+    ("lora_rank", lambda v: v >= 0, ">= 0"),
+    ("fraction", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("warmup_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("warmup_steps", lambda v: v >= 0, ">= 0"),
+    ("weight_decay", lambda v: v >= 0, ">= 0"),
+    ("clip_norm", lambda v: v >= 0, ">= 0"),
+    ("checkpoint_every", lambda v: v >= 0, ">= 0"),
+    ("keep_checkpoints", lambda v: v >= 1, ">= 1"),
+    ("pool_limit", lambda v: v >= 1, ">= 1"),
+    ("train_steps", lambda v: v >= 1, ">= 1"),
+)
+
+
+def _check_args(args) -> str | None:
+    """The first flag value no command can work with (a usage error, exit 2), or None."""
+    import re
+
+    for dest, ok, need in _ARG_RULES:
+        v = getattr(args, dest, None)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and not ok(v):
+            return f"--{dest.replace('_', '-')} must be {need}, got {v}"
+    pattern = getattr(args, "params", None)
+    if isinstance(pattern, str):
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            return f"--params {pattern!r} is not a regular expression ({e})"
+    return None
+
+
+def _store_dir(args):
+    """Where this command keeps resumable chunks, or None."""
+    from pathlib import Path
+
+    if args.command == "embed":
+        return Path(args.store)
+    if args.command == "select":
+        return Path(args.store) if args.store else Path(args.out).with_suffix(".store")
+    return None
+
+
+def _check_outputs(args) -> str | None:
+    """An output path that cannot be written (a file where a directory goes, or the reverse), or None.
+
+    Checked up front so that a long run does not fail at its very end."""
+    from pathlib import Path
+
+    dirs = {"convert": "out", "train": "out", "warmup": "out", "demo": "out"}
+    if args.command in dirs and getattr(args, dirs[args.command], None):
+        out = Path(getattr(args, dirs[args.command]))
+        if out.exists() and not out.is_dir():
+            return f"--out {out}: is a file; --out names a directory (it is created if absent)"
+    store = _store_dir(args)
+    if store is not None and store.exists() and not store.is_dir():
+        return f"store {store}: is a file; the store is a directory (give another with --store)"
+    if args.command == "select" and Path(args.out).is_dir():
+        return f"--out {args.out}: is a directory; --out names the selection JSONL file"
+    return None
+
+
+def _one_line(text: str, limit: int = 1000) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_oom(e: BaseException) -> bool:
+    """XLA's RESOURCE_EXHAUSTED (jax.errors.JaxRuntimeError, a RuntimeError) or a host MemoryError."""
+    return isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and "RESOURCE_EXHAUSTED" in str(e))
+
+
+def _oom_hint(args) -> str:
+    """What to shrink, among the flags this command has."""
+    tips = []
+    if getattr(args, "batch_size", None):
+        tips.append(f"a smaller --batch-size (now {args.batch_size})")
+    if hasattr(args, "microbatch"):
+        tips.append("--microbatch 1")
+    if getattr(args, "proj_dim", None):
+        tips.append(f"a smaller --proj-dim (now {args.proj_dim})")
+    if hasattr(args, "params") and not args.params:
+        tips.append("a parameter subset such as --params down_proj")
+    if getattr(args, "max_length", None):
+        tips.append(f"a smaller --max-length (now {args.max_length})")
+    if getattr(args, "dtype", None) == "float32":
+        tips.append("--dtype bfloat16")
+    if getattr(args, "compute_dtype", None) == "float32":
+        tips.append("--compute-dtype bfloat16")
+    if hasattr(args, "remat") and not args.remat:
+        tips.append("--remat")
+    if not tips:
+        return "free memory on the device or use a smaller model"
+    return "try " + (", ".join(tips[:-1]) + " or " + tips[-1] if len(tips) > 1 else tips[0])
+
+
+def _describe(e: Exception, args) -> str:
+    """One line for stderr that says what went wrong and, where it helps, what to do."""
+    if _is_oom(e):
+        first = next((t.strip() for t in str(e).splitlines() if t.strip()), type(e).__name__)
+        store = _store_dir(args)
+        kept = f"; finished chunks are kept in {store}" if store is not None else ""
+        return f"idjax: error: out of memory ({_one_line(first, 200)}); {_oom_hint(args)}{kept}"
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        other = f" -> {e.filename2}" if e.filename2 is not None else ""
+        return f"idjax: error: {e.filename}{other}: {e.strerror}"
+    if isinstance(e, (ValueError, OSError)):  # DataError, CheckpointError, UnsupportedModelError, StoreError
+        return f"idjax: error: {_one_line(e)}"
+    return (f"idjax: error: {type(e).__name__}: {_one_line(e, 300)} (unexpected; --debug shows the traceback, "
+            "please report it)")
+
+
+def _interrupted(args) -> str:
+    """The Ctrl-C line: what was kept and how to go on."""
+    from pathlib import Path
+
+    store = _store_dir(args)
+    if store is not None:
+        return f"idjax: interrupted; finished chunks are kept in {store}, re-run the same command to resume"
+    if args.command == "train" and (Path(args.out) / "checkpoints").is_dir():
+        return (f"idjax: interrupted; checkpoints are kept in {Path(args.out) / 'checkpoints'}, re-run with "
+                f"--resume {args.out} to continue")
+    if args.command in ("demo", "run"):
+        where = f" in {args.out}" if getattr(args, "out", None) else ""
+        return f"idjax: interrupted; finished stages are kept{where}, re-run the same command to resume"
+    return "idjax: interrupted"
 
 
 def main(argv=None) -> int:
@@ -434,15 +655,24 @@ def main(argv=None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("jax", "absl", "transformers", "datasets", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    problem = _check_args(args)
+    if problem:
+        return _usage(args.command, problem)
+    problem = _check_outputs(args)
+    if problem:
+        print(f"idjax: error: {problem}", file=sys.stderr)
+        return 1
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        print("idjax: interrupted", file=sys.stderr)
-        return 130
-    except (ValueError, OSError) as e:  # DataError, CheckpointError, UnsupportedModelError are ValueErrors
         if args.debug:
-            raise
-        print(f"idjax: error: {e}", file=sys.stderr)
+            traceback.print_exc()
+        print(_interrupted(args), file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 -- the one place every failure becomes one line and an exit code
+        if args.debug:
+            traceback.print_exc()
+        print(_describe(e, args), file=sys.stderr)
         return 1
 
 

@@ -31,6 +31,11 @@ def _err(file: str, line: int, fld: str, msg: str) -> DataError:
     return DataError(f"{file}:{line}: field '{fld}': {msg}")
 
 
+def _first_line(e: BaseException) -> str:
+    lines = [t.strip() for t in str(e).splitlines() if t.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
 def _show(v) -> str:
     return "null/missing" if v is None else f"{type(v).__name__} {reprlib.repr(v)}"
 
@@ -79,18 +84,31 @@ def _normalize(row, file: str, stem: str, line: int) -> dict:
     return {"id": str(rid), "messages": out, "task": task}
 
 
+def _decode(raw: bytes, name: str, line: int) -> str:
+    try:
+        return raw.decode("utf-8-sig" if line == 1 else "utf-8")
+    except UnicodeDecodeError as e:
+        raise _err(name, line, "<row>", f"not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                                        "is this a binary file?") from None
+
+
 def _jsonl_rows(path: Path, name: str) -> Iterator[tuple[int, object]]:
-    """Rows of a JSON-lines file (blank lines skipped, numbering kept); a .json array also works."""
-    with open(path, encoding="utf-8-sig") as f:
-        if path.suffix == ".json" and f.read(4096).lstrip().startswith("["):
+    """Rows of a JSON-lines file (blank lines skipped, numbering kept); a .json array also works.
+
+    Lines are decoded one by one, so a non-UTF-8 byte is reported on its own line.
+    """
+    with open(path, "rb") as f:
+        if path.suffix == ".json" and f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
             f.seek(0)
+            text = "".join(_decode(raw, name, n) for n, raw in enumerate(f, 1))
             try:
-                yield from enumerate(json.load(f), 1)
+                yield from enumerate(json.loads(text), 1)
             except json.JSONDecodeError as e:
                 raise _err(name, e.lineno, "<row>", f"malformed JSON: {e.msg} (column {e.colno})") from None
             return
         f.seek(0)
-        for n, text in enumerate(f, 1):
+        for n, raw in enumerate(f, 1):
+            text = _decode(raw, name, n)
             if not text.strip():
                 continue
             try:
@@ -106,20 +124,30 @@ def _rows(source, split: str, limit: int | None) -> Iterator[tuple[int, object]]
     if path.is_dir():
         import datasets
 
-        ds = datasets.load_from_disk(str(path))
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except (FileNotFoundError, ValueError, KeyError, json.JSONDecodeError) as e:
+            raise DataError(f"{name}: a directory, but not a HF datasets directory written by save_to_disk "
+                            f"({type(e).__name__}: {_first_line(e)}); pass a .jsonl or .parquet file") from None
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
                 raise DataError(f"{name}: no split {split!r} (available: {', '.join(ds)})")
             ds = ds[split]
         yield from enumerate(ds, 1)
-    elif path.suffix == ".parquet":
+    elif path.suffix == ".parquet" and path.exists():
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         n = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-            for row in batch.to_pylist():
-                n += 1
-                yield n, row
+        try:
+            batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
+            for batch in batches:
+                for row in batch.to_pylist():
+                    n += 1
+                    yield n, row
+        except (pa.ArrowException, OSError) as e:  # not Parquet, truncated, corrupt page, unreadable
+            where = f"{name}: after row {n}" if n else name
+            raise DataError(f"{where}: not a readable Parquet file ({_first_line(e)})") from None
     elif path.exists():
         yield from _jsonl_rows(path, name)
     elif path.is_absolute() or path.suffix in _LOCAL_SUFFIXES or name.count("/") > 1 or name.startswith("."):
@@ -131,7 +159,7 @@ def _rows(source, split: str, limit: int | None) -> Iterator[tuple[int, object]]
             ds = datasets.load_dataset(name, split=split, streaming=limit is not None)
         except Exception as e:  # offline, unreachable, or no such dataset: all mean "cannot read"
             raise DataError(f"{name}: path does not exist and the hub was unreachable or has no such "
-                            f"dataset ({type(e).__name__}: {e})") from e
+                            f"dataset ({type(e).__name__}: {_first_line(e)})") from e
         yield from enumerate(ds, 1)
 
 

@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from idjax import distributed as dist
 from idjax.models import CausalLM
 
 
@@ -62,10 +63,16 @@ def random_tangents(params, num: int, seed: int):
 
 
 class JVPEmbedder:
-    """Compute JVP embeddings of data.Batch-es: one compilation per length bucket."""
+    """Compute JVP embeddings of data.Batch-es: one compilation per length bucket.
 
-    def __init__(self, model: CausalLM, config: EmbedConfig = EmbedConfig()):
+    mesh: a ("data", "fsdp") device mesh (distributed.make_mesh; default distributed.get_mesh(), all
+    local devices): each batch is split over the devices (its size must be a multiple of the mesh
+    size), parameters and tangents are replicated or FSDP-sharded (distributed.RULES).
+    """
+
+    def __init__(self, model: CausalLM, config: EmbedConfig = EmbedConfig(), *, mesh=None):
         self.config = config
+        self.mesh = dist.get_mesh() if mesh is None else mesh
         small = truncate(model, min(config.num_blocks, model.config.num_layers))
         self.graphdef, self.params, self.rest = nnx.split(small, nnx.Param, ...)
         self.tangents = random_tangents(self.params, config.num_tangents, config.seed)
@@ -75,7 +82,14 @@ class JVPEmbedder:
         if self.dim < raw:  # Gaussian JL map, N(0, 1/e): preserves distances in expectation
             key = jax.random.fold_in(jax.random.key(config.seed), 1 << 20)
             self.projection = jax.random.normal(key, (raw, self.dim), jnp.float32) / math.sqrt(self.dim)
-        self._fn = jax.jit(self._embed)
+        if dist.active(self.mesh):
+            self.params = dist.shard_params(self.params, self.mesh)
+            self.rest = dist.shard_params(self.rest, self.mesh)
+            self.tangents = dist.shard_params(self.tangents, self.mesh, lead=1)
+            self.projection = dist.put_replicated(self.projection, self.mesh)
+            self._fn = jax.jit(self._embed, out_shardings=dist.row_sharding(self.mesh, 2))
+        else:
+            self._fn = jax.jit(self._embed)
 
     def _embed(self, params, rest, tangents, projection, ids, mask):
         def f(p):
@@ -89,7 +103,7 @@ class JVPEmbedder:
     def __call__(self, batch) -> jax.Array:
         """Embeddings [B, dim] float32 of one batch (padding rows are garbage: mask them)."""
         return self._fn(self.params, self.rest, self.tangents, self.projection,
-                        jnp.asarray(batch.input_ids), jnp.asarray(batch.attention_mask))
+                        dist.put_rows(batch.input_ids, self.mesh), dist.put_rows(batch.attention_mask, self.mesh))
 
     def run(self, batches, num_samples: int, *, desc: str = "embeddings", progress: bool = True) -> np.ndarray:
         """Embeddings of every example of `batches`, in example-index order: [num_samples, dim]."""

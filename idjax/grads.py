@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from idjax import distributed as dist
 from idjax.data import IGNORE_INDEX
 
 
@@ -112,6 +113,37 @@ class CoordinateMask:
 # ----------------------------------------------------------------------------- per-example gradients
 
 
+def _sharded_map(one, args, per_step: int, shards: int):
+    """vmap(one) over `per_step` samples at a time, lax.map over the steps, so at most per_step
+    samples' intermediates (full gradients) are alive at once.
+
+    The batch axis of `args` is split in `shards` contiguous blocks, one per device. Each step takes
+    per_step / shards samples from every block, so the vmapped axis stays split over the devices and
+    every device works on its own samples (XLA keeps the sharding through these reshapes). With one
+    shard this is the plain reshape [b] -> [b / per_step, per_step].
+    """
+    b = args[0].shape[0]
+    steps, local = b // per_step, per_step // shards
+
+    def fold(x):
+        return x.reshape(shards, steps, local, *x.shape[1:]).swapaxes(0, 1).reshape(steps, per_step, *x.shape[1:])
+
+    def unfold(y):
+        return y.reshape(steps, shards, local, *y.shape[2:]).swapaxes(0, 1).reshape(b, *y.shape[2:])
+
+    out = jax.lax.map(lambda c: jax.vmap(one)(*c), tuple(fold(x) for x in args))
+    return jax.tree.map(unfold, out)
+
+
+def _local_microbatch(b: int, shards: int, microbatch: int) -> int:
+    """Samples per step on each device: the largest divisor of the per-device batch <= microbatch."""
+    if b % shards:
+        raise ValueError(f"a batch of {b} rows does not split over {shards} devices: use a batch size that is a "
+                         f"multiple of {shards}")
+    local = b // shards
+    return max(m for m in range(1, min(local, max(1, microbatch)) + 1) if local % m == 0)
+
+
 def _one_sample_loss(graphdef, rest):
     def loss(selected, ids, mask, labels):
         model = nnx.merge(graphdef, selected, rest)
@@ -141,7 +173,7 @@ class PerExampleGradients:
     """
 
     def __init__(self, model, projector, config: GradientConfig = GradientConfig(), precondition=None,
-                 offset=None):
+                 offset=None, *, mesh=None):
         self.config = config
         self.projector = projector
         self.graphdef, self.selected, self.rest = split_params(model, config.params)
@@ -149,7 +181,15 @@ class PerExampleGradients:
         self.precondition = precondition  # the update model's a: each gradient becomes a * g
         self.offset = offset              # subtracted from each gradient first (targets: eta * H_T b)
         self.mask = CoordinateMask.create(self.selected, config.keep, config.seed) if config.keep else None
-        self._fn = jax.jit(self._compute)
+        # A device mesh splits each batch over its devices (distributed.get_mesh() by default).
+        self.mesh = dist.get_mesh() if mesh is None else mesh
+        self.shards = self.mesh.size if dist.active(self.mesh) else 1
+        if self.shards > 1:
+            self.selected, self.rest, self.precondition, self.offset = (
+                dist.shard_params(t, self.mesh) for t in (self.selected, self.rest, self.precondition, self.offset))
+            self._fn = jax.jit(self._compute, out_shardings=dist.row_sharding(self.mesh, 2))
+        else:
+            self._fn = jax.jit(self._compute)
 
     def _compute(self, selected, rest, precondition, offset, ids, mask, labels):
         loss = _one_sample_loss(self.graphdef, rest)
@@ -166,17 +206,21 @@ class PerExampleGradients:
             return self.projector.project(g, normalize=self.config.normalize)
 
         b = ids.shape[0]
+        if self.shards > 1:  # `mb` samples per device at a time
+            m = _local_microbatch(b, self.shards, mb)
+            if m == b // self.shards:
+                return jax.vmap(one)(ids, mask, labels)
+            return _sharded_map(one, (ids, mask, labels), m * self.shards, self.shards)
         if b <= mb or b % mb:
             return jax.vmap(one)(ids, mask, labels)
         # Several microbatches: a scan keeps at most `mb` full gradients alive.
-        chunks = [x.reshape(b // mb, mb, *x.shape[1:]) for x in (ids, mask, labels)]
-        out = jax.lax.map(lambda c: jax.vmap(one)(*c), tuple(chunks))
-        return out.reshape(b, -1)
+        return _sharded_map(one, (ids, mask, labels), mb, 1)
 
     def __call__(self, batch):
         """Projected gradients [B, k] float32 and a validity flag [B] for one data.Batch."""
-        out = self._fn(self.selected, self.rest, self.precondition, self.offset, jnp.asarray(batch.input_ids),
-                       jnp.asarray(batch.attention_mask), jnp.asarray(batch.labels))
+        put = lambda x: dist.put_rows(x, self.mesh if self.shards > 1 else None)  # noqa: E731
+        out = self._fn(self.selected, self.rest, self.precondition, self.offset, put(batch.input_ids),
+                       put(batch.attention_mask), put(batch.labels))
         has_response = (np.asarray(batch.labels)[:, 1:] != IGNORE_INDEX).any(axis=1)
         return out, np.asarray(batch.sample_mask) & has_response
 
@@ -297,7 +341,7 @@ class ProjectedCurvature:
     """
 
     def __init__(self, model, projector, target_batches, config: GradientConfig = GradientConfig(),
-                 precondition=None, hessian: str = "exact"):
+                 precondition=None, hessian: str = "exact", *, mesh=None):
         if config.keep:
             raise ValueError("second-order selection works on whole parameter tensors; drop the coordinate mask "
                              "(keep) or restrict --params instead")
@@ -308,7 +352,15 @@ class ProjectedCurvature:
         self.target_batches = target_batches
         self.graphdef, self.selected, self.rest = split_params(model, config.params)
         self.precondition = precondition
-        self._fn = jax.jit(self._compute)
+        self.mesh = dist.get_mesh() if mesh is None else mesh
+        self.shards = self.mesh.size if dist.active(self.mesh) else 1
+        if self.shards > 1:  # one sample per device at a time
+            self.selected, self.rest, self.precondition = (
+                dist.shard_params(t, self.mesh) for t in (self.selected, self.rest, self.precondition))
+            rows = dist.row_sharding(self.mesh, 2)
+            self._fn = jax.jit(self._compute, out_shardings=(rows, rows))
+        else:
+            self._fn = jax.jit(self._compute)
 
     def _compute(self, selected, rest, precondition, ids, mask, labels):
         loss = _one_sample_loss(self.graphdef, rest)
@@ -324,9 +376,13 @@ class ProjectedCurvature:
             h = jax.tree.map(lambda x: x[0], h)
             return self.projector.project(u), self.projector.project(h)
 
+        if self.shards > 1:
+            _local_microbatch(ids.shape[0], self.shards, 1)  # checks the batch splits
+            return _sharded_map(lambda *a: one(a), (ids, mask, labels), self.shards, self.shards)
         return jax.lax.map(one, (ids, mask, labels))
 
     def __call__(self, batch):
         """(P u [B, k], P h [B, k]) for one data.Batch; padding rows are garbage (mask them)."""
-        return self._fn(self.selected, self.rest, self.precondition, jnp.asarray(batch.input_ids),
-                        jnp.asarray(batch.attention_mask), jnp.asarray(batch.labels))
+        put = lambda x: dist.put_rows(x, self.mesh if self.shards > 1 else None)  # noqa: E731
+        return self._fn(self.selected, self.rest, self.precondition, put(batch.input_ids),
+                        put(batch.attention_mask), put(batch.labels))

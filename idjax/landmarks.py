@@ -57,6 +57,8 @@ import numpy as np
 from jax import lax
 from tqdm.auto import tqdm
 
+from idjax import distributed as dist
+
 logger = logging.getLogger(__name__)
 
 METHODS = ("random", "kmeans++", "farthest")
@@ -335,7 +337,7 @@ class Propagator:
     """
 
     def __init__(self, embeddings, landmarks, kind, delta, bandwidth, el, el_sq, mu, chol,
-                 chunk_rows, cache_bytes):
+                 chunk_rows, cache_bytes, mesh=None):
         self._x = embeddings
         self.num_rows, self.dim = _shape(embeddings)
         self.landmarks = landmarks
@@ -343,17 +345,24 @@ class Propagator:
         self.kind = kind
         self.delta = delta
         self.bandwidth = bandwidth
-        self.chunk_rows = min(chunk_rows, self.num_rows)
+        # With a device mesh, each row chunk is split over the devices (MATH.md 4.5: C's rows and E
+        # are row-sharded, everything landmark-sized is replicated).
+        self.mesh = mesh if dist.active(mesh) else None
+        self.chunk_rows = dist.round_up(min(chunk_rows, self.num_rows), self.mesh)
         self._el, self._el_sq, self._mu = el, el_sq, mu
         self._inv_2s2 = jnp.float32(0.0 if bandwidth is None else 1.0 / (2.0 * bandwidth**2))
         self._chol = chol
+        if self.mesh is not None:
+            self._el, self._el_sq, self._mu, self._inv_2s2, self._chol = dist.put_replicated(
+                (el, el_sq, mu, self._inv_2s2, chol), self.mesh)
         self._cache_ok = self.num_rows * self.num_landmarks * 4 <= cache_bytes
         self._c = None
+        self._padded_rows = dist.round_up(self.num_rows, self.mesh)  # rows of the cached C
 
     @classmethod
     def fit(cls, embeddings: Any, landmarks: Any, kind: str = "krr", delta: float = 1e-2, *,
             bandwidth: float | None = None, chunk_rows: int = DEFAULT_CHUNK_ROWS,
-            cache_bytes: int = DEFAULT_CACHE_BYTES) -> Propagator:
+            cache_bytes: int = DEFAULT_CACHE_BYTES, mesh=None) -> Propagator:
         """Gather E_L, set the bandwidth, factorise A = K_LL + delta*mean(diag K_LL)*I once.
 
         embeddings: [N, e] row-sliceable (memmap ok); kept by reference and re-read, in
@@ -361,6 +370,8 @@ class Propagator:
         landmarks: distinct row indices; their order is the column order of C.
         bandwidth: KRR only; overrides the median heuristic.
         cache_bytes: C (N*l*4 bytes) is built on the device at first use when it fits.
+        mesh: a device mesh (default distributed.get_mesh(): every local device); the N rows of each
+            chunk (and of the cached C) are split over its devices.
         """
         if kind not in KINDS:
             raise ValueError(f"Propagator.fit: kind must be one of {KINDS}, got {kind!r}")
@@ -407,7 +418,7 @@ class Propagator:
         logger.info("Propagator: %s, N=%d, l=%d, delta=%g, bandwidth=%s, lambda=%g", kind, n,
                     lm.size, delta, bandwidth, float(lam))
         return cls(embeddings, lm, kind, float(delta), bandwidth, el, el_sq, mu, chol,
-                   chunk_rows, cache_bytes)
+                   chunk_rows, cache_bytes, dist.get_mesh() if mesh is None else mesh)
 
     # -- internals --
 
@@ -424,15 +435,33 @@ class Propagator:
     def _bar(self, it, desc, progress):
         return tqdm(it, desc=desc, unit="chunk", disable=None if progress else True)
 
+    def _load(self, x: Any, a: int, b: int, rows: int | None = None):
+        """Rows [a, b) of x zero padded to `rows` (default chunk_rows), split over the mesh if any."""
+        chunk = _load_chunk(x, a, b, self.chunk_rows if rows is None else rows)
+        return chunk if self.mesh is None else dist.put_rows(chunk, self.mesh)
+
+    def _pad(self, w: np.ndarray) -> np.ndarray:
+        """[N, t] -> [padded rows, t] with zero rows (the cached C of a mesh has padded rows)."""
+        extra = self._padded_rows - w.shape[0]
+        return w if extra == 0 else np.concatenate([w, np.zeros((extra, w.shape[1]), w.dtype)])
+
     def _matrix(self) -> jax.Array | None:
-        """The cached C on device (built at first use when allowed), else None."""
+        """The cached C on device (built at first use when allowed), else None.
+
+        With a mesh, C's rows (zero padded to a multiple of the mesh size) are split over the devices.
+        """
         if self._c is None and self._cache_ok:
-            parts = [_chunk_coeffs(_load_chunk(self._x, a, b, self.chunk_rows), *self._args(),
-                                   self._chol, self.kind)[: b - a]
+            parts = [_chunk_coeffs(self._load(self._x, a, b), *self._args(), self._chol, self.kind)[: b - a]
                      for a, b in self._bar(self._spans(), "propagator: build C", True)]
-            c = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
-            lm = jnp.asarray(self.landmarks)
-            self._c = c.at[lm].set(jnp.eye(self.num_landmarks, dtype=jnp.float32))
+            if self.mesh is None:
+                c = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
+                lm = jnp.asarray(self.landmarks)
+                self._c = c.at[lm].set(jnp.eye(self.num_landmarks, dtype=jnp.float32))
+            else:
+                c = np.zeros((self._padded_rows, self.num_landmarks), np.float32)
+                c[: self.num_rows] = np.concatenate([np.asarray(x) for x in parts])
+                c[self.landmarks] = np.eye(self.num_landmarks, dtype=np.float32)
+                self._c = dist.put_rows(c, self.mesh)
             logger.info("Propagator: cached C [%d, %d] on device", *self._c.shape)
         return self._c
 
@@ -453,14 +482,13 @@ class Propagator:
         v, vec = self._columns(values, self.num_landmarks, "apply")
         c = self._matrix()
         if c is not None:
-            out = np.asarray(_cached_apply(c, v))
+            out = np.asarray(_cached_apply(c, self._rep(v)))[: self.num_rows]
         else:
-            alpha = _solve(self._chol, v)
+            alpha = self._rep(_solve(self._chol, v))
             out = np.empty((self.num_rows, v.shape[1]), np.float32)
             pending = None
             for a, b in self._bar(self._spans(), "propagate", progress):
-                res = _chunk_apply(_load_chunk(self._x, a, b, self.chunk_rows), *self._args(),
-                                   alpha, self.kind)
+                res = _chunk_apply(self._load(self._x, a, b), *self._args(), alpha, self.kind)
                 if pending is not None:  # copy the previous chunk while this one computes
                     pa, pb, pres = pending
                     out[pa:pb] = np.asarray(pres)[: pb - pa]
@@ -469,6 +497,35 @@ class Propagator:
             out[pa:pb] = np.asarray(pres)[: pb - pa]
             out[self.landmarks] = v
         return out[:, 0] if vec else out
+
+    def apply_rows(self, values: Any, start: int, stop: int, *, rows: int | None = None) -> np.ndarray:
+        """Rows [start, stop) of C @ values, computed from those rows of E only (the part of the N axis
+        one process of a multi-process run owns). The same arithmetic as apply() for those rows.
+
+        rows: pad each piece to this many rows (default: the span, at most chunk_rows), so pieces of
+        one size compile once.
+        """
+        v, vec = self._columns(values, self.num_landmarks, "apply_rows")
+        if not 0 <= start <= stop <= self.num_rows:
+            raise ValueError(f"Propagator.apply_rows: rows [{start}, {stop}) not in [0, {self.num_rows})")
+        size = dist.round_up(min(self.chunk_rows, rows or max(1, stop - start)), self.mesh)
+        rhs = self._rep(v if self._cache_ok else _solve(self._chol, v))
+        out = np.empty((stop - start, v.shape[1]), np.float32)
+        for a in range(start, stop, size):
+            b = min(a + size, stop)
+            x = self._load(self._x, a, b, size)
+            if self._cache_ok:  # apply() multiplies the cached C: rows of C first, then the product
+                res = _cached_apply(_chunk_coeffs(x, *self._args(), self._chol, self.kind), rhs)
+            else:
+                res = _chunk_apply(x, *self._args(), rhs, self.kind)
+            out[a - start:b - start] = np.asarray(res)[: b - a]
+        inside = (self.landmarks >= start) & (self.landmarks < stop)
+        out[self.landmarks[inside] - start] = v[inside]
+        return out[:, 0] if vec else out
+
+    def _rep(self, x):
+        """A landmark-sized array replicated over the mesh (as is without one)."""
+        return x if self.mesh is None else dist.put_replicated(x, self.mesh)
 
     def apply_transpose(self, w: Any, *, progress: bool = True) -> np.ndarray:
         """C^T @ w: w [N] or [N, t] -> [l] or [l, t] float32 (landmark order).
@@ -479,15 +536,15 @@ class Propagator:
         w, vec = self._columns(w, self.num_rows, "apply_transpose")
         c = self._matrix()
         if c is not None:
-            out = np.asarray(_cached_apply_t(c, w))
+            w = self._pad(w)
+            out = np.asarray(_cached_apply_t(c, w if self.mesh is None else dist.put_rows(w, self.mesh)))
         else:
             own = w[self.landmarks]
             w = w.copy()
             w[self.landmarks] = 0.0
-            acc = jnp.zeros((self.num_landmarks, w.shape[1]), jnp.float32)
+            acc = self._rep(jnp.zeros((self.num_landmarks, w.shape[1]), jnp.float32))
             for a, b in self._bar(self._spans(), "propagate^T", progress):
-                acc = _chunk_apply_t(acc, _load_chunk(self._x, a, b, self.chunk_rows),
-                                     _load_chunk(w, a, b, self.chunk_rows), *self._args(),
+                acc = _chunk_apply_t(acc, self._load(self._x, a, b), self._load(w, a, b), *self._args(),
                                      self.kind)
             out = np.asarray(_solve(self._chol, acc)) + own
         return out[:, 0] if vec else out
@@ -496,11 +553,11 @@ class Propagator:
         """C itself, [N, l] float32 (N*l*4 bytes on the host: small problems and tests)."""
         c = self._matrix()
         if c is not None:
-            return np.asarray(c)
+            return np.asarray(c)[: self.num_rows]
         out = np.empty((self.num_rows, self.num_landmarks), np.float32)
         for a, b in self._bar(self._spans(), "propagator: C", True):
-            out[a:b] = np.asarray(_chunk_coeffs(_load_chunk(self._x, a, b, self.chunk_rows),
-                                                *self._args(), self._chol, self.kind))[: b - a]
+            out[a:b] = np.asarray(_chunk_coeffs(self._load(self._x, a, b), *self._args(), self._chol,
+                                                self.kind))[: b - a]
         out[self.landmarks] = np.eye(self.num_landmarks, dtype=np.float32)
         return out
 
@@ -518,10 +575,14 @@ class Propagator:
             raise ValueError(f"Propagator.low_rank_matvec: Q_L must be [{l}, {l}], got {q.shape}")
         c = self._matrix()
         if c is not None:
-            qd = jnp.asarray(q)
+            qd = jnp.asarray(q) if self.mesh is None else self._rep(q)
+            n, extra = self.num_rows, self._padded_rows - self.num_rows
 
             def matvec(w):
-                return _cached_low_rank(c, qd, jnp.asarray(w, jnp.float32))
+                w = jnp.asarray(w, jnp.float32)
+                if extra:  # the mesh's C has zero padding rows
+                    return _cached_low_rank(c, qd, jnp.pad(w, (0, extra)))[:n]
+                return _cached_low_rank(c, qd, w)
 
             matvec.jittable = True
         else:

@@ -5,6 +5,13 @@ through an on-disk chunked store whose directory name carries the fingerprint of
 depends on (model, data, configuration), so an interrupted run resumes where it stopped and a
 later run with another target set reuses the pool's embeddings and gradients.
 
+Several devices and processes (idjax.distributed): a device mesh splits every batch and the N rows of
+propagation and top-k over the devices of a process. With several processes (jax.distributed), each
+computes its own chunks of every store (chunk i belongs to process i mod P; the stores live on a file
+system all of them see), they meet at a barrier after each store, landmark-sized values (landmark
+indices, the propagated values) are broadcast from process 0, and process 0 reads the complete stores,
+solves for the weights and selects; select_samples returns None on the other processes.
+
 Scores are cosines by default (MATH.md 3, "cosine variant"): each source direction a * g_i is
 L2-normalised and the reported score is <u_i, v> / ||v|| with v = g_T - eta H_T b. The weight
 solver sees the same u_i but the unnormalised v, so p and Q keep the scale of the Taylor model.
@@ -27,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from idjax import data as D
+from idjax import distributed as dist
 from idjax.embed import EmbedConfig, JVPEmbedder
 from idjax.grads import (
     GradientConfig, PerExampleGradients, ProjectedCurvature, restrict, split_params,
@@ -36,7 +44,7 @@ from idjax.landmarks import Propagator, choose_landmarks
 from idjax.optim import UpdateModel
 from idjax.select import per_task, round_robin, top_k, top_k_lexicographic
 from idjax.sketch import Projector
-from idjax.store import ArrayStore, compute_missing, fingerprint
+from idjax.store import ArrayStore, StoreError, compute_missing, fingerprint
 from idjax.weights import default_lam, lam_for_budget, solve_weights
 
 log = logging.getLogger(__name__)
@@ -184,28 +192,66 @@ def _open(root: Path, name: str, shape, chunk_rows: int, fp: dict) -> ArrayStore
     return ArrayStore.open(directory, shape=shape, dtype=np.float32, chunk_rows=chunk_rows, fingerprint=fp)
 
 
+def _fill(store: ArrayStore, fn, desc: str) -> None:
+    """Compute the store's missing chunks. With several processes: this process's chunks only (chunk i
+    belongs to process i mod P), checking between chunks that no other process failed or died, then a
+    barrier; afterwards every chunk must be on disk (the stores live on a shared file system)."""
+    if not dist.multi_process():
+        compute_missing(store, fn, desc=desc)
+        return
+    last = [time.monotonic()]
+
+    def checked(start, stop):
+        if time.monotonic() - last[0] > 2.0:  # cheap, but not for every chunk
+            dist.check_peers()
+            last[0] = time.monotonic()
+        return fn(start, stop)
+
+    dist.set_note(f"the finished chunks are kept in {store.path.parent}; re-run the same command to resume")
+    compute_missing(store, checked, desc=f"{desc} (process {dist.process_index()})",
+                    chunks=dist.process_chunks(store.num_chunks))
+    dist.barrier(desc)
+    missing = store.missing()
+    if missing:
+        raise StoreError(f"{len(missing)} chunks of {store.path} (e.g. {missing[:5]}) are missing after every "
+                         "process finished its part: do all processes see the same --store directory?")
+
+
+def _mesh_batch(batch_size: int, mesh) -> int:
+    return dist.fit_batch_size(batch_size, mesh) if dist.active(mesh) else batch_size
+
+
 def embed_pool(model, examples: Sequence[D.Example], config: EmbedConfig, store_dir, *, batch_size: int = 8,
-               chunk_rows: int = 256, model_fp: str | None = None, data_fp: str | None = None) -> ArrayStore:
-    """JVP embeddings of every pool example, in a resumable store: rows follow `examples`."""
+               chunk_rows: int = 256, model_fp: str | None = None, data_fp: str | None = None,
+               mesh=None) -> ArrayStore:
+    """JVP embeddings of every pool example, in a resumable store: rows follow `examples`.
+
+    mesh: devices each batch is split over (default distributed.get_mesh(): every local device).
+    With several processes, each computes its own chunks, then all wait for the store to be complete.
+    """
     if not examples:
         raise D.DataError("the pool is empty")
-    embedder = JVPEmbedder(model, config)
-    fp = {"kind": "jvp-embeddings", "model": model_fp or model_fingerprint(model),
-          "data": data_fp or examples_fingerprint(examples), "embed": dataclasses.asdict(config)}
-    store = _open(Path(store_dir), "embeddings", (len(examples), embedder.dim), chunk_rows, fp)
-    buckets, pad = _buckets(examples), model.config.pad_token_id or 0
+    mesh = dist.get_mesh() if mesh is None else mesh
+    with dist.failures_published():
+        embedder = JVPEmbedder(model, config, mesh=mesh)
+        fp = {"kind": "jvp-embeddings", "model": model_fp or model_fingerprint(model),
+              "data": data_fp or examples_fingerprint(examples), "embed": dataclasses.asdict(config)}
+        store = _open(Path(store_dir), "embeddings", (len(examples), embedder.dim), chunk_rows, fp)
+        buckets, pad = _buckets(examples), model.config.pad_token_id or 0
+        batch_size = _mesh_batch(batch_size, mesh)
 
-    def chunk(start, stop):
-        part = _local(examples[start:stop])
-        return embedder.run(D.make_batches(part, batch_size, buckets, pad_id=pad), len(part), progress=False)
+        def chunk(start, stop):
+            part = _local(examples[start:stop])
+            return embedder.run(D.make_batches(part, batch_size, buckets, pad_id=pad), len(part), progress=False)
 
-    compute_missing(store, chunk, desc="embed pool")
+        _fill(store, chunk, "embed pool")
     return store
 
 
-def _gradients(model, examples, rows, projector, gcfg, precondition, store_dir, fp, batch_size, chunk_rows):
+def _gradients(model, examples, rows, projector, gcfg, precondition, store_dir, fp, batch_size, chunk_rows,
+               mesh=None):
     """Projected gradients of examples[rows] (in that order), through a resumable store."""
-    grads = PerExampleGradients(model, projector, gcfg, precondition=precondition)
+    grads = PerExampleGradients(model, projector, gcfg, precondition=precondition, mesh=mesh)
     dim = _out_dim(grads.selected, projector, grads.mask)
     store = _open(Path(store_dir), "gradients", (len(rows), dim), chunk_rows, fp)
     buckets, pad = _buckets(examples), model.config.pad_token_id or 0
@@ -214,7 +260,7 @@ def _gradients(model, examples, rows, projector, gcfg, precondition, store_dir, 
         part = _local([examples[int(r)] for r in rows[start:stop]])
         return grads.run(D.make_batches(part, batch_size, buckets, pad_id=pad), len(part), progress=False)
 
-    compute_missing(store, chunk, desc="landmark gradients")
+    _fill(store, chunk, "landmark gradients")
     return store, grads
 
 
@@ -224,9 +270,10 @@ def _out_dim(selected, projector, mask) -> int:
 
 
 def _curvature(model, examples, rows, projector, gcfg, precondition, target_batches, hessian, store_dir, fp,
-               batch_size, chunk_rows):
+               batch_size, chunk_rows, mesh=None):
     """Projected H_T u_i of the landmarks (u_i as in the gradient store), through a resumable store."""
-    curv = ProjectedCurvature(model, projector, target_batches, gcfg, precondition=precondition, hessian=hessian)
+    curv = ProjectedCurvature(model, projector, target_batches, gcfg, precondition=precondition, hessian=hessian,
+                              mesh=mesh)
     dim = _out_dim(curv.selected, projector, None)
     store = _open(Path(store_dir), "curvature", (len(rows), dim), chunk_rows, fp)
     buckets, pad = _buckets(examples), model.config.pad_token_id or 0
@@ -240,7 +287,7 @@ def _curvature(model, examples, rows, projector, gcfg, precondition, target_batc
             out[np.asarray(batch.indices)[real]] = np.asarray(h)[real]
         return out
 
-    compute_missing(store, chunk, desc="landmark curvature")
+    _fill(store, chunk, "landmark curvature")
     return store
 
 
@@ -248,12 +295,15 @@ def _curvature(model, examples, rows, projector, gcfg, precondition, target_batc
 
 
 def select_samples(model, pool: Sequence[D.Example], targets: Sequence[D.Example], config: SelectConfig, *,
-                   update: UpdateModel | None = None, store_dir=None) -> Selection:
+                   update: UpdateModel | None = None, store_dir=None, mesh=None) -> Selection | None:
     """Influence Distillation on `pool` for `targets` (MATH.md 3-7).
 
     update: the update model read from a warm-up's optimizer state (optim.update_model); None is
     plain GD with step config.learning_rate. store_dir: where resumable arrays live (None: a
-    temporary directory, nothing kept).
+    temporary directory, nothing kept). mesh: the devices batches and the N axis are split over
+    (default distributed.get_mesh(): every local device; the selection does not depend on it).
+    With several processes (jax.distributed), store_dir must be on a file system every process sees;
+    process 0 returns the Selection, the others None.
     """
     if not pool:
         raise D.DataError("the pool has no sample with a response token")
@@ -265,11 +315,21 @@ def select_samples(model, pool: Sequence[D.Example], targets: Sequence[D.Example
     if config.keep and config.order == 2:
         raise ValueError("order 2 works on whole parameter tensors: drop keep (the coordinate mask)")
     if store_dir is None:
+        if dist.multi_process():
+            raise ValueError("several processes share their work through the store: give a store directory on "
+                             "a file system every process sees (--store)")
         with tempfile.TemporaryDirectory(prefix="idjax-store-") as tmp:
-            return select_samples(model, pool, targets, config, update=update, store_dir=tmp)
-    store_dir = Path(store_dir)
+            return select_samples(model, pool, targets, config, update=update, store_dir=tmp, mesh=mesh)
+    with dist.failures_published():
+        return _select(model, pool, targets, config, update, Path(store_dir), dist.get_mesh() if mesh is None else mesh)
+
+
+def _select(model, pool, targets, config: SelectConfig, update, store_dir: Path, mesh) -> Selection | None:
+    n = len(pool)
+    multi, primary = dist.multi_process(), dist.is_primary()
     store_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
+    batch_size = _mesh_batch(config.batch_size, mesh)
     eta = update.eta if update is not None else config.learning_rate
     _, selected, _ = split_params(model, config.params)
     a = restrict(update.a, selected) if update is not None else None
@@ -281,18 +341,22 @@ def select_samples(model, pool: Sequence[D.Example], targets: Sequence[D.Example
     model_fp, pool_fp = model_fingerprint(model), examples_fingerprint(pool)
     stores = {}
 
-    embeddings = None
+    embeddings, estore = None, None
     if not config.exact:
         with _stage("embed", timings):
-            store = embed_pool(model, pool, config.embed, store_dir, batch_size=config.batch_size,
-                               chunk_rows=config.chunk_rows, model_fp=model_fp, data_fp=pool_fp)
-            embeddings = store.view()
-            stores["embeddings"] = str(store.path)
+            estore = embed_pool(model, pool, config.embed, store_dir, batch_size=batch_size,
+                                chunk_rows=config.chunk_rows, model_fp=model_fp, data_fp=pool_fp, mesh=mesh)
+            embeddings = estore.view()
+            stores["embeddings"] = str(estore.path)
 
     with _stage("landmarks", timings):
         num = config.num_landmarks(n)
         if config.exact or num == n:
             landmarks = np.arange(n)
+        elif multi:  # every process must use the same landmarks: process 0 chooses them
+            chosen = choose_landmarks(embeddings, num, method=config.landmark_method, seed=config.seed) \
+                if primary else None
+            landmarks = dist.broadcast("landmarks", chosen).astype(np.int64)
         else:
             landmarks = choose_landmarks(embeddings, num, method=config.landmark_method, seed=config.seed)
     log.info("%d landmarks of %d pool samples", len(landmarks), n)
@@ -302,39 +366,69 @@ def select_samples(model, pool: Sequence[D.Example], targets: Sequence[D.Example
               "update": update_fingerprint(update), "params": config.params, "keep": config.keep,
               "normalize": config.normalize, "projection": [projector.kind, config.proj_dim, config.seed]}
         gstore, grads = _gradients(model, pool, landmarks, projector, gcfg, a, store_dir, fp,
-                                   config.batch_size, config.chunk_rows)
-        g_l = gstore.to_array()
+                                   batch_size, config.chunk_rows, mesh)
         stores["gradients"] = str(gstore.path)
 
-    target_batches = D.make_batches(targets, config.batch_size, _buckets(targets),
-                                    pad_id=model.config.pad_token_id or 0)
-    with _stage("targets", timings):
-        v, offset = target_direction(model, target_batches, config.params, shift=b, eta=eta, hessian=config.hessian)
-        v_sel = v if grads.mask is None else grads.mask.apply(v)
-        v_norm = float(jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(v_sel))))
-        if not v_norm > 0:
-            raise ValueError("the target gradient is zero: nothing to align with (is the target loss already 0?)")
-        v_proj = np.asarray(projector.project(v_sel), np.float64)
-        columns = None
-        tasks = [t.task for t in targets]
-        per_task_mode = len({t for t in tasks if t}) > 1
-        if config.aggregate == "round-robin" or per_task_mode:
-            tg = PerExampleGradients(model, projector, dataclasses.replace(gcfg, normalize=True), offset=offset)
-            columns = tg.run(target_batches, len(targets), progress=False).astype(np.float64)  # [t, k]
+    target_batches = D.make_batches(targets, batch_size, _buckets(targets), pad_id=model.config.pad_token_id or 0)
+    h_l = None
+    if config.order == 2:
+        with _stage("curvature", timings):
+            cfp = {**fp, "kind": "curvature", "hessian": config.hessian,
+                   "targets": examples_fingerprint(targets), "eta": eta}
+            cstore = _curvature(model, pool, landmarks, projector, gcfg, a, target_batches, config.hessian,
+                                store_dir, cfp, batch_size, config.chunk_rows, mesh)
+            stores["curvature"] = str(cstore.path)
+    propagate = len(landmarks) < n
+    if multi and not primary and not propagate:
+        return None  # process 0 reads the complete stores and selects
 
-    with _stage("propagate", timings):
+    if primary:
+        g_l = gstore.to_array()
+        if config.order == 2:
+            h_l = cstore.to_array().astype(np.float64)
+        with _stage("targets", timings):
+            v, offset = target_direction(model, target_batches, config.params, shift=b, eta=eta,
+                                         hessian=config.hessian)
+            v_sel = v if grads.mask is None else grads.mask.apply(v)
+            v_norm = float(jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(v_sel))))
+            if not v_norm > 0:
+                raise ValueError("the target gradient is zero: nothing to align with (is the target loss already 0?)")
+            v_proj = np.asarray(projector.project(v_sel), np.float64)
+            columns = None
+            tasks = [t.task for t in targets]
+            per_task_mode = len({t for t in tasks if t}) > 1
+            if config.aggregate == "round-robin" or per_task_mode:
+                tg = PerExampleGradients(model, projector, dataclasses.replace(gcfg, normalize=True), offset=offset,
+                                         mesh=mesh)
+                columns = tg.run(target_batches, len(targets), progress=False).astype(np.float64)  # [t, k]
         p_l = g_l.astype(np.float64) @ v_proj                        # <u_l, v>
         cols_l = None if columns is None else g_l.astype(np.float64) @ columns.T
-        if len(landmarks) == n:
-            prop = None
+
+    with _stage("propagate", timings):
+        prop = None
+        if not propagate:
             order = np.empty(n, np.int64)
             order[landmarks] = np.arange(n)
             p = p_l[order]
             cols = None if cols_l is None else cols_l[order]
         else:
-            prop = Propagator.fit(embeddings, landmarks, kind=config.propagation, delta=config.delta)
-            p = np.asarray(prop.apply(p_l.astype(np.float32)), np.float64)
-            cols = None if cols_l is None else np.asarray(prop.apply(cols_l.astype(np.float32)), np.float64)
+            prop = Propagator.fit(embeddings, landmarks, kind=config.propagation, delta=config.delta, mesh=mesh)
+            if multi:  # each process propagates its chunks of rows into a store; process 0 reads them all
+                values = np.column_stack([p_l] + ([] if cols_l is None else [cols_l])).astype(np.float32) \
+                    if primary else None
+                values = dist.broadcast("landmark values", values)
+                pfp = {"kind": "propagated", "embeddings": estore.fingerprint, "rows": fingerprint(landmarks),
+                       "propagation": [config.propagation, config.delta], "values": fingerprint(values)}
+                pstore = _open(store_dir, "propagated", (n, values.shape[1]), config.chunk_rows, pfp)
+                _fill(pstore, lambda lo, hi: prop.apply_rows(values, lo, hi, rows=config.chunk_rows), "propagate")
+                if not primary:
+                    return None
+                stores["propagated"] = str(pstore.path)
+                out = pstore.to_array().astype(np.float64)
+                p, cols = out[:, 0], (None if cols_l is None else out[:, 1:])
+            else:
+                p = np.asarray(prop.apply(p_l.astype(np.float32)), np.float64)
+                cols = None if cols_l is None else np.asarray(prop.apply(cols_l.astype(np.float32)), np.float64)
         scores = p / v_norm
 
     solver_info: dict = {"eta": eta}
@@ -343,15 +437,8 @@ def select_samples(model, pool: Sequence[D.Example], targets: Sequence[D.Example
             lam = config.lam if config.lam is not None else float(lam_for_budget(p, config.k))
             sol = solve_weights(p, None, eta=eta, lam=lam)
         else:
-            with _stage("curvature", timings):
-                cfp = {**fp, "kind": "curvature", "hessian": config.hessian,
-                       "targets": examples_fingerprint(targets), "eta": eta}
-                cstore = _curvature(model, pool, landmarks, projector, gcfg, a, target_batches, config.hessian,
-                                    store_dir, cfp, config.batch_size, config.chunk_rows)
-                stores["curvature"] = str(cstore.path)
-                h_l = cstore.to_array().astype(np.float64)
-                q_l = h_l @ g_l.astype(np.float64).T                  # Q_L[i, j] = <P h_i, P u_j>
-                q_l = 0.5 * (q_l + q_l.T)
+            q_l = h_l @ g_l.astype(np.float64).T                      # Q_L[i, j] = <P h_i, P u_j>
+            q_l = 0.5 * (q_l + q_l.T)
             if prop is None:
                 perm = np.empty(n, np.int64)
                 perm[landmarks] = np.arange(n)
@@ -375,20 +462,20 @@ def select_samples(model, pool: Sequence[D.Example], targets: Sequence[D.Example
         owners = None
         if per_task_mode:
             rows, owners = per_task(cols, [t.task or "" for t in targets], config.k, aggregate=config.aggregate,
-                                    seed=config.seed)
+                                    seed=config.seed, mesh=mesh)
         elif config.aggregate == "round-robin":
-            rows, owner_cols = round_robin(cols, config.k, seed=config.seed, return_owner=True)
+            rows, owner_cols = round_robin(cols, config.k, seed=config.seed, return_owner=True, mesh=mesh)
             owners = [targets[int(j)].id for j in owner_cols]
         elif (config.rank_by or ("score" if config.order == 1 else "weight")) == "weight":
             rows = top_k_lexicographic(weights, scores, config.k)
         else:
-            rows = top_k(scores, config.k)
+            rows = top_k(scores, config.k, mesh=mesh)
 
     info = {"config": config.to_dict(), "timings_s": timings, "stores": stores, "solver": solver_info,
             "pool_size": n, "targets": len(targets), "landmarks": int(len(landmarks)),
             "update_model": update.name if update is not None else "gd",
             "fingerprints": {"model": model_fp, "pool": pool_fp, "targets": examples_fingerprint(targets)},
-            "target_norm": v_norm, "gradient_dim": int(g_l.shape[1])}
+            "target_norm": v_norm, "gradient_dim": int(g_l.shape[1]), "devices": dist.describe(mesh)}
     if prop is not None:
         info["propagation"] = {"kind": prop.kind, "bandwidth": float(getattr(prop, "bandwidth", math.nan) or 0.0)}
     return Selection(rows=np.asarray(rows, np.int64), scores=scores, weights=weights, owners=owners,

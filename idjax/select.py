@@ -3,6 +3,10 @@
 Every function returns pool row positions in selection order (best first) and never picks a
 row twice. `candidates` (a boolean mask over the pool) removes rows that must not be chosen.
 Ties are broken by the lower row position, so the same scores always give the same selection.
+
+`mesh` (a distributed.make_mesh device mesh) splits the N axis over devices: each device ranks its
+own rows, the candidates are gathered and merged (distributed.top_k_rows); the selection is exactly
+the one-device selection.
 """
 
 from __future__ import annotations
@@ -27,13 +31,26 @@ def _order(scores: np.ndarray) -> np.ndarray:
     return np.argsort(-np.asarray(scores, np.float64), kind="stable")
 
 
-def top_k(scores, k: int, candidates=None) -> np.ndarray:
+def _sharded(mesh) -> bool:
+    if mesh is None:
+        return False
+    from idjax import distributed
+
+    return distributed.active(mesh)
+
+
+def top_k(scores, k: int, candidates=None, *, mesh=None) -> np.ndarray:
     """The k highest-scoring rows, best first. NaN scores are an error (they would sort arbitrarily)."""
     scores = np.asarray(scores)
     if scores.ndim != 1:
         raise ValueError(f"top_k expects one score per row, got shape {scores.shape}")
     if np.isnan(scores).any():
         raise ValueError(f"{int(np.isnan(scores).sum())} scores are NaN")
+    if _sharded(mesh):
+        from idjax import distributed
+
+        _check_k(k, len(scores) if candidates is None else int(np.asarray(candidates, bool).sum()))
+        return distributed.top_k(scores, k, mesh, candidates)
     order = _order(scores)
     if candidates is not None:
         order = order[np.asarray(candidates, bool)[order]]
@@ -51,8 +68,8 @@ def top_k_lexicographic(primary, secondary, k: int, candidates=None) -> np.ndarr
     return order[:k]
 
 
-def round_robin(columns, k: int, *, seed: int = 0, candidates=None,
-                return_owner: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+def round_robin(columns, k: int, *, seed: int = 0, candidates=None, return_owner: bool = False,
+                mesh=None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Round-robin over target columns: every round visits the targets in a fresh random order and
     gives each its best not-yet-taken row, until k rows are taken.
 
@@ -72,7 +89,11 @@ def round_robin(columns, k: int, *, seed: int = 0, candidates=None,
     # before its last turn: its top k rows are all it can ever reach.
     depth = min(n, k)
     ranked = []
-    for j in range(t):
+    if _sharded(mesh):  # the same rankings, restricted to the allowed rows (the loop skips the others)
+        from idjax import distributed
+
+        ranked = distributed.top_k_rows(cols, depth, mesh, allowed)
+    for j in range(t if not ranked else 0):
         c = np.where(allowed, cols[:, j].astype(np.float64), -np.inf)
         if depth < n:
             part = np.argpartition(-c, depth - 1)[:depth]
@@ -116,7 +137,7 @@ def task_budgets(tasks: Sequence[str], k: int) -> dict[str, int]:
 
 
 def per_task(columns, tasks: Sequence[str], k: int, *, aggregate: str = "mean", seed: int = 0,
-             candidates=None) -> tuple[np.ndarray, list[str]]:
+             candidates=None, mesh=None) -> tuple[np.ndarray, list[str]]:
     """Per-task budgets: each task (in sorted order) takes its share of k from the rows not yet taken,
     by the mean of its target columns or round-robin over them.
 
@@ -132,9 +153,9 @@ def per_task(columns, tasks: Sequence[str], k: int, *, aggregate: str = "mean", 
     for i, (name, budget) in enumerate(task_budgets(list(tasks), k).items()):
         mine = cols[:, tasks == name]
         if aggregate == "mean":
-            rows = top_k(mine.mean(axis=1), budget, candidates=allowed)
+            rows = top_k(mine.mean(axis=1), budget, candidates=allowed, mesh=mesh)
         elif aggregate == "round-robin":
-            rows = round_robin(mine, budget, seed=seed + i, candidates=allowed)
+            rows = round_robin(mine, budget, seed=seed + i, candidates=allowed, mesh=mesh)
         else:
             raise ValueError(f"aggregate must be 'mean' or 'round-robin', got {aggregate!r}")
         allowed[rows] = False

@@ -329,7 +329,7 @@ class ArrayStore:
                                  f"{_short(new.get(key, _ABSENT))} (now)")
         if diffs:
             raise StoreError(f"store {self.path} was built for something else: {'; '.join(diffs)}. "
-                             "Use a new --store directory, or overwrite=True (--overwrite) to recompute it")
+                             "Use another --store directory, delete this one, or (Python) open it with overwrite=True")
 
     # ---------------------------------------------------------------- chunk bookkeeping
 
@@ -670,7 +670,7 @@ def _publish_manifest(path: Path, manifest: dict) -> bool:
 def _read_manifest(path: Path) -> dict:
     def bad(why: str) -> StoreError:
         return StoreError(f"corrupt store manifest {path}: {why}; delete the directory or pass "
-                          "overwrite=True (--overwrite) to start again")
+                          "overwrite=True (Python) to start again")
 
     try:
         m = json.loads(path.read_text())

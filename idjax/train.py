@@ -34,6 +34,7 @@ import optax
 from flax import nnx
 
 from idjax import data as D
+from idjax import distributed as dist
 from idjax.grads import sample_losses
 from idjax.models import CausalLM, CheckpointError
 from idjax.models.modeling import abstract_model
@@ -235,9 +236,8 @@ def _microbatch_loss(graphdef, lora: LoraConfig | None, trainable, base, rest, i
     return jnp.sum(weights * losses) / total_weight
 
 
-@partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(3,))
-def _train_step(graphdef, spec: OptimizerSpec, lora: LoraConfig | None, state: TrainState, base, rest,
-                ids, mask, labels, weights):
+def _train_step_fn(graphdef, spec: OptimizerSpec, lora: LoraConfig | None, state: TrainState, base, rest,
+                   ids, mask, labels, weights):
     """One optimizer step on [A, B, L] microbatches with per-row weights [A, B] (0 = padding).
 
     Module-level with hashable static arguments, so every Trainer of the same model and recipe
@@ -261,15 +261,41 @@ def _train_step(graphdef, spec: OptimizerSpec, lora: LoraConfig | None, state: T
     return TrainState(trainable, opt_state, state.step + 1, state.rng), metrics
 
 
+_train_step = jax.jit(_train_step_fn, static_argnums=(0, 1, 2), donate_argnums=(3,))
+_SHARDED_STEPS: dict = {}
+
+
+def _sharded_train_step(state_shardings, mesh):
+    """_train_step on a mesh, its output state pinned to the input's shardings: left to itself, XLA may
+    shard the updated state differently from the state it was given, and the next step recompiles.
+    One compilation per (shardings, bucket), shared by every Trainer, like _train_step."""
+    leaves, treedef = jax.tree.flatten(state_shardings)
+    key = (treedef, tuple(leaves))
+    if key not in _SHARDED_STEPS:
+        _SHARDED_STEPS[key] = jax.jit(_train_step_fn, static_argnums=(0, 1, 2), donate_argnums=(3,),
+                                      out_shardings=(state_shardings, dist.replicated(mesh)))
+    return _SHARDED_STEPS[key]
+
+
 class Trainer:
     """Holds the split model; `step` is a pure function of (state, batch), jitted once per bucket.
 
     Full fine-tuning: trainable = the float32 Param state of the model. LoRA: trainable = the
     adapters; the base Param state (float32 copy) is passed to the step, never updated.
+
+    mesh (default distributed.get_mesh(): every local device): data parallel training. Each batch's
+    rows are split over the devices (batch_size must be a multiple of the mesh size) and XLA sums the
+    gradients across them; the state is replicated, or FSDP-sharded by distributed.RULES when the
+    mesh has fsdp > 1. A mesh over several processes' devices (distributed.mesh_from_spec(...,
+    global_devices=True)) trains SPMD across hosts: every process runs the same loop on the same data.
     """
 
-    def __init__(self, model: CausalLM, config: TrainConfig):
+    def __init__(self, model: CausalLM, config: TrainConfig, *, mesh=None):
         self.config = config
+        self.mesh = dist.get_mesh() if mesh is None else mesh
+        if dist.active(self.mesh) and config.batch_size % self.mesh.size:
+            raise ValueError(f"batch size {config.batch_size} does not split over {self.mesh.size} devices: use a "
+                             f"multiple of {self.mesh.size}")
         self.model_config = model.config
         self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
         self.param_dtypes = jax.tree.map(lambda x: x.dtype, params)
@@ -284,6 +310,14 @@ class Trainer:
         else:
             self.base = _f32_copy(params)
             self._params = None
+        self._step = _train_step
+        if dist.active(self.mesh):
+            self.rest, self.base = dist.shard_params(self.rest, self.mesh), dist.shard_params(self.base, self.mesh)
+            self._step = _sharded_train_step(dist.param_shardings(self.abstract_state(), self.mesh), self.mesh)
+
+    def place(self, state: TrainState) -> TrainState:
+        """The state on this trainer's devices: committed to the default device, or on the mesh."""
+        return dist.shard_params(state, self.mesh) if dist.active(self.mesh) else _commit(state)
 
     # -- state
 
@@ -299,7 +333,7 @@ class Trainer:
 
     def init_state(self) -> TrainState:
         """Fresh state: float32 masters (or new LoRA adapters) and the optimizer's initial state."""
-        return _commit(self._init(self._params if self.config.lora is None else self.base))
+        return self.place(self._init(self._params if self.config.lora is None else self.base))
 
     def abstract_state(self) -> TrainState:
         """The shapes and dtypes of init_state(), computing nothing (a restore target)."""
@@ -331,9 +365,11 @@ class Trainer:
         w = np.ones(rows, np.float32) if weights is None else np.asarray(weights, np.float32)
         w = np.where(batch.sample_mask, w, 0.0).astype(np.float32)
         shape = (a, rows // a, length)
-        return _train_step(self.compute_graphdef, self.config.optimizer, self.config.lora, state, self.base,
-                           self.rest, batch.input_ids.reshape(shape), batch.attention_mask.reshape(shape),
-                           batch.labels.reshape(shape), w.reshape(shape[:2]))
+        mesh = self.mesh if dist.active(self.mesh) else None
+        put = lambda x: x if mesh is None else dist.put_rows(x, mesh, axis=1)  # noqa: E731 (rows of each microbatch)
+        return self._step(self.compute_graphdef, self.config.optimizer, self.config.lora, state, self.base,
+                           self.rest, put(batch.input_ids.reshape(shape)), put(batch.attention_mask.reshape(shape)),
+                           put(batch.labels.reshape(shape)), put(w.reshape(shape[:2])))
 
     def lr(self, step: int) -> float:
         """The learning rate applied at optimizer step `step` (0-based)."""
@@ -496,7 +532,7 @@ def _open_run_dir(out: Path, resume, config: TrainConfig, steps: int, spe: int):
 
 def train(model: CausalLM, examples: Sequence[D.Example], config: TrainConfig, *, weights=None,
           out_dir: str | os.PathLike | None = None, resume: str | os.PathLike | None = None,
-          tokenizer=None, pad_id: int | None = None, progress: bool = True) -> TrainResult:
+          tokenizer=None, pad_id: int | None = None, progress: bool = True, mesh=None) -> TrainResult:
     """Fine-tune `model` on `examples`; return the trained model (a new object) and its state.
 
     weights: per-example loss weights indexed by Example.index (None: unweighted). out_dir: write
@@ -515,13 +551,15 @@ def train(model: CausalLM, examples: Sequence[D.Example], config: TrainConfig, *
     if spec.schedule != "constant" and spec.total_steps != steps:
         log.warning("optimizer total_steps=%d but the run has %d steps: the %s schedule will not end at 0",
                     spec.total_steps, steps, spec.schedule)
-    trainer = Trainer(model, config)
+    trainer = Trainer(model, config, mesh=mesh)
     fingerprint = _fingerprint(model, examples, config, steps)
     elapsed0 = 0.0
     if resume is None:
         state = trainer.init_state()
     else:  # restore into shapes only: the fresh state is never materialised
         state, meta = restore_checkpoint(resume, trainer.abstract_state(), fingerprint)
+        if dist.active(trainer.mesh):
+            state = trainer.place(state)
         elapsed0 = float(meta.get("seconds", 0.0))
         log.info("resumed %s at step %d of %d", resume, int(state.step), steps)
     out = Path(out_dir) if out_dir is not None else None

@@ -47,9 +47,9 @@ def _run(argv, capsys):
 def test_select_bad_input_is_one_line(case, target, tmp_path, capsys):
     argv = ["select", "--train", str(POOL), "--target", str(target), "--k", "2", "--out", str(tmp_path / "s.jsonl")]
     expect, code_want = None, 1
-    if case == "k_too_large":
+    if case == "k_too_large":  # a request the input cannot satisfy: a usage error
         argv[argv.index("--k") + 1] = "1000"
-        expect = "larger than the pool"
+        expect, code_want = "larger than the pool", 2
     elif case == "empty_target":
         argv[argv.index("--target") + 1] = str(_write(tmp_path / "empty.jsonl", []))
         expect = "no records"

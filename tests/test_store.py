@@ -248,7 +248,7 @@ def test_fingerprint_mismatch_overwrite_and_reuse(tmp_path):
     assert "fingerprint['model'] \"m0\" (store) != \"m1m1" in msg and "..." in msg
     assert "fingerprint['seed'] <absent> (store) != 3 (now)" in msg
     assert "'data'" not in msg and "'config'" not in msg
-    assert "new --store directory" in msg and "overwrite=True" in msg
+    assert "another --store directory" in msg and "overwrite=True" in msg
 
     with pytest.raises(StoreError, match=r"chunk_rows 4 \(store\) != 2 \(now\)"):
         _open(tmp_path, full, chunk_rows=2)

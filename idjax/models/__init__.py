@@ -74,6 +74,24 @@ def _dtype(dtype):
     return dtype
 
 
+def _read_config(cfg_file: Path) -> ModelConfig:
+    """ModelConfig of an HF config.json; every problem is an error that names the file."""
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{cfg_file.parent}: not an HF checkpoint directory (no config.json)")
+    try:
+        hf = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg_file}: invalid JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{cfg_file}: expected a JSON object, got {type(hf).__name__}")
+    try:
+        return ModelConfig.from_hf(hf)
+    except (UnsupportedModelError, CheckpointError) as e:
+        raise type(e)(f"{cfg_file}: {e}") from None
+    except (TypeError, ValueError) as e:  # e.g. a string where a number belongs
+        raise CheckpointError(f"{cfg_file}: {e}") from None
+
+
 def load(path: str | os.PathLike = DEFAULT_MODEL, *, dtype="float32", tokenizer: bool = True):
     """Load (model, tokenizer) from an HF checkpoint directory, a .gguf file or an embedded name.
 
@@ -84,13 +102,7 @@ def load(path: str | os.PathLike = DEFAULT_MODEL, *, dtype="float32", tokenizer:
     dtype = _dtype(dtype)
     if p.is_dir():
         cfg_file = p / "config.json"
-        if not cfg_file.exists():
-            raise CheckpointError(f"{p}: not an HF checkpoint directory (no config.json)")
-        try:
-            hf = json.loads(cfg_file.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{cfg_file}: invalid JSON ({e})") from None
-        config = ModelConfig.from_hf(hf)
+        config = _read_config(cfg_file)
         model = model_from_hf_tensors(config, read_safetensors_dir(p), dtype=dtype, source=str(p))
     elif p.suffix == ".gguf":
         config, tensors = read_gguf(p)
@@ -106,6 +118,20 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("IDJAX_CACHE", Path.home() / ".cache" / "idjax"))
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _tokenizer_from(p: Path, make):
+    """make() under one CheckpointError naming `p` (transformers' errors span lines and name no file)."""
+    try:
+        return make()
+    except Exception as e:
+        msg = " ".join(str(e).split())
+        if len(msg) > 300:
+            msg = msg[:297] + "..."
+        raise CheckpointError(f"{p}: cannot load its tokenizer ({type(e).__name__}: {msg})") from e
+
+
 def load_tokenizer(path: str | os.PathLike):
     """The HF tokenizer of a checkpoint directory or GGUF file (GGUF conversions are cached)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -113,7 +139,12 @@ def load_tokenizer(path: str | os.PathLike):
 
     p = resolve(path)
     if p.is_dir():
-        tok = AutoTokenizer.from_pretrained(str(p))
+        if not any((p / f).is_file() for f in _TOKENIZER_FILES):
+            raise CheckpointError(f"{p}: no tokenizer in the checkpoint directory (expected one of "
+                                  f"{', '.join(_TOKENIZER_FILES)})")
+        tok = _tokenizer_from(p, lambda: AutoTokenizer.from_pretrained(str(p)))
+    elif p.suffix != ".gguf":
+        raise CheckpointError(f"{p}: expected an HF checkpoint directory or a .gguf file")
     else:
         # Converting a GGUF vocabulary takes seconds; keep the converted tokenizer on disk.
         stat = p.stat()
@@ -122,7 +153,7 @@ def load_tokenizer(path: str | os.PathLike):
         if (cached / "tokenizer_config.json").exists():
             tok = AutoTokenizer.from_pretrained(str(cached))
         else:
-            tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+            tok = _tokenizer_from(p, lambda: AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name))
             try:
                 tok.save_pretrained(str(cached))
             except OSError as e:  # a read-only home must not stop a run

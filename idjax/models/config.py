@@ -24,6 +24,26 @@ class UnsupportedModelError(ValueError):
     """The checkpoint describes an architecture or option idjax does not implement."""
 
 
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete or does not match its config."""
+
+
+_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+_OPTIONAL_INT = ("num_key_value_heads", "head_dim", "max_position_embeddings")
+
+
+def _check_fields(hf: dict[str, Any]) -> None:
+    """Required sizes are positive integers; a hand-edited or foreign config fails here, by field name."""
+    for key in _REQUIRED + _OPTIONAL_INT:
+        v = hf.get(key)
+        if v is None and key in _OPTIONAL_INT:
+            continue
+        if v is None:
+            raise CheckpointError(f"field '{key}': missing")
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise CheckpointError(f"field '{key}': expected a positive integer, got {v!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeConfig:
     """Rotary embedding parameters: theta plus the optional linear or llama3 frequency scaling."""
@@ -93,6 +113,7 @@ class ModelConfig:
             raise UnsupportedModelError(f"hidden_act {hf['hidden_act']!r} is not supported (silu only)")
         if hf.get("use_sliding_window"):
             raise UnsupportedModelError("sliding-window attention (use_sliding_window=true) is not supported")
+        _check_fields(hf)
         num_heads = hf["num_attention_heads"]
         hidden = hf["hidden_size"]
         eos = hf.get("eos_token_id")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import struct
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from idjax.models.config import ModelConfig, UnsupportedModelError
+from idjax.models.config import CheckpointError, ModelConfig, UnsupportedModelError
 from idjax.models.modeling import CausalLM, abstract_model
 
 log = logging.getLogger(__name__)
@@ -37,10 +38,6 @@ _RULES: list[tuple[re.Pattern, tuple[str, ...], bool, bool]] = [
     (re.compile(_L + r"mlp\.(gate_proj|up_proj|down_proj)\.bias"), ("layers", "mlp", "{g}", "bias"), True, False),
 ]
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, incomplete or does not match its config."""
 
 
 def _match(name: str):
@@ -149,19 +146,32 @@ def read_safetensors_dir(path: Path):
 
     index = path / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted(set(weight_map.values()))
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:  # bad JSON, no/odd weight_map
+            raise CheckpointError(f"{index}: not a safetensors index with a 'weight_map' object "
+                                  f"({type(e).__name__}: {e})") from None
     else:
         files = sorted(p.name for p in path.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{path}: no *.safetensors files next to config.json")
     for fname in files:
         fpath = path / fname
-        if not fpath.exists():
+        if not fpath.is_file():
             raise CheckpointError(f"{path}: shard {fname} named in the index is missing")
-        with safe_open(str(fpath), framework="numpy") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
+        try:
+            with safe_open(str(fpath), framework="numpy") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except CheckpointError:
+            raise
+        except Exception as e:  # SafetensorError (truncated, bad header) derives from Exception only
+            if isinstance(e, OSError) and e.filename:
+                raise
+            msg = " ".join(str(e).split())
+            raise CheckpointError(f"{fpath}: not a readable safetensors file, truncated or corrupt "
+                                  f"({type(e).__name__}: {msg})") from None
 
 
 def write_safetensors_dir(tensors: dict[str, np.ndarray], path: Path, max_shard_bytes: int = 5 * 2**30):
@@ -230,7 +240,12 @@ def gguf_config(reader) -> ModelConfig:
         raise UnsupportedModelError(
             "GGUF files with rope_freqs (Llama 3.1 style scaling) are not supported; load the HF checkpoint"
         )
-    embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embd is None:
+        raise CheckpointError("no token_embd.weight tensor")
+    for key in ("embedding_length", "attention.head_count", "feed_forward_length", "block_count"):
+        if _gguf_value(reader, f"{arch}.{key}") is None:
+            raise CheckpointError(f"metadata field '{arch}.{key}': missing")
     hidden = int(_gguf_value(reader, f"{arch}.embedding_length"))
     n_head = int(_gguf_value(reader, f"{arch}.attention.head_count"))
     eos = _gguf_value(reader, "tokenizer.ggml.eos_token_id")
@@ -264,8 +279,18 @@ def read_gguf(path: Path) -> tuple[ModelConfig, Iterable[tuple[str, np.ndarray]]
     """Config and dequantized HF-named float32 tensors of a GGUF file."""
     import gguf
 
-    reader = gguf.GGUFReader(str(path))
-    config = gguf_config(reader)
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except (ValueError, OSError, IndexError, KeyError, struct.error) as e:
+        if isinstance(e, OSError) and e.filename:
+            raise  # unreadable: the OSError names the file
+        msg = " ".join(str(e).split())  # e.g. a truncated file: its tensors overrun the end
+        raise CheckpointError(f"{path}: not a readable GGUF file, truncated or corrupt ({msg})") from None
+    try:
+        config = gguf_config(reader)
+    except ValueError as e:  # UnsupportedModelError, CheckpointError, a bad metadata value
+        raise (type(e) if isinstance(e, (UnsupportedModelError, CheckpointError)) else CheckpointError)(
+            f"{path}: {e}") from None
 
     def tensors():
         for t in reader.tensors:

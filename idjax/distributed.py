@@ -1,0 +1,713 @@
+"""Several devices and hosts: the device mesh, shardings, multi-process start and coordination.
+
+Two levels of parallelism (MATH.md 4.5, DESIGN.md "Sharding"):
+
+Devices of one process (several GPUs, the chips of a TPU host, or CPU devices forced with
+XLA_FLAGS=--xla_force_host_platform_device_count=4) form a `jax.sharding.Mesh` with the axes
+("data", "fsdp"). Every hot path shards its sample / row axis over both axes (`ROWS`): the microbatch
+of JVP embeddings and per-example gradients, the N rows of propagation and top-k, the batch of
+training. Parameters are replicated, or, when the mesh has fsdp > 1, sharded by logical-axis rules in
+the style of MaxText (`RULES`: each parameter dimension gets a logical name, e.g. "embed" or "mlp",
+and the rules map logical names to mesh axes); XLA inserts the all-gathers and reduce-scatters.
+
+Processes (hosts) start with `initialize` (jax.distributed: a coordinator address, the number of
+processes and this process's index; from CLI options, IDJAX_* environment variables, or JAX's
+cluster auto-detection on TPU pods, SLURM and Open MPI). Gloo carries CPU collectives.
+Pool-axis work is embarrassingly parallel, so the selection pipeline does not run it in lockstep:
+process p computes the chunks p, p + P, p + 2P, ... of each on-disk store (a shared file system; one
+manifest per store, chunk files written atomically), on its own devices, then waits at a barrier;
+landmark-sized values are broadcast from process 0; process 0 gathers (reads the complete stores)
+and writes the result. Training runs SPMD over a global mesh of every process's devices.
+
+Failure handling. The barriers and broadcasts here poll the coordination service: they fail fast,
+with `DistributedError` (one clear line from the CLI), when another process reports a failure, when
+a process stops sending heartbeats (it died; detected after `heartbeat_timeout_s`), or when the wait
+exceeds its timeout. A process that fails publishes its error so that the others stop too. Finished
+store chunks stay on disk: re-running the same command (with any number of processes) resumes.
+For that, commands that only coordinate through barriers start the service in JAX's recoverable mode
+(`jax_enable_recoverability`), so one process's death does not abort the others before they can
+report it. If process 0 (which hosts the coordination service) dies, JAX itself terminates the
+others within seconds with "the JAX distributed service detected fatal errors": bounded, not clean.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import io
+import logging
+import os
+import re
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+log = logging.getLogger(__name__)
+
+DATA, FSDP = "data", "fsdp"
+AXES = (DATA, FSDP)
+ROWS = (DATA, FSDP)  # sample / row axes are split over every mesh axis
+
+ENV = {"coordinator": "IDJAX_COORDINATOR", "num_processes": "IDJAX_NUM_PROCESSES",
+       "process_id": "IDJAX_PROCESS_ID"}
+
+
+class DistributedError(ConnectionError):
+    """Another process failed, died or cannot be reached; finished work is kept on disk."""
+
+
+# ----------------------------------------------------------------------------- starting processes
+
+
+@dataclasses.dataclass
+class _State:
+    started: bool = False          # initialize() started jax.distributed in this process
+    fault_tolerant: bool = False   # recoverable mode: peers' deaths are reported, not fatal
+    heartbeat_s: int = 60
+    counter: int = 0               # barrier / broadcast sequence number (the same on every process)
+    failed: bool = False           # this process published a failure
+    note: str = ""                 # appended to errors, e.g. where the finished chunks are
+    seen: dict = dataclasses.field(default_factory=dict)  # peer -> (heartbeat count, when it last changed)
+    stop: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+
+_STATE = _State()
+
+
+def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
+               *, local_device_ids: Sequence[int] | None = None, heartbeat_timeout_s: int = 60,
+               init_timeout_s: int = 300, fault_tolerant: bool = True) -> bool:
+    """Start jax.distributed when asked to; return whether this is a multi-process run.
+
+    coordinator: "host:port" of process 0 (which starts the coordination service there), or "auto"
+        for JAX's cluster auto-detection (TPU pod slices, SLURM, Open MPI). Each of the three
+        arguments falls back to the environment (IDJAX_COORDINATOR, IDJAX_NUM_PROCESSES,
+        IDJAX_PROCESS_ID); with no coordinator at all this is a single-process run and nothing starts.
+    heartbeat_timeout_s: a process that stops sending heartbeats this long counts as dead.
+    fault_tolerant: start the service in JAX's recoverable mode, so a dead process is reported by
+        the barriers here (DistributedError) instead of aborting everyone. Use False for work that
+        runs collectives across processes (training): a collective cannot outlive a peer.
+    Must run before anything touches a JAX backend. On CPU, collectives go over gloo.
+    """
+    coordinator = coordinator or os.environ.get(ENV["coordinator"]) or None
+    if num_processes is None and os.environ.get(ENV["num_processes"]):
+        num_processes = int(os.environ[ENV["num_processes"]])
+    if process_id is None and os.environ.get(ENV["process_id"]):
+        process_id = int(os.environ[ENV["process_id"]])
+    if jax.distributed.is_initialized():
+        return jax.process_count() > 1
+    if coordinator is None:
+        if num_processes not in (None, 1) or process_id not in (None, 0):
+            raise ValueError("--num-processes / --process-id need --coordinator HOST:PORT (or 'auto')")
+        return False
+    if coordinator != "auto":
+        if num_processes is None or process_id is None:
+            raise ValueError(f"--coordinator {coordinator} needs --num-processes N and --process-id I "
+                             "(or --coordinator auto on a TPU pod / SLURM / Open MPI cluster)")
+        if not 0 <= process_id < num_processes:
+            raise ValueError(f"--process-id must be in [0, {num_processes}), got {process_id}")
+        if ":" not in coordinator:
+            raise ValueError(f"--coordinator must be HOST:PORT, got {coordinator!r}")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if fault_tolerant:
+        jax.config.update("jax_enable_recoverability", True)
+    kwargs = dict(initialization_timeout=int(init_timeout_s), heartbeat_timeout_seconds=int(heartbeat_timeout_s))
+    if coordinator != "auto":
+        kwargs.update(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+    if local_device_ids is not None:
+        kwargs["local_device_ids"] = list(local_device_ids)
+    try:
+        jax.distributed.initialize(**kwargs)
+    except Exception as e:  # noqa: BLE001 - JaxRuntimeError, ValueError from auto-detection, ...
+        raise DistributedError(f"cannot start the distributed run (coordinator {coordinator}, "
+                               f"{num_processes} processes, this is {process_id}): "
+                               f"{_first_line(e)}") from e
+    _STATE.started, _STATE.fault_tolerant, _STATE.heartbeat_s = True, fault_tolerant, int(heartbeat_timeout_s)
+    atexit.register(_at_exit)  # runs before JAX's own shutdown (atexit is last-in, first-out)
+    if jax.process_count() > 1:
+        threading.Thread(target=_heartbeat, name="idjax-heartbeat", daemon=True).start()
+    log.info("process %d of %d started (coordinator %s): %d local and %d global devices", jax.process_index(),
+             jax.process_count(), coordinator, jax.local_device_count(), jax.device_count())
+    return jax.process_count() > 1
+
+
+def process_index() -> int:
+    return jax.process_index()
+
+
+def process_count() -> int:
+    return jax.process_count()
+
+
+def is_primary() -> bool:
+    """Process 0: the one that gathers results and writes outputs."""
+    return jax.process_index() == 0
+
+
+def multi_process() -> bool:
+    return jax.process_count() > 1
+
+
+def set_note(note: str) -> None:
+    """Context added to DistributedError messages (e.g. which store keeps the finished chunks)."""
+    _STATE.note = note
+
+
+# ----------------------------------------------------------------------------- splitting work
+
+
+def process_chunks(num_chunks: int, index: int | None = None, count: int | None = None) -> list[int]:
+    """The store chunks this process computes: index, index + count, ... (round-robin, so a store's
+    chunks, which follow the pool order, spread evenly over the processes)."""
+    index = jax.process_index() if index is None else index
+    count = jax.process_count() if count is None else count
+    return list(range(index, num_chunks, count))
+
+
+def process_rows(n: int, index: int | None = None, count: int | None = None) -> tuple[int, int]:
+    """A contiguous block [start, stop) of n rows for this process; the blocks tile [0, n)."""
+    index = jax.process_index() if index is None else index
+    count = jax.process_count() if count is None else count
+    base, extra = divmod(n, count)
+    start = index * base + min(index, extra)
+    return start, start + base + (index < extra)
+
+
+# ----------------------------------------------------------------------------- the mesh
+
+
+_MESH: list[Mesh | None] = [None]
+_MESH_SET: list[bool] = [False]
+
+
+def parse_mesh(spec: str | None) -> dict[str, int]:
+    """"data=4,fsdp=2" -> {"data": 4, "fsdp": 2}; a missing axis is filled in by make_mesh."""
+    if not spec:
+        return {}
+    out = {}
+    for part in spec.split(","):
+        m = re.fullmatch(r"\s*(\w+)\s*=\s*(-?\d+)\s*", part)
+        if not m or m[1] not in AXES:
+            raise ValueError(f"--mesh {spec!r}: expected comma-separated AXIS=SIZE with AXIS in {AXES}, "
+                             f"e.g. data=4,fsdp=2")
+        out[m[1]] = int(m[2])
+    return out
+
+
+def make_mesh(data: int | None = None, fsdp: int | None = None, *, devices: Sequence | None = None) -> Mesh:
+    """A ("data", "fsdp") mesh over `devices` (default: this process's local devices).
+
+    A size left as None (or -1) takes the devices the other axis leaves: make_mesh() puts every
+    device on "data", make_mesh(fsdp=2) on 8 devices gives data=4, fsdp=2. Axis types are Auto:
+    jit-compiled code sees global shapes and XLA partitions it (GSPMD).
+    """
+    devices = list(jax.local_devices() if devices is None else devices)
+    n = len(devices)
+    data = None if data in (None, -1) else int(data)
+    fsdp = None if fsdp in (None, -1) else int(fsdp)
+    if data is None and fsdp is None:
+        data, fsdp = n, 1
+    elif data is None:
+        data = n // fsdp if fsdp >= 1 and n % fsdp == 0 else 0
+    elif fsdp is None:
+        fsdp = n // data if data >= 1 and n % data == 0 else 0
+    if data < 1 or fsdp < 1 or data * fsdp > n:
+        raise ValueError(f"mesh data={data}, fsdp={fsdp} does not fit {n} device(s)")
+    return jax.make_mesh((data, fsdp), AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2,
+                         devices=devices[: data * fsdp])
+
+
+def set_mesh(mesh: Mesh | None) -> None:
+    """The mesh the pipeline stages use by default (None: a single device, no sharding)."""
+    _MESH[0], _MESH_SET[0] = mesh, True
+
+
+def get_mesh() -> Mesh | None:
+    """The mesh set by set_mesh, else one over every local device (None when there is one device)."""
+    if not _MESH_SET[0]:
+        _MESH[0] = make_mesh() if jax.local_device_count() > 1 else None
+        _MESH_SET[0] = True
+    return _MESH[0]
+
+
+def active(mesh: Mesh | None) -> bool:
+    """Whether `mesh` shards anything (more than one device)."""
+    return mesh is not None and mesh.size > 1
+
+
+def mesh_from_spec(spec: str | None, *, global_devices: bool = False) -> Mesh | None:
+    """The mesh of a --mesh option over local (or, for SPMD training, all processes') devices."""
+    devices = jax.devices() if global_devices else jax.local_devices()
+    sizes = parse_mesh(spec)
+    if not sizes and len(devices) == 1:
+        return None
+    return make_mesh(sizes.get(DATA), sizes.get(FSDP), devices=devices)
+
+
+def row_sharding(mesh: Mesh, ndim: int = 1, axis: int = 0) -> NamedSharding:
+    """Axis `axis` of an ndim-array split over every mesh axis, the rest replicated."""
+    spec = [None] * ndim
+    spec[axis] = ROWS
+    return NamedSharding(mesh, P(*spec))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def round_up(n: int, mesh: Mesh | None) -> int:
+    """n rounded up to a multiple of the mesh size (the row count every device gets equally)."""
+    d = 1 if mesh is None else mesh.size
+    return -(-int(n) // d) * d
+
+
+def _put(x, sharding):
+    """One leaf onto `sharding`: device_put within one process; across processes, every process passes
+    the same full array and keeps the shards of its own devices."""
+    if not isinstance(x, (jax.Array, np.ndarray, np.generic)):
+        return x
+    if jax.process_count() == 1 or (isinstance(x, jax.Array) and (
+            not x.is_fully_addressable or jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key))):
+        return jax.device_put(x, sharding)
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+
+def put_rows(x, mesh: Mesh | None, axis: int = 0):
+    """A host array with `axis` split over the mesh. Without a mesh: jnp.asarray."""
+    if not active(mesh):
+        return jnp.asarray(x)
+    x = np.asarray(x)
+    if x.shape[axis] % mesh.size:
+        raise ValueError(f"{x.shape[axis]} rows do not split over {mesh.size} devices: make the batch a "
+                         f"multiple of {mesh.size}")
+    return _put(x, row_sharding(mesh, x.ndim, axis))
+
+
+def put_replicated(tree, mesh: Mesh | None):
+    """A pytree copied to every device of the mesh."""
+    if not active(mesh):
+        return tree
+    sharding = replicated(mesh)
+    return jax.tree.map(lambda x: _put(x, sharding), tree)
+
+
+def to_host(x) -> np.ndarray:
+    """A (possibly sharded, possibly multi-process) array as one numpy array on this host."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+# ----------------------------------------------------------------------------- parameter sharding
+
+# Logical axes of each parameter dimension, by parameter name (MaxText's style). Layers are stacked,
+# so a layer weight has a leading "layers" dimension. LoRA adapters: a [layers, in, rank],
+# b [layers, rank, out] (their in/out take the name of the kernel's).
+_LOGICAL: list[tuple[str, tuple[str, ...]]] = [
+    (r"embed_tokens\.embedding$", ("vocab", "embed")),
+    (r"lm_head\.kernel$", ("embed", "vocab")),
+    (r"(q_proj|k_proj|v_proj)\.kernel$", ("layers", "embed", "heads")),
+    (r"(q_proj|k_proj|v_proj)\.bias$", ("layers", "heads")),
+    (r"o_proj\.kernel$", ("layers", "heads", "embed")),
+    (r"o_proj\.bias$", ("layers", "embed")),
+    (r"(gate_proj|up_proj)\.kernel$", ("layers", "embed", "mlp")),
+    (r"(gate_proj|up_proj)\.bias$", ("layers", "mlp")),
+    (r"down_proj\.kernel$", ("layers", "mlp", "embed")),
+    (r"down_proj\.bias$", ("layers", "embed")),
+    (r"(q_norm|k_norm)\.weight$", ("layers", "head_dim")),
+    (r"layers\..*layernorm\.weight$", ("layers", "norm")),
+    (r"^norm\.weight$|\.norm\.weight$", ("norm",)),
+]
+
+# Logical axis -> mesh axis (None: replicated). FSDP-style: the model dimension of every matrix is
+# split over "fsdp"; activations' batch goes over ("data", "fsdp").
+RULES: dict[str, str | None] = {"embed": FSDP, "vocab": None, "heads": None, "mlp": None, "layers": None,
+                                "norm": None, "head_dim": None, "rank": None}
+
+
+def logical_axes(name: str, ndim: int) -> tuple[str | None, ...]:
+    """The logical axes of the parameter `name` (dotted path) with `ndim` dims; unknown: all None.
+
+    Paths of optimizer states end with the parameter's own path, so they match the same rules.
+    """
+    lora = re.search(r"\.(a|b)$", name)
+    base = name[: lora.start()] if lora else name
+    for pattern, axes in _LOGICAL:
+        if re.search(pattern, base):
+            if lora:  # a: [layers, in, rank], b: [layers, rank, out]
+                axes = (axes[0], axes[1], "rank") if lora[1] == "a" else (axes[0], "rank", axes[-1])
+            if len(axes) == ndim:
+                return axes
+            if len(axes) == ndim + 1 and axes[0] == "layers":  # one layer's slice
+                return axes[1:]
+    return (None,) * ndim
+
+
+def spec_for(name: str, shape: Sequence[int], mesh: Mesh, rules: dict[str, str | None] = RULES) -> P:
+    """PartitionSpec of one parameter: logical axes through the rules; a dimension the mesh axis does
+    not divide stays replicated (and each mesh axis is used at most once)."""
+    out, used = [], set()
+    for dim, logical in zip(shape, logical_axes(name, len(shape))):
+        axis = rules.get(logical) if logical else None
+        if axis is not None and (axis in used or dim % mesh.shape[axis]):
+            axis = None
+        if axis is not None:
+            used.add(axis)
+        out.append(axis)
+    return P(*out)
+
+
+def _path_name(path) -> str:
+    keys = []
+    for k in path:
+        if isinstance(k, jax.tree_util.DictKey):
+            keys.append(str(k.key))
+        elif isinstance(k, jax.tree_util.GetAttrKey) and k.name != "value":
+            keys.append(k.name)
+        elif isinstance(k, jax.tree_util.SequenceKey):
+            keys.append(str(k.idx))
+    return ".".join(keys)
+
+
+def param_shardings(tree, mesh: Mesh, rules: dict[str, str | None] = RULES, *, lead: int = 0):
+    """NamedShardings for a pytree of parameters (or an optimizer state mirroring them). `lead`
+    leading dimensions (e.g. a stack of tangents [K, *param]) are not sharded."""
+    def one(path, x):
+        shape = tuple(getattr(x, "shape", ()))
+        if mesh.shape.get(FSDP, 1) == 1 or len(shape) <= lead:
+            return NamedSharding(mesh, P())
+        spec = spec_for(_path_name(path), shape[lead:], mesh, rules)
+        return NamedSharding(mesh, P(*([None] * lead), *spec))
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def shard_params(tree, mesh: Mesh | None, rules: dict[str, str | None] = RULES, *, lead: int = 0):
+    """Place a parameter pytree on the mesh: replicated, or FSDP-sharded by `rules` when fsdp > 1."""
+    if not active(mesh) or tree is None:
+        return tree
+    return jax.tree.map(_put, tree, param_shardings(tree, mesh, rules, lead=lead))
+
+
+# ----------------------------------------------------------------------------- distributed top-k
+
+
+def _canon(x):
+    """-0.0 -> 0.0 so every backend's comparisons agree with numpy's (they compare equal there)."""
+    return jnp.where(x == 0, jnp.zeros_like(x), x)
+
+
+def _sharded_top_k(mesh: Mesh, kk: int):
+    """jit(shard_map): x [t, n] rows-sharded along n -> the kk best (value desc, index asc) per row."""
+    def local(x):
+        per = x.shape[-1]
+        shard = jax.lax.axis_index(ROWS)
+        vals, idx = jax.lax.top_k(_canon(x), min(kk, per))           # ties: the lower index first
+        idx = idx.astype(jnp.int32) + shard * per
+        vals = jax.lax.all_gather(vals, ROWS, axis=1, tiled=True)   # [t, D * kk]
+        idx = jax.lax.all_gather(idx, ROWS, axis=1, tiled=True)
+        neg, idx = jax.lax.sort((-vals, idx), dimension=1, num_keys=2)
+        return -neg[:, :kk], idx[:, :kk]
+
+    fn = jax.shard_map(local, mesh=mesh, in_specs=P(None, ROWS), out_specs=(P(), P()), check_vma=False)
+    return jax.jit(fn)
+
+
+_TOPK_CACHE: dict = {}
+
+
+def _device_top(x32: np.ndarray, kk: int, mesh: Mesh) -> tuple[np.ndarray, np.ndarray]:
+    t, n = x32.shape
+    npad = round_up(n, mesh)
+    if npad != n:
+        x32 = np.concatenate([x32, np.full((t, npad - n), -np.inf, np.float32)], axis=1)
+    kk = min(kk, npad // mesh.size * mesh.size)
+    key = (id(mesh), kk)
+    if key not in _TOPK_CACHE:
+        _TOPK_CACHE[key] = _sharded_top_k(mesh, kk)
+    vals, idx = _TOPK_CACHE[key](put_rows(x32, mesh, axis=1))
+    return np.asarray(vals), np.asarray(idx)
+
+
+def top_k_rows(columns, k: int, mesh: Mesh, candidates=None) -> list[np.ndarray]:
+    """For each column of `columns` [N, t] (or a vector [N]), its k best rows in exactly the order of
+    select.top_k: value descending (compared in float64), ties by the lower row.
+
+    The N axis is split over the mesh: each device takes the top of its rows in float32, the
+    candidates are all-gathered and merged. float32 rounding can only merge values into ties, never
+    reorder them, so every row whose float32 value reaches the k-th best float32 value is refined
+    exactly on the host (the candidate set grows until it holds all of them).
+    """
+    cols = np.asarray(columns, np.float64)
+    if cols.ndim == 1:
+        cols = cols[:, None]
+    n, t = cols.shape
+    allowed = np.ones(n, bool) if candidates is None else np.asarray(candidates, bool)
+    available = int(allowed.sum())
+    k = min(k, available)
+    x32 = np.where(allowed[:, None], cols.astype(np.float32), -np.inf).T.copy()  # [t, N]
+    x32[x32 == 0] = 0.0
+    extra = max(16, k // 8)
+    while True:
+        kk = min(k + extra, n)
+        vals, idx = _device_top(x32, kk, mesh)
+        thr = vals[:, k - 1:k]                                        # the k-th best float32, per column
+        done = kk >= n or bool(np.all(vals[:, kk - 1] < thr[:, 0]))
+        if done:
+            break
+        extra *= 4
+    out = []
+    for j in range(t):
+        cand = idx[j][(vals[j] >= thr[j, 0]) & (idx[j] < n)]
+        cand = cand[allowed[cand]]
+        c = cols[cand, j]
+        out.append(cand[np.lexsort((cand, -c))][:k].astype(np.int64))
+    return out
+
+
+def top_k(scores, k: int, mesh: Mesh, candidates=None) -> np.ndarray:
+    """select.top_k with the N axis sharded over the mesh: the same rows in the same order."""
+    return top_k_rows(np.asarray(scores)[:, None], k, mesh, candidates)[0]
+
+
+# ----------------------------------------------------------------------------- coordinating processes
+
+
+def _client():
+    from jax._src import distributed as _dist  # the coordination client jax.distributed started
+
+    client = _dist.global_state.client
+    if client is None:
+        raise DistributedError("jax.distributed is not initialized")
+    return client
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:400]
+
+
+def _error(msg: str) -> DistributedError:
+    note = f"; {_STATE.note}" if _STATE.note else ""
+    return DistributedError(f"process {jax.process_index()} of {jax.process_count()}: {msg}{note}")
+
+
+def _key(kind: str, name: str) -> str:
+    return f"idjax/{kind}/{name}"  # values of kind "value" are bytes: never list them with dir_get
+
+
+def _heartbeat(period_s: float = 1.0) -> None:
+    """Count up this process's key in the coordination service every second (a daemon thread).
+
+    The peers watch the count: one that stops changing for heartbeat_timeout_s means a dead (or
+    hung) process. JAX's own heartbeats cannot be read without a collective: the service's
+    get_live_nodes blocks until every listed process calls it.
+    """
+    key = _key("alive", str(jax.process_index()))
+    while not _STATE.stop.is_set():
+        try:
+            _client().key_value_increment(key, 1)
+        except Exception:  # noqa: BLE001 - the service is gone; the main thread will find out
+            return
+        _STATE.stop.wait(period_s)
+
+
+def _count(text: str | None) -> int | None:
+    try:
+        return int(text) if text is not None else None
+    except ValueError:
+        return None
+
+
+def _poll_peers(watch: Sequence[int]) -> tuple[list[tuple[str, str]], list[int], list[int]]:
+    """(failures published by others, watched peers whose heartbeat stopped, watched peers that left)."""
+    client = _client()
+    me, now = jax.process_index(), time.monotonic()
+    try:
+        beats = {k.rsplit("/", 1)[-1]: v for k, v in client.key_value_dir_get(_key("alive", ""))}
+        left = {k.rsplit("/", 1)[-1] for k, _ in client.key_value_dir_get(_key("exit", ""))}
+        failed = [(k.rsplit("/", 1)[-1], v) for k, v in client.key_value_dir_get(_key("failed", ""))
+                  if not k.endswith(f"/{me}")]
+    except Exception as e:  # noqa: BLE001 - the service itself is gone (process 0 died)
+        raise _error(f"lost contact with the coordination service on process 0 ({_first_line(e)})") from e
+    dead = []
+    for i in watch:
+        count = _count(beats.get(str(i)))
+        last = _STATE.seen.get(i)
+        if last is None or last[0] != count:
+            _STATE.seen[i] = (count, now)
+        elif now - last[1] > _STATE.heartbeat_s:
+            dead.append(i)
+    return failed, dead, [i for i in watch if str(i) in left]
+
+
+def check_peers(waiting_for: Sequence[int] | None = None) -> None:
+    """Raise DistributedError if another process published a failure, or one of `waiting_for` (default:
+    every other process) stopped its heartbeat for heartbeat_timeout_s (it died or hangs) or left."""
+    if not multi_process():
+        return
+    me = jax.process_index()
+    watch = [i for i in (range(jax.process_count()) if waiting_for is None else waiting_for) if i != me]
+    failed, dead, left = _poll_peers(watch)
+    if failed:
+        raise _error(f"process {failed[0][0]} failed: {failed[0][1]}")
+    if dead:
+        raise _error(f"process(es) {', '.join(map(str, dead))} died or stopped responding (no heartbeat for "
+                     f"{_STATE.heartbeat_s} s)")
+    if left:
+        raise _error(f"process(es) {', '.join(map(str, left))} left the run before getting here")
+
+
+def _wait(ready: Callable[[], Any], what: str, timeout_s: float | None, waiting_for=None):
+    """Poll `ready` until it returns a value that is not None, checking peers in between."""
+    t0, pause = time.monotonic(), 0.05
+    while True:
+        try:
+            value = ready()
+        except Exception as e:  # noqa: BLE001
+            raise _error(f"{what}: lost contact with the coordination service on process 0 "
+                         f"({_first_line(e)})") from e
+        if value is not None:
+            return value
+        check_peers(waiting_for)
+        if timeout_s is not None and time.monotonic() - t0 > timeout_s:
+            raise _error(f"{what}: gave up after {timeout_s:.0f} s")
+        time.sleep(pause)
+        pause = min(1.0, pause * 1.5)
+
+
+def barrier(name: str, timeout_s: float | None = None) -> None:
+    """Wait until every process reaches the barrier `name` (a no-op with one process).
+
+    Fails with DistributedError when a process died or failed first, or after timeout_s (None:
+    wait as long as every process is alive: the others may still be computing for hours).
+    """
+    if not multi_process():
+        return
+    _STATE.counter += 1
+    client, me, n = _client(), jax.process_index(), jax.process_count()
+    prefix = _key("barrier", f"{_STATE.counter}-{name}/")
+    try:
+        client.key_value_set(prefix + str(me), "1")
+    except Exception as e:  # noqa: BLE001
+        raise _error(f"barrier {name}: lost contact with the coordination service ({_first_line(e)})") from e
+
+    def ready():
+        return True if len(client.key_value_dir_get(prefix)) >= n else None
+
+    log.info("waiting for %d processes at %s", n, name)
+    _wait(ready, f"barrier {name}", timeout_s)
+
+
+def broadcast(name: str, value: np.ndarray | None = None, *, src: int = 0, timeout_s: float | None = None):
+    """Process `src`'s array, on every process (as numpy). Small arrays only (landmark-sized)."""
+    if not multi_process():
+        return np.asarray(value)
+    _STATE.counter += 1
+    client = _client()
+    key = _key("value", f"{_STATE.counter}-{name}")
+    if jax.process_index() == src:
+        buf = io.BytesIO()
+        np.save(buf, np.asarray(value), allow_pickle=False)
+        try:
+            client.key_value_set_bytes(key, buf.getvalue())
+        except Exception as e:  # noqa: BLE001
+            raise _error(f"broadcast {name}: {_first_line(e)}") from e
+        return np.asarray(value)
+
+    def ready():
+        try:
+            return client.key_value_try_get_bytes(key)
+        except Exception as e:  # noqa: BLE001 - NOT_FOUND until src has set it
+            if "NOT_FOUND" in str(e) or "not found" in str(e).lower():
+                return None
+            raise
+
+    data = _wait(ready, f"waiting for {name} from process {src}", timeout_s, waiting_for=[src])
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def publish_failure(error: BaseException | str) -> None:
+    """Tell the other processes that this one failed, so their next barrier (or peer check) stops."""
+    if not multi_process() or _STATE.failed:
+        return
+    _STATE.failed = True
+    msg = error if isinstance(error, str) else _first_line(error)
+    try:
+        _client().key_value_set(_key("failed", str(jax.process_index())), msg[:500])
+    except Exception:  # noqa: BLE001 - nothing more to do: the others find out from the heartbeat
+        pass
+
+
+class failures_published:
+    """Context manager: an exception inside is published to the other processes, then re-raised."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if exc is not None and not isinstance(exc, DistributedError):
+            publish_failure(exc)
+        return False
+
+
+def _at_exit(timeout_s: float = 600.0) -> None:
+    """Leave in order: process 0 hosts the coordination service, so it waits until every other process
+    has left (posted its exit and disconnected) or stopped its heartbeat; a peer still disconnecting
+    when the service goes away would be aborted by JAX."""
+    if not _STATE.started or not jax.distributed.is_initialized():
+        return
+    try:
+        client, me, n = _client(), jax.process_index(), jax.process_count()
+        if me != 0:
+            _STATE.stop.set()
+            client.key_value_set(_key("exit", str(me)), "1")
+            return
+        t0, others = time.monotonic(), list(range(1, n))
+        while time.monotonic() - t0 < timeout_s:
+            _, dead, left = _poll_peers(others)
+            if set(dead) | set(left) >= set(others):
+                break  # every peer left or died: get_live_nodes below returns once they are disconnected
+            time.sleep(0.2)
+        _STATE.stop.set()
+        done = threading.Event()
+        threading.Thread(target=lambda: (client.get_live_nodes(list(range(n))), done.set()), daemon=True).start()
+        done.wait(2.0 * _STATE.heartbeat_s + 5.0)
+    except Exception:  # noqa: BLE001 - at exit, never raise
+        pass
+
+
+def describe(mesh: Mesh | None = None) -> dict:
+    """Where this process stands: for logs and the selection's metadata."""
+    mesh = get_mesh() if mesh is None else mesh
+    return {"process": jax.process_index(), "processes": jax.process_count(),
+            "local_devices": jax.local_device_count(), "devices": jax.device_count(),
+            "mesh": None if mesh is None else dict(mesh.shape)}
+
+
+def fit_batch_size(batch_size: int, mesh: Mesh | None) -> int:
+    """batch_size rounded up to a multiple of the mesh size (logged when it changes)."""
+    fitted = round_up(batch_size, mesh)
+    if fitted != batch_size:
+        log.info("batch size %d -> %d: a multiple of the %d devices", batch_size, fitted, mesh.size)
+    return fitted
+
+
+__all__ = [
+    "DATA", "FSDP", "ROWS", "RULES", "DistributedError", "initialize", "process_index", "process_count",
+    "is_primary", "multi_process", "process_chunks", "process_rows", "parse_mesh", "make_mesh", "set_mesh",
+    "get_mesh", "active", "mesh_from_spec", "row_sharding", "replicated", "round_up", "put_rows",
+    "put_replicated", "to_host", "logical_axes", "spec_for", "param_shardings", "shard_params", "top_k",
+    "top_k_rows", "check_peers", "barrier", "broadcast", "publish_failure", "failures_published", "describe",
+    "fit_batch_size",
+]

@@ -1,0 +1,312 @@
+"""Several devices and several processes give the one-device answer (idjax.distributed).
+
+- Four forced CPU devices (XLA_FLAGS, in a subprocess): embeddings, selection (first order, round-robin,
+  second order, FSDP-sharded parameters) and data-parallel training match one device.
+- Two processes on 127.0.0.1 (jax.distributed, gloo): `idjax select` writes exactly the one-process
+  selection; a killed process makes the other fail with one clear line within a bounded time, the
+  finished store chunks stay, and a re-run completes.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from idjax import distributed as dist
+
+FIX = Path(__file__).parent / "fixtures" / "tasks"
+POOL = FIX / "tulu_v2.jsonl"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------- in process: pure helpers
+
+
+def test_mesh_rules_and_work_split():
+    assert dist.parse_mesh("data=4,fsdp=2") == {"data": 4, "fsdp": 2}
+    assert dist.parse_mesh(None) == {}
+    with pytest.raises(ValueError, match="AXIS=SIZE"):
+        dist.parse_mesh("model=2")
+    # MaxText-style logical axes: the model dimension of every matrix goes over "fsdp"
+    assert dist.logical_axes("layers.mlp.down_proj.kernel", 3) == ("layers", "mlp", "embed")
+    assert dist.logical_axes("embed_tokens.embedding", 2) == ("vocab", "embed")
+    assert dist.logical_axes("0.mu.layers.self_attn.q_proj.kernel", 3) == ("layers", "embed", "heads")
+    assert dist.logical_axes("layers.mlp.up_proj.kernel.a", 3) == ("layers", "embed", "rank")
+    assert dist.logical_axes("something.else", 2) == (None, None)
+    # chunks go round-robin over processes, rows in contiguous blocks; both tile everything once
+    chunks = [dist.process_chunks(10, i, 3) for i in range(3)]
+    assert chunks[0] == [0, 3, 6, 9] and sorted(sum(chunks, [])) == list(range(10))
+    blocks = [dist.process_rows(10, i, 3) for i in range(3)]
+    assert blocks == [(0, 4), (4, 7), (7, 10)]
+    # one process, no coordinator: nothing starts
+    assert dist.initialize() is False
+    with pytest.raises(ValueError, match="--coordinator"):
+        dist.initialize(None, 2, 1)
+
+
+# ----------------------------------------------------------------------------- four devices vs one
+
+FOUR_DEVICES = textwrap.dedent("""
+    import json, sys
+    import jax, numpy as np
+    from idjax import data, distributed as dist, models as M, select as S
+    from idjax import train as T
+    from idjax.embed import EmbedConfig
+    from idjax.landmarks import Propagator
+    from idjax.optim import OptimizerSpec
+    from idjax.pipeline import SelectConfig, select_samples
+    from idjax.store import ArrayStore
+
+    path, tmp = sys.argv[1], sys.argv[2]
+    assert jax.device_count() == 4, jax.devices()
+    model, _ = M.load(path, tokenizer=False)
+    one, four, fsdp = dist.make_mesh(1, 1), dist.make_mesh(), dist.make_mesh(2, 2)
+
+    def examples(n, seed, prefix, task=None):
+        rng = np.random.default_rng(seed)
+        out = []
+        for i in range(n):
+            length = int(rng.choice([6, 11, 17]))
+            ids = rng.integers(1, 89, length).astype(np.int32)
+            labels = ids.copy()
+            labels[: length // 2] = data.IGNORE_INDEX
+            out.append(data.Example(i, f"{prefix}{i}", None if task is None else task[i % len(task)], ids, labels, False))
+        return out
+
+    pool, targets = examples(22, 1, "p"), examples(3, 2, "t")
+    res = {}
+    ecfg = EmbedConfig(num_blocks=2, num_tangents=2, dim=16)
+    base = dict(k=6, landmarks=0.5, proj_dim=64, batch_size=8, microbatch=1, chunk_rows=8, embed=ecfg, params="mlp")
+    configs = {"round-robin": (SelectConfig(**base, aggregate="round-robin"), four),
+               "first-order-fsdp": (SelectConfig(**base), fsdp)}
+    for name, (cfg, mesh) in configs.items():
+        a = select_samples(model, pool, targets, cfg, store_dir=f"{tmp}/{name}-one", mesh=one)
+        b = select_samples(model, pool, targets, cfg, store_dir=f"{tmp}/{name}-many", mesh=mesh)
+        emb = [ArrayStore.open(s.info["stores"]["embeddings"], create=False).to_array() for s in (a, b)]
+        res[name] = {"rows_equal": a.rows.tolist() == b.rows.tolist(), "rows": a.rows.tolist(),
+                     "owners_equal": a.owners == b.owners,
+                     "score_diff": float(np.abs(a.scores - b.scores).max()),
+                     "weight_diff": float(np.abs(a.weights - b.weights).max()),
+                     "landmarks_equal": a.landmarks.tolist() == b.landmarks.tolist(),
+                     "embed_diff": float(np.abs(emb[0] - emb[1]).max()), "embed_scale": float(np.abs(emb[0]).max())}
+
+    # propagation on its own, second-order product included (C's rows padded to a multiple of 4)
+    rng = np.random.default_rng(0)
+    E = rng.normal(size=(1003, 8)).astype(np.float32)
+    lm = np.sort(rng.choice(1003, 40, replace=False))
+    v, w, q = rng.normal(size=(40, 3)), rng.normal(size=1003), rng.normal(size=(40, 40))
+    q = q @ q.T / 40
+    props = {n: Propagator.fit(E, lm, mesh=m, chunk_rows=128, cache_bytes=c)
+             for n, m, c in (("one", one, 0), ("four", four, 0), ("one-cached", one, 1 << 30),
+                             ("four-cached", four, 1 << 30))}
+    ref = props["one"]
+    diffs = {}
+    for n, pr in props.items():
+        diffs[n] = max(float(np.abs(pr.apply(v, progress=False) - ref.apply(v, progress=False)).max()),
+                       float(np.abs(pr.apply_transpose(w, progress=False) - ref.apply_transpose(w, progress=False)).max()),
+                       float(np.abs(pr.apply_rows(v, 100, 517) - ref.apply(v, progress=False)[100:517]).max()))
+    mv = {n: np.asarray(props[n].low_rank_matvec(q)(w)) for n in ("one-cached", "four-cached")}
+    diffs["matvec"] = float(np.abs(mv["one-cached"] - mv["four-cached"]).max() / np.abs(mv["one-cached"]).max())
+    res["propagation"] = diffs
+
+    ties = np.round(rng.normal(size=1001), 1)
+    cand = rng.random(1001) > 0.2
+    cols = np.round(rng.normal(size=(1001, 5)), 1)
+    res["top_k_equal"] = (S.top_k(ties, 50, candidates=cand).tolist()
+                          == S.top_k(ties, 50, candidates=cand, mesh=four).tolist())
+    res["round_robin_equal"] = (S.round_robin(cols, 40, seed=3, candidates=cand).tolist()
+                                == S.round_robin(cols, 40, seed=3, candidates=cand, mesh=four).tolist())
+
+    tcfg = T.TrainConfig(optimizer=OptimizerSpec("adamw", 1e-2, warmup_steps=0), batch_size=8, steps=3, seed=1,
+                         buckets=(32,))
+    runs = {name: T.train(model, pool, tcfg, mesh=m, progress=False)
+            for name, m in (("one", one), ("data4", four), ("fsdp2x2", fsdp))}
+    flat = {name: np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(r.trainer.params(r.state))])
+            for name, r in runs.items()}
+    res["train"] = {name: {"loss_diff": max(abs(h["loss"] - g["loss"]) for h, g in zip(runs["one"].history, r.history)),
+                           "param_diff": float(np.abs(flat[name] - flat["one"]).max())}
+                    for name, r in runs.items() if name != "one"}
+    res["train"]["losses"] = [h["loss"] for h in runs["one"].history]
+    res["train"]["moved"] = float(np.abs(flat["one"] - np.concatenate(
+        [np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(
+            __import__("flax").nnx.state(model, __import__("flax").nnx.Param))])).max())
+    res["train"]["compilations"] = T._train_step._cache_size() + sum(f._cache_size() for f in T._SHARDED_STEPS.values())
+    print("RESULT " + json.dumps(res))
+""")
+
+
+def _tiny_llama(path: Path, vocab: int = 89):
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                      tie_word_embeddings=False)
+    hf = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    hf.save_pretrained(path)
+    return path
+
+
+_CACHE: list[str] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """One persistent XLA compilation cache for every subprocess of this module: the later runs of the
+    same programs (one process, two processes, the re-run) load them instead of compiling again."""
+    _CACHE[:] = [str(tmp_path_factory.mktemp("xla-cache"))]
+    yield
+    _CACHE.clear()
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",) and not k.startswith("IDJAX_")}
+    env.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    if _CACHE:
+        env.update(JAX_COMPILATION_CACHE_DIR=_CACHE[0], JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+    env.update(extra)
+    return env
+
+
+def test_four_devices_match_one_device(tmp_path):
+    path = _tiny_llama(tmp_path / "llama")
+    script = tmp_path / "four.py"
+    script.write_text(FOUR_DEVICES)
+    proc = subprocess.run([sys.executable, str(script), str(path), str(tmp_path)], capture_output=True, text=True,
+                          timeout=600, cwd=ROOT, env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    assert proc.returncode == 0 and line, proc.stderr[-3000:]
+    res = json.loads(line[0][len("RESULT "):])
+    for name in ("round-robin", "first-order-fsdp"):
+        r = res[name]
+        assert r["rows_equal"] and r["owners_equal"] and r["landmarks_equal"], (name, r)
+        assert r["score_diff"] < 1e-5 and r["weight_diff"] < 1e-5, (name, r)
+        assert r["embed_diff"] < 1e-6 * r["embed_scale"], (name, r)  # float32 embeddings of size ~300
+    for name, diff in res["propagation"].items():
+        assert diff < 1e-5, (name, res["propagation"])
+    assert res["top_k_equal"] and res["round_robin_equal"]
+    for name in ("data4", "fsdp2x2"):
+        assert res["train"][name]["loss_diff"] < 1e-5, res["train"]
+        assert res["train"][name]["param_diff"] < 1e-5, res["train"]
+    assert res["train"]["moved"] > 1e-3  # training changed the weights, so the comparison means something
+    # one compilation per (bucket, mesh): no recompiling per step
+    assert res["train"]["compilations"] <= 3, res["train"]
+
+
+# ----------------------------------------------------------------------------- two processes
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cli_model(tmp_path_factory):
+    """A tiny random Llama with the SmolLM2 tokenizer: `idjax select --model DIR` runs in seconds."""
+    from idjax.models import load_tokenizer
+
+    tok = load_tokenizer("smollm2-135m")
+    path = _tiny_llama(tmp_path_factory.mktemp("cli") / "tiny", vocab=len(tok))
+    tok.save_pretrained(path)
+    target = tmp_path_factory.mktemp("t") / "target.jsonl"
+    rows = [{"id": f"t{i}", "messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
+                                         {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]}
+            for i in range(3)]
+    target.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path, target
+
+
+def _select_argv(model, target, out, store, *extra):
+    return [sys.executable, "-m", "idjax.cli", "select", "--model", str(model), "--train", str(POOL),
+            "--target", str(target), "--k", "5", "--out", str(out), "--store", str(store), "--landmarks", "0.5",
+            "--aggregate", "round-robin", "--params", "mlp", "--proj-dim", "64", "--embed-dim", "16",
+            "--embed-blocks", "1", "--batch-size", "2", "--microbatch", "1", "--chunk-rows", "2",
+            "--max-length", "128", *extra]
+
+
+def _rows(path: Path):
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def _launch(argv, i, port, n=2, heartbeat=5, log=None):
+    return subprocess.Popen(argv + ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(n), "--process-id",
+                                    str(i), "--heartbeat-timeout", str(heartbeat)],
+                            cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=log or subprocess.PIPE, text=True)
+
+
+@pytest.fixture(scope="module")
+def reference(cli_model, tmp_path_factory):
+    model, target = cli_model
+    tmp = tmp_path_factory.mktemp("ref")
+    proc = subprocess.run(_select_argv(model, target, tmp / "sel.jsonl", tmp / "store"), cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return _rows(tmp / "sel.jsonl")
+
+
+def test_two_processes_select_exactly_the_one_process_selection(cli_model, reference, tmp_path):
+    model, target = cli_model
+    port, store = _free_port(), tmp_path / "store"
+    procs = [_launch(_select_argv(model, target, tmp_path / "sel.jsonl", store), i, port) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    assert json.loads(outs[1][0].strip().splitlines()[-1])["written_by"] == 0
+    got = _rows(tmp_path / "sel.jsonl")
+    assert [r["id"] for r in got] == [r["id"] for r in reference]
+    assert [r["by"] for r in got] == [r["by"] for r in reference]
+    np.testing.assert_allclose([r["score"] for r in got], [r["score"] for r in reference], rtol=0, atol=1e-6)
+    # both processes wrote chunks of one store (one manifest each): chunk i is process i mod 2's
+    emb = next(store.glob("embeddings-*"))
+    chunks = json.loads((emb / "manifest.json").read_text())["num_chunks"]
+    assert chunks >= 4 and len(list(emb.glob("chunk-*.npy"))) == chunks
+    meta = json.loads((tmp_path / "sel.meta.json").read_text())
+    assert meta["devices"]["processes"] == 2 and "propagated" in meta["stores"]
+
+
+def test_a_dead_process_fails_the_run_cleanly_and_a_rerun_resumes(cli_model, reference, tmp_path):
+    model, target = cli_model
+    port, store, out = _free_port(), tmp_path / "store", tmp_path / "sel.jsonl"
+    argv = _select_argv(model, target, out, store)
+    log1 = open(tmp_path / "p1.log", "w")
+    p0, p1 = _launch(argv, 0, port), _launch(argv, 1, port, log=log1)
+    t0 = time.monotonic()
+    while "process 1 of 2 started" not in (tmp_path / "p1.log").read_text():  # joined the run: now kill it
+        assert p1.poll() is None and time.monotonic() - t0 < 120, (tmp_path / "p1.log").read_text()[-2000:]
+        time.sleep(0.05)
+    os.kill(p1.pid, signal.SIGKILL)
+    p1.wait()
+    t_kill = time.monotonic()
+    _, err = p0.communicate(timeout=120)
+    log1.close()
+    waited = time.monotonic() - t_kill
+    assert p0.returncode == 1, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("idjax: error: process 0 of 2: process(es) 1 died or stopped responding"), last
+    assert "re-run the same command to resume" in last and str(store) in last
+    assert waited < 60  # heartbeat timeout 5 s (+ the rest of process 0's own chunks)
+    assert not out.exists()
+    kept = {p.name for p in next(store.glob("embeddings-*")).glob("chunk-*.npy")}
+    assert kept and kept <= {f"chunk-{i:06d}.npy" for i in (0, 2, 4, 6)}  # process 0's finished chunks
+    mtimes = {p.name: p.stat().st_mtime_ns for p in next(store.glob("embeddings-*")).glob("chunk-*.npy")}
+    # a re-run (here: one process) resumes from the store and gives the reference selection
+    proc = subprocess.run(argv, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["id"] for r in _rows(out)] == [r["id"] for r in reference]
+    after = {p.name: p.stat().st_mtime_ns for p in next(store.glob("embeddings-*")).glob("chunk-*.npy")}
+    assert all(after[name] == t for name, t in mtimes.items())  # finished chunks were reused, not recomputed
