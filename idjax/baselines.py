@@ -148,5 +148,5 @@ def select_baseline(method: str, model, pool: Sequence[D.Example], targets: Sequ
     weights[rows] = 1.0 / len(rows)
     timings["total"] = round(time.perf_counter() - t0, 3)
     info = {"method": method, "k": int(k), "seed": seed, "pool": n, "targets": len(targets),
-            "timings": timings}
+            "timings_s": timings}
     return P.Selection(np.asarray(rows, np.int64), scores, weights, owners, np.zeros(0, np.int64), info)

@@ -143,3 +143,20 @@ def test_select_writes_rows_and_sidecar(tmp_path, capsys):
     assert meta["landmarks"] == 8 and meta["config"]["k"] == 6
     assert {"load", "embed", "landmarks", "gradients", "targets", "propagate", "weights", "select"} <= set(
         meta["timings_s"])
+
+
+@pytest.mark.parametrize("method", ["rds", "mid-ppl"])
+def test_select_baseline_method(method, tmp_path, capsys):
+    """`--method` runs a MATH.md 9 baseline through the same data checks and output format."""
+    out = tmp_path / "sel.jsonl"
+    argv = ["select", "--train", str(POOL), "--target-task", "gsm8k", "--target", str(TARGET), "--k", "4", "--out", str(out),
+            "--method", method, "--batch-size", "4", "--max-length", "128", "--seed", "2"]
+    code, stdout, err = _run(argv, capsys)
+    assert code == 0, err
+    got = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(got) == 4 and len({r["index"] for r in got}) == 4
+    assert all(r["weight"] == pytest.approx(0.25) for r in got)
+    meta = json.loads(Path(json.loads(stdout)["meta"]).read_text())
+    assert meta["method"] == method and meta["selected"] == 4
+    if method == "rds":
+        assert all("by" in r for r in got)
