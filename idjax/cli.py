@@ -245,6 +245,17 @@ def cmd_select(args) -> int:
         return _usage("select", f"--k {args.k} is larger than the pool: {args.train} has {len(pool)} samples with "
                                 f"a response token ({len(stats.skipped_no_response)} skipped)")
     model, _ = models.load(args.model, dtype=args.dtype, tokenizer=False)
+    out = Path(args.out)
+    store = Path(args.store) if args.store else out.with_suffix(".store")
+    if args.method != "influence":  # MATH.md 9: the same pool, budget, store and output file
+        from idjax import baselines, distributed
+
+        load_s = time.perf_counter() - t0
+        selection = baselines.select_baseline(args.method, model, pool, targets, args.k, seed=args.seed,
+                                              batch_size=args.batch_size, store_dir=store, chunk_rows=args.chunk_rows)
+        if not distributed.is_primary():
+            return 0
+        return _write_selection(args, selection, pool, stats, tstats, out, store, t0, load_s)
     update = None
     if args.optimizer_state:
         spec, state = load_optimizer_state(args.optimizer_state, model)
@@ -258,8 +269,6 @@ def cmd_select(args) -> int:
         proj_kind=args.proj_kind, params=args.params, microbatch=args.microbatch,
         normalize=not args.no_normalize, embed=_embed_config(args), seed=args.seed, batch_size=args.batch_size,
         chunk_rows=args.chunk_rows)
-    out = Path(args.out)
-    store = Path(args.store) if args.store else out.with_suffix(".store")
     load_s = time.perf_counter() - t0
     selection = pipeline.select_samples(model, pool, targets, config, update=update, store_dir=store)
     if selection is None:  # another process of a multi-process run: process 0 writes the selection
@@ -268,6 +277,14 @@ def cmd_select(args) -> int:
         print(json.dumps({"process": distributed.process_index(), "processes": distributed.process_count(),
                           "out": str(out), "written_by": 0, "store": str(store)}))
         return 0
+    return _write_selection(args, selection, pool, stats, tstats, out, store, t0, load_s)
+
+
+def _write_selection(args, selection, pool, stats, tstats, out, store, t0, load_s) -> int:
+    import time
+
+    from idjax import pipeline
+
     selection.info["timings_s"] = {"load": round(load_s, 3), **selection.info["timings_s"]}
     extra = {"command": {"model": str(args.model), "train": str(args.train), "target": args.target,
                          "target_task": args.target_task,
@@ -448,6 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, required=True, help="how many samples to select")
     p.add_argument("--out", required=True, help="output JSONL; the configuration goes to OUT.meta.json")
     p.add_argument("--store", default=None, help="store directory (default: OUT with suffix .store)")
+    p.add_argument("--method", default="influence", choices=["influence", "random", "rds", "mid-ppl", "full"],
+                   help="influence (Influence Distillation; with --exact: LESS-style exact first order) or a "
+                        "baseline: random, rds (RDS+), mid-ppl, full (MATH.md 9); default influence")
     p.add_argument("--landmarks", type=float, default=0.1,
                    help="landmarks: a fraction of the pool (< 1) or a count (default 0.1)")
     p.add_argument("--exact", action="store_true", help="every sample is a landmark (no embeddings; LESS-style)")
