@@ -291,6 +291,15 @@ def put_rows(x, mesh: Mesh | None, axis: int = 0):
     return _put(x, row_sharding(mesh, x.ndim, axis))
 
 
+def pad_rows(x, mesh: Mesh | None, fill=0) -> np.ndarray:
+    """x with `fill` rows appended so that its rows split evenly over the mesh."""
+    x = np.asarray(x)
+    extra = round_up(x.shape[0], mesh if active(mesh) else None) - x.shape[0]
+    if not extra:
+        return x
+    return np.concatenate([x, np.full((extra, *x.shape[1:]), fill, x.dtype)])
+
+
 def put_replicated(tree, mesh: Mesh | None):
     """A pytree copied to every device of the mesh."""
     if not active(mesh):
@@ -666,6 +675,9 @@ def _at_exit(timeout_s: float = 600.0) -> None:
     has left (posted its exit and disconnected) or stopped its heartbeat; a peer still disconnecting
     when the service goes away would be aborted by JAX."""
     if not _STATE.started or not jax.distributed.is_initialized():
+        return
+    if not _STATE.fault_tolerant:  # JAX's own shutdown barrier orders the exit
+        _STATE.stop.set()
         return
     try:
         client, me, n = _client(), jax.process_index(), jax.process_count()

@@ -1,7 +1,9 @@
 """JVP embeddings (MATH.md 5): cheap per-sample features that landmarks propagate along.
 
 The model is truncated to its first B decoder blocks plus the final norm; f(x; theta) is the
-hidden vector at the last non-pad token. For K fixed Gaussian tangents v_k over the truncated
+hidden vector at the last non-pad token (EmbedConfig.pooling="last", the default; "mean" averages
+the hidden states over the non-pad tokens, "response" over the positions that predict a response
+token). For K fixed Gaussian tangents v_k over the truncated
 model's parameters, j_k(x) = d/de f(x; theta + e v_k) at e = 0 by forward-mode AD (jax.jvp),
 batched over samples and tangents in one compiled call; [j_1..j_K] is projected to e dims.
 """
@@ -27,6 +29,14 @@ class EmbedConfig:
     num_tangents: int = 2     # K: random tangent directions
     dim: int = 4096           # e: output dims (K * d_model when that is smaller: no projection then)
     seed: int = 0
+    pooling: str = "last"     # f(x) from the hidden states: last | mean | response (see pooled_features)
+
+    def __post_init__(self):
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"EmbedConfig.pooling must be one of {POOLINGS}, got {self.pooling!r}")
+
+
+POOLINGS = ("last", "mean", "response")
 
 
 def truncate(model: CausalLM, num_blocks: int) -> CausalLM:
@@ -49,6 +59,31 @@ def last_token_features(model: CausalLM, input_ids, attention_mask):
     hidden, _ = model.hidden_states(input_ids, attention_mask)
     last = jnp.maximum(jnp.sum(attention_mask, axis=-1) - 1, 0)
     return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0].astype(jnp.float32)
+
+
+def pooled_features(model: CausalLM, input_ids, attention_mask, labels=None, pooling: str = "last"):
+    """f(x) [B, D] float32 from the final-normed hidden states h [B, L, D] of `model`.
+
+    last:     h at each row's last non-pad token (last_token_features).
+    mean:     the mean of h over the non-pad tokens.
+    response: the mean of h over the positions t whose next token is a response token
+              (labels[t + 1] != -100): the hidden states the response loss is computed from.
+              A row without one (padding) gets 0.
+    """
+    if pooling == "last":
+        return last_token_features(model, input_ids, attention_mask)
+    hidden, _ = model.hidden_states(input_ids, attention_mask)
+    if pooling == "mean":
+        w = attention_mask.astype(jnp.float32)
+    elif pooling == "response":
+        if labels is None:
+            raise ValueError("pooling='response' needs the labels")
+        nxt = labels[:, 1:] != -100
+        w = jnp.concatenate([nxt, jnp.zeros_like(nxt[:, :1])], axis=1).astype(jnp.float32)
+    else:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    total = jnp.einsum("bld,bl->bd", hidden.astype(jnp.float32), w)
+    return total / jnp.maximum(jnp.sum(w, axis=-1), 1.0)[:, None]
 
 
 def random_tangents(params, num: int, seed: int):
@@ -91,9 +126,9 @@ class JVPEmbedder:
         else:
             self._fn = jax.jit(self._embed)
 
-    def _embed(self, params, rest, tangents, projection, ids, mask):
+    def _embed(self, params, rest, tangents, projection, ids, mask, labels):
         def f(p):
-            return last_token_features(nnx.merge(self.graphdef, p, rest), ids, mask)
+            return pooled_features(nnx.merge(self.graphdef, p, rest), ids, mask, labels, self.config.pooling)
 
         # vmap over tangents of a jvp whose primal is unbatched: the forward pass runs once.
         jv = jax.vmap(lambda v: jax.jvp(f, (params,), (v,))[1])(tangents)  # [K, B, D]
@@ -102,8 +137,15 @@ class JVPEmbedder:
 
     def __call__(self, batch) -> jax.Array:
         """Embeddings [B, dim] float32 of one batch (padding rows are garbage: mask them)."""
-        return self._fn(self.params, self.rest, self.tangents, self.projection,
-                        dist.put_rows(batch.input_ids, self.mesh), dist.put_rows(batch.attention_mask, self.mesh))
+        if not dist.active(self.mesh):
+            return self._fn(self.params, self.rest, self.tangents, self.projection,
+                            jnp.asarray(batch.input_ids), jnp.asarray(batch.attention_mask),
+                            jnp.asarray(batch.labels))
+        rows = len(batch.input_ids)  # padded to a multiple of the mesh size, the padding cut off again
+        put = lambda x: dist.put_rows(dist.pad_rows(x, self.mesh), self.mesh)  # noqa: E731
+        out = self._fn(self.params, self.rest, self.tangents, self.projection, put(batch.input_ids),
+                       put(batch.attention_mask), put(batch.labels))
+        return out if out.shape[0] == rows else out[:rows]
 
     def run(self, batches, num_samples: int, *, desc: str = "embeddings", progress: bool = True) -> np.ndarray:
         """Embeddings of every example of `batches`, in example-index order: [num_samples, dim]."""

@@ -135,6 +135,16 @@ def _sharded_map(one, args, per_step: int, shards: int):
     return jax.tree.map(unfold, out)
 
 
+def _put_batch(batch, mesh):
+    """(input_ids, attention_mask, labels) on the device(s): split over the mesh, padded with empty rows
+    (no tokens, no labels) to a multiple of its size; as they are without a mesh."""
+    if mesh is None:
+        return jnp.asarray(batch.input_ids), jnp.asarray(batch.attention_mask), jnp.asarray(batch.labels)
+    return (dist.put_rows(dist.pad_rows(batch.input_ids, mesh), mesh),
+            dist.put_rows(dist.pad_rows(batch.attention_mask, mesh), mesh),
+            dist.put_rows(dist.pad_rows(batch.labels, mesh, IGNORE_INDEX), mesh))
+
+
 def _local_microbatch(b: int, shards: int, microbatch: int) -> int:
     """Samples per step on each device: the largest divisor of the per-device batch <= microbatch."""
     if b % shards:
@@ -218,9 +228,10 @@ class PerExampleGradients:
 
     def __call__(self, batch):
         """Projected gradients [B, k] float32 and a validity flag [B] for one data.Batch."""
-        put = lambda x: dist.put_rows(x, self.mesh if self.shards > 1 else None)  # noqa: E731
-        out = self._fn(self.selected, self.rest, self.precondition, self.offset, put(batch.input_ids),
-                       put(batch.attention_mask), put(batch.labels))
+        out = self._fn(self.selected, self.rest, self.precondition, self.offset,
+                       *_put_batch(batch, self.mesh if self.shards > 1 else None))
+        if out.shape[0] != len(batch.input_ids):  # rows added to fill the mesh
+            out = out[: len(batch.input_ids)]
         has_response = (np.asarray(batch.labels)[:, 1:] != IGNORE_INDEX).any(axis=1)
         return out, np.asarray(batch.sample_mask) & has_response
 
@@ -383,6 +394,7 @@ class ProjectedCurvature:
 
     def __call__(self, batch):
         """(P u [B, k], P h [B, k]) for one data.Batch; padding rows are garbage (mask them)."""
-        put = lambda x: dist.put_rows(x, self.mesh if self.shards > 1 else None)  # noqa: E731
-        return self._fn(self.selected, self.rest, self.precondition, put(batch.input_ids),
-                        put(batch.attention_mask), put(batch.labels))
+        u, h = self._fn(self.selected, self.rest, self.precondition,
+                        *_put_batch(batch, self.mesh if self.shards > 1 else None))
+        rows = len(batch.input_ids)
+        return (u, h) if u.shape[0] == rows else (u[:rows], h[:rows])

@@ -294,8 +294,12 @@ class Trainer:
         self.config = config
         self.mesh = dist.get_mesh() if mesh is None else mesh
         if dist.active(self.mesh) and config.batch_size % self.mesh.size:
-            raise ValueError(f"batch size {config.batch_size} does not split over {self.mesh.size} devices: use a "
-                             f"multiple of {self.mesh.size}")
+            if mesh is not None or dist.multi_process():
+                raise ValueError(f"batch size {config.batch_size} does not split over {self.mesh.size} devices: "
+                                 f"use a multiple of {self.mesh.size}")
+            log.warning("batch size %d does not split over the %d local devices: training on one device (use a "
+                        "multiple of %d to train data parallel)", config.batch_size, self.mesh.size, self.mesh.size)
+            self.mesh = None
         self.model_config = model.config
         self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
         self.param_dtypes = jax.tree.map(lambda x: x.dtype, params)
@@ -525,8 +529,9 @@ def _open_run_dir(out: Path, resume, config: TrainConfig, steps: int, spe: int):
     if ckpt.is_dir() and any(ckpt.iterdir()) and not same:
         raise CheckpointError(f"{ckpt}: holds checkpoints of an earlier run; resume it (--resume {out}) "
                               "or write to a new --out")
-    (out / "train_config.json").write_text(json.dumps({**config.to_dict(), "total_steps": steps,
-                                                       "steps_per_epoch": spe}, indent=2))
+    if dist.is_primary():  # several processes (SPMD training) share one run directory
+        (out / "train_config.json").write_text(json.dumps({**config.to_dict(), "total_steps": steps,
+                                                           "steps_per_epoch": spe}, indent=2))
     return _manager(ckpt, config, create=True)
 
 
@@ -575,7 +580,8 @@ def train(model: CausalLM, examples: Sequence[D.Example], config: TrainConfig, *
     history: list[dict] = []
     try:
         state = _loop(trainer, state, examples, w_all, steps, spe, pad_id, history, elapsed0, t0,
-                      out / "metrics.jsonl" if out is not None else None, checkpoint if manager else None, progress)
+                      out / "metrics.jsonl" if out is not None and dist.is_primary() else None,
+                      checkpoint if manager else None, progress)
     except BaseException:
         if manager is not None:
             manager.close()
@@ -585,7 +591,8 @@ def train(model: CausalLM, examples: Sequence[D.Example], config: TrainConfig, *
         if manager.latest_step() != int(state.step):
             checkpoint(state)
         manager.close()
-        export(final, out, tokenizer)
+        if dist.is_primary():  # Orbax saves above are collective; the exported model is written once
+            export(final, out, tokenizer)
         if config.lora is None:
             save_optimizer_state(out, spec, state.opt_state, int(state.step))
     if history:

@@ -87,3 +87,68 @@ def test_padding_and_projection(model, batch):
     np.testing.assert_allclose(np.asarray(raw(wide))[real], np.asarray(raw(batch))[real], rtol=1e-5, atol=1e-5)
     out = raw.run([batch], 3)
     assert out.shape == (3, 32) and np.all(np.isfinite(out))
+
+
+@pytest.fixture(scope="module")
+def chat_batch():
+    """Rows with a prompt part (labels -100) and a response part, right-padded in one bucket."""
+    rng = np.random.default_rng(1)
+    exs = []
+    for i, (n, prompt) in enumerate([(6, 3), (11, 7), (14, 4)]):
+        ids = rng.integers(1, CFG.vocab_size, n).astype(np.int32)
+        labels = ids.copy()
+        labels[:prompt] = -100
+        exs.append(data.Example(i, str(i), None, ids, labels, False))
+    (b,) = data.make_batches(exs, 4, (16,), pad_id=0)
+    return b
+
+
+def _pool_loop(hidden, ids_len, labels, pooling):
+    """Independent reference: pool one row's hidden states [L, D] with an explicit position loop."""
+    picked = []
+    for t in range(ids_len):
+        if pooling == "mean" or (pooling == "response" and t + 1 < ids_len and labels[t + 1] != -100):
+            picked.append(hidden[t])
+    return np.mean(picked, axis=0)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "response"])
+def test_pooled_jvp_embeddings_equal_finite_differences(model, chat_batch, pooling):
+    emb = JVPEmbedder(model, EmbedConfig(num_blocks=2, num_tangents=2, seed=5, pooling=pooling))
+    got = np.asarray(emb(chat_batch)).reshape(4, 2, CFG.hidden_size)
+    ids, mask = jnp.asarray(chat_batch.input_ids), jnp.asarray(chat_batch.attention_mask)
+
+    @jax.jit
+    def hidden(p):  # all final-normed hidden states of the 2-block model, no pooling
+        return nnx.merge(emb.graphdef, p, emb.rest).hidden_states(ids, mask)[0]
+
+    eps = 1e-4
+    lengths = chat_batch.attention_mask.sum(1)
+    for k in range(2):
+        v = jax.tree.map(lambda t: t[k], emb.tangents)
+        plus = np.asarray(hidden(jax.tree.map(lambda p, t: p + eps * t, emb.params, v)), np.float64)
+        minus = np.asarray(hidden(jax.tree.map(lambda p, t: p - eps * t, emb.params, v)), np.float64)
+        fd_hidden = (plus - minus) / (2 * eps)
+        for r in np.flatnonzero(chat_batch.sample_mask):
+            ref = _pool_loop(fd_hidden[r], lengths[r], chat_batch.labels[r], pooling)
+            err = np.linalg.norm(ref - got[r, k]) / np.linalg.norm(ref)
+            assert err < 3e-3, (pooling, k, r, err)
+
+
+def test_pooling_differs_and_ignores_padding(model, chat_batch):
+    outs = {}
+    for pooling in ("last", "mean", "response"):
+        emb = JVPEmbedder(model, EmbedConfig(num_blocks=2, num_tangents=1, seed=0, pooling=pooling))
+        outs[pooling] = np.asarray(emb(chat_batch))
+        wide = data.Batch(*(np.pad(x, ((0, 0), (0, 8)), constant_values=c) for x, c in
+                            ((chat_batch.input_ids, 0), (chat_batch.attention_mask, 0), (chat_batch.labels, -100))),
+                          chat_batch.sample_mask, chat_batch.indices)
+        real = chat_batch.sample_mask
+        np.testing.assert_allclose(np.asarray(emb(wide))[real], outs[pooling][real], rtol=1e-5, atol=1e-5)
+    real = chat_batch.sample_mask
+    default = JVPEmbedder(model, EmbedConfig(num_blocks=2, num_tangents=1, seed=0))
+    np.testing.assert_array_equal(np.asarray(default(chat_batch))[real], outs["last"][real])
+    assert not np.allclose(outs["mean"][real], outs["last"][real])
+    assert not np.allclose(outs["response"][real], outs["mean"][real])
+    with pytest.raises(ValueError, match="pooling"):
+        EmbedConfig(pooling="max")
