@@ -139,7 +139,7 @@ def plot(rows: list[dict], out: Path) -> None:
     ax2.semilogx(n, [r["input_mb"] for r in rows], "s--", label="E on disk (not loaded)")
     ax2.set_xlabel("pool size N")
     ax2.set_ylabel("MiB")
-    ax2.set_title(f"memory (C would be {rows[-1]['c_would_be_mb'] / 1024:.0f} GiB at N = {int(n[-1]):,})")
+    ax2.set_title(f"memory (C would be {rows[-1]['c_would_be_mb'] / 1024:.1f} GiB at N = {int(n[-1]):,})")
     ax2.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=120)

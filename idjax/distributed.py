@@ -38,10 +38,10 @@ import io
 import logging
 import os
 import re
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -618,21 +618,40 @@ def barrier(name: str, timeout_s: float | None = None) -> None:
     _wait(ready, f"barrier {name}", timeout_s)
 
 
-def broadcast(name: str, value: np.ndarray | None = None, *, src: int = 0, timeout_s: float | None = None):
-    """Process `src`'s array, on every process (as numpy). Small arrays only (landmark-sized)."""
+_KV_BYTES = 1 << 20  # larger broadcasts go through a file in the shared directory
+
+
+def broadcast(name: str, value: np.ndarray | None = None, *, src: int = 0, timeout_s: float | None = None,
+              directory: str | os.PathLike | None = None):
+    """Process `src`'s array, on every process (as numpy).
+
+    Small arrays travel through the coordination service's key-value store; arrays over 1 MiB are
+    written to `directory` (a file system every process sees, e.g. the store directory) when given.
+    """
     if not multi_process():
         return np.asarray(value)
     _STATE.counter += 1
     client = _client()
     key = _key("value", f"{_STATE.counter}-{name}")
     if jax.process_index() == src:
+        value = np.asarray(value)
         buf = io.BytesIO()
-        np.save(buf, np.asarray(value), allow_pickle=False)
+        if directory is not None and value.nbytes > _KV_BYTES:
+            path = Path(directory) / f".broadcast-{_STATE.counter}-{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.npy"
+            tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+            with open(tmp, "wb") as f:
+                np.save(f, value, allow_pickle=False)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            buf.write(b"file:" + str(path.absolute()).encode())
+        else:
+            np.save(buf, value, allow_pickle=False)
         try:
             client.key_value_set_bytes(key, buf.getvalue())
         except Exception as e:  # noqa: BLE001
             raise _error(f"broadcast {name}: {_first_line(e)}") from e
-        return np.asarray(value)
+        return value
 
     def ready():
         try:
@@ -643,6 +662,8 @@ def broadcast(name: str, value: np.ndarray | None = None, *, src: int = 0, timeo
             raise
 
     data = _wait(ready, f"waiting for {name} from process {src}", timeout_s, waiting_for=[src])
+    if data.startswith(b"file:"):
+        return np.load(data[len(b"file:"):].decode(), allow_pickle=False)
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
@@ -717,9 +738,9 @@ def fit_batch_size(batch_size: int, mesh: Mesh | None) -> int:
 
 __all__ = [
     "DATA", "FSDP", "ROWS", "RULES", "DistributedError", "initialize", "process_index", "process_count",
-    "is_primary", "multi_process", "process_chunks", "process_rows", "parse_mesh", "make_mesh", "set_mesh",
-    "get_mesh", "active", "mesh_from_spec", "row_sharding", "replicated", "round_up", "put_rows",
-    "put_replicated", "to_host", "logical_axes", "spec_for", "param_shardings", "shard_params", "top_k",
-    "top_k_rows", "check_peers", "barrier", "broadcast", "publish_failure", "failures_published", "describe",
-    "fit_batch_size",
+    "is_primary", "multi_process", "set_note", "process_chunks", "process_rows", "parse_mesh", "make_mesh",
+    "set_mesh", "get_mesh", "active", "mesh_from_spec", "row_sharding", "replicated", "round_up", "put_rows",
+    "pad_rows", "put_replicated", "to_host", "logical_axes", "spec_for", "param_shardings", "shard_params",
+    "top_k", "top_k_rows", "check_peers", "barrier", "broadcast", "publish_failure", "failures_published",
+    "describe", "fit_batch_size",
 ]

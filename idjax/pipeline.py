@@ -356,7 +356,7 @@ def _select(model, pool, targets, config: SelectConfig, update, store_dir: Path,
         elif multi:  # every process must use the same landmarks: process 0 chooses them
             chosen = choose_landmarks(embeddings, num, method=config.landmark_method, seed=config.seed) \
                 if primary else None
-            landmarks = dist.broadcast("landmarks", chosen).astype(np.int64)
+            landmarks = dist.broadcast("landmarks", chosen, directory=store_dir).astype(np.int64)
         else:
             landmarks = choose_landmarks(embeddings, num, method=config.landmark_method, seed=config.seed)
     log.info("%d landmarks of %d pool samples", len(landmarks), n)
@@ -416,7 +416,7 @@ def _select(model, pool, targets, config: SelectConfig, update, store_dir: Path,
             if multi:  # each process propagates its chunks of rows into a store; process 0 reads them all
                 values = np.column_stack([p_l] + ([] if cols_l is None else [cols_l])).astype(np.float32) \
                     if primary else None
-                values = dist.broadcast("landmark values", values)
+                values = dist.broadcast("landmark values", values, directory=store_dir)
                 pfp = {"kind": "propagated", "embeddings": estore.fingerprint, "rows": fingerprint(landmarks),
                        "propagation": [config.propagation, config.delta], "values": fingerprint(values)}
                 pstore = _open(store_dir, "propagated", (n, values.shape[1]), config.chunk_rows, pfp)

@@ -72,7 +72,7 @@ FOUR_DEVICES = textwrap.dedent("""
     model, _ = M.load(path, tokenizer=False)
     one, four, fsdp = dist.make_mesh(1, 1), dist.make_mesh(), dist.make_mesh(2, 2)
 
-    def examples(n, seed, prefix, task=None):
+    def examples(n, seed, prefix):
         rng = np.random.default_rng(seed)
         out = []
         for i in range(n):
@@ -80,7 +80,7 @@ FOUR_DEVICES = textwrap.dedent("""
             ids = rng.integers(1, 89, length).astype(np.int32)
             labels = ids.copy()
             labels[: length // 2] = data.IGNORE_INDEX
-            out.append(data.Example(i, f"{prefix}{i}", None if task is None else task[i % len(task)], ids, labels, False))
+            out.append(data.Example(i, f"{prefix}{i}", None, ids, labels, False))
         return out
 
     pool, targets = examples(22, 1, "p"), examples(3, 2, "t")
@@ -107,7 +107,8 @@ FOUR_DEVICES = textwrap.dedent("""
     for n, m in (("one", one), ("fsdp", fsdp)):
         e[n] = JVPEmbedder(model, ecfg, mesh=m).run(batches, len(pool), progress=False)
         g[n] = PerExampleGradients(model, proj, gcfg, mesh=m).run(batches, len(pool), progress=False)
-    res["fsdp"] = {"embed_diff": float(np.abs(e["fsdp"] - e["one"]).max()), "embed_scale": float(np.abs(e["one"]).max()),
+    res["fsdp"] = {"embed_diff": float(np.abs(e["fsdp"] - e["one"]).max()),
+                   "embed_scale": float(np.abs(e["one"]).max()),
                    "grad_diff": float(np.abs(g["fsdp"] - g["one"]).max()), "grad_scale": float(np.abs(g["one"]).max())}
 
     # propagation on its own, second-order product included (C's rows padded to a multiple of 4)
@@ -138,12 +139,14 @@ FOUR_DEVICES = textwrap.dedent("""
     res["round_robin_equal"] = (S.round_robin(cols, 40, seed=3, candidates=cand).tolist()
                                 == S.round_robin(cols, 40, seed=3, candidates=cand, mesh=four).tolist())
 
-    tcfg = T.TrainConfig(optimizer=OptimizerSpec("adamw", 1e-2, warmup_steps=0), batch_size=8, steps=2, seed=1,
+    # eps well above float32 noise in the gradients: Adam's m / sqrt(v) would amplify it on coordinates
+    # whose gradient is ~0 (a 1e-9 difference there moves the parameter by up to lr)
+    tcfg = T.TrainConfig(optimizer=OptimizerSpec("adamw", 1e-2, eps=1e-3), batch_size=8, steps=2, seed=1,
                          buckets=(32,))
     runs = {name: T.train(model, pool, tcfg, mesh=m, progress=False)
-            for name, m in (("one", one), ("data4", four), ("fsdp2x2", fsdp))}
-    flat = {name: np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(r.trainer.params(r.state))])
-            for name, r in runs.items()}
+            for name, m in (("one", one), ("fsdp2x2", fsdp))}  # batch over 4 devices, parameters over 2
+    flat = {name: np.concatenate([np.asarray(x, np.float64).ravel()
+                                  for x in jax.tree.leaves(r.trainer.params(r.state))]) for name, r in runs.items()}
     res["train"] = {name: {"loss_diff": max(abs(h["loss"] - g["loss"]) for h, g in zip(runs["one"].history, r.history)),
                            "param_diff": float(np.abs(flat[name] - flat["one"]).max())}
                     for name, r in runs.items() if name != "one"}
@@ -213,12 +216,12 @@ def test_four_devices_match_one_device(tmp_path):
     for name, diff in res["propagation"].items():
         assert diff < 1e-5, (name, res["propagation"])
     assert res["top_k_equal"] and res["round_robin_equal"]
-    for name in ("data4", "fsdp2x2"):
+    for name in ("fsdp2x2",):
         assert res["train"][name]["loss_diff"] < 1e-5, res["train"]
         assert res["train"][name]["param_diff"] < 1e-5, res["train"]
     assert res["train"]["moved"] > 1e-3  # training changed the weights, so the comparison means something
     # one compilation per (bucket, mesh): no recompiling per step
-    assert res["train"]["compilations"] <= 3, res["train"]
+    assert res["train"]["compilations"] <= 2, res["train"]
 
 
 # ----------------------------------------------------------------------------- two processes
