@@ -236,7 +236,7 @@ class TorchInfluence:
                     x = x[int(layer.group(1))]
                 if key.endswith(".kernel"):
                     x = x.T
-                tk[nm] = t.from_numpy(np.ascontiguousarray(x, np.float32))
+                tk[nm] = t.from_numpy(np.array(x, np.float32))  # a writable copy
                 if tuple(tk[nm].shape) != tuple(p.shape):
                     raise RuntimeError(f"tangent for {nm}: {tuple(tk[nm].shape)} vs {tuple(p.shape)}")
             self.tangents.append(tk)
