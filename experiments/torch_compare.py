@@ -28,7 +28,7 @@ propagated scores) and time per stage for both, with idjax's compile time measur
 (a jax.monitoring listener sums tracing, lowering and XLA compile time per pipeline stage) and
 each idjax configuration run twice (first call = compile + run; second call = steady state).
 
-    python experiments/torch_compare.py --limit 96
+    python experiments/torch_compare.py --limit 48 --torch-threads 1
 
 The markdown section is appended to experiments/RESULTS.md (--no-record to only print).
 """
@@ -310,6 +310,9 @@ def main(argv=None) -> int:
                     "(fewer: less memory; idjax's automatic choice for down_proj is 8)")
     ap.add_argument("--calls", type=int, default=2, choices=(1, 2), help="select_samples calls per configuration")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--torch-threads", type=int, default=None,
+                    help="torch.set_num_threads (default: every CPU). On a machine shared with other jobs, 1 is "
+                    "several times faster for batch-1 loops: many small ops, each an OpenMP region")
     ap.add_argument("--hf-dir", default=str(HF_DIR), help="HF safetensors copy of the model for torch")
     ap.add_argument("--skip-landmarks", action="store_true", help="exact comparison only")
     ap.add_argument("--no-record", action="store_true")
@@ -325,7 +328,7 @@ def main(argv=None) -> int:
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.torch_threads or os.cpu_count() or 1)
     t_start = time.perf_counter()
 
     # ---------------------------------------------------------------- shared inputs
