@@ -11,6 +11,7 @@ batched over samples and tangents in one compiled call; [j_1..j_K] is projected 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -97,6 +98,31 @@ def random_tangents(params, num: int, seed: int):
     return jax.tree.unflatten(treedef, out)
 
 
+def _embed(graphdef, pooling, params, rest, tangents, projection, ids, mask, labels):
+    """[B, e] JVP embeddings of one batch (the compiled body of JVPEmbedder)."""
+    def f(p):
+        return pooled_features(nnx.merge(graphdef, p, rest), ids, mask, labels, pooling)
+
+    # vmap over tangents of a jvp whose primal is unbatched: the forward pass runs once.
+    jv = jax.vmap(lambda v: jax.jvp(f, (params,), (v,))[1])(tangents)  # [K, B, D]
+    out = jnp.moveaxis(jv, 0, 1).reshape(ids.shape[0], -1)            # [B, K*D]
+    return out if projection is None else out @ projection
+
+
+_EMBED_JITS: dict = {}
+
+
+def _embed_jit(graphdef, pooling: str, out_sharding):
+    """One jitted _embed per (model structure, pooling, output sharding), shared by every JVPEmbedder:
+    a second embedder of the same model (another call of select_samples, another target set) reuses
+    the compilations of the first instead of compiling every length bucket again."""
+    key = (graphdef, pooling, out_sharding)
+    if key not in _EMBED_JITS:
+        fn = functools.partial(_embed, graphdef, pooling)
+        _EMBED_JITS[key] = jax.jit(fn) if out_sharding is None else jax.jit(fn, out_shardings=out_sharding)
+    return _EMBED_JITS[key]
+
+
 class JVPEmbedder:
     """Compute JVP embeddings of data.Batch-es: one compilation per length bucket.
 
@@ -122,18 +148,9 @@ class JVPEmbedder:
             self.rest = dist.shard_params(self.rest, self.mesh)
             self.tangents = dist.shard_params(self.tangents, self.mesh, lead=1)
             self.projection = dist.put_replicated(self.projection, self.mesh)
-            self._fn = jax.jit(self._embed, out_shardings=dist.row_sharding(self.mesh, 2))
+            self._fn = _embed_jit(self.graphdef, config.pooling, dist.row_sharding(self.mesh, 2))
         else:
-            self._fn = jax.jit(self._embed)
-
-    def _embed(self, params, rest, tangents, projection, ids, mask, labels):
-        def f(p):
-            return pooled_features(nnx.merge(self.graphdef, p, rest), ids, mask, labels, self.config.pooling)
-
-        # vmap over tangents of a jvp whose primal is unbatched: the forward pass runs once.
-        jv = jax.vmap(lambda v: jax.jvp(f, (params,), (v,))[1])(tangents)  # [K, B, D]
-        out = jnp.moveaxis(jv, 0, 1).reshape(ids.shape[0], -1)            # [B, K*D]
-        return out if projection is None else out @ projection
+            self._fn = _embed_jit(self.graphdef, config.pooling, None)
 
     def __call__(self, batch) -> jax.Array:
         """Embeddings [B, dim] float32 of one batch (padding rows are garbage: mask them)."""

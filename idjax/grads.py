@@ -8,6 +8,7 @@ is reported upstream (data.tokenize skips it), never a NaN.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 
 import jax
@@ -173,6 +174,40 @@ class GradientConfig:
     seed: int = 0
 
 
+def _per_example_gradients(graphdef, projector, config: GradientConfig, mask, shards: int,
+                           selected, rest, precondition, offset, ids, mask_ids, labels):
+    """[B, k] projected gradients of one batch (the compiled body of PerExampleGradients)."""
+    loss = _one_sample_loss(graphdef, rest)
+    mb = config.microbatch
+
+    def one(ids, attn, labels):
+        g = jax.grad(loss)(selected, ids, attn, labels)
+        if offset is not None:
+            g = jax.tree.map(lambda x, o: x - o.astype(x.dtype), g, offset)
+        if precondition is not None:
+            g = jax.tree.map(lambda a, x: (a * x).astype(jnp.float32), precondition, g)
+        if mask is not None:
+            g = mask.apply(g)
+        return projector.project(g, normalize=config.normalize)
+
+    b = ids.shape[0]
+    if shards > 1:  # `mb` samples per device at a time
+        m = _local_microbatch(b, shards, mb)
+        if m == b // shards:
+            return jax.vmap(one)(ids, mask_ids, labels)
+        return _sharded_map(one, (ids, mask_ids, labels), m * shards, shards)
+    if b <= mb or b % mb:
+        return jax.vmap(one)(ids, mask_ids, labels)
+    # Several microbatches: a scan keeps at most `mb` full gradients alive.
+    return _sharded_map(one, (ids, mask_ids, labels), mb, 1)
+
+
+#: One jitted _per_example_gradients per (model structure, projector, config, shards, sharding),
+#: shared by every PerExampleGradients: a second selection in the same process (another target
+#: set, the landmark and target passes) reuses the compiled length buckets.
+_GRADIENT_JITS: dict = {}
+
+
 class PerExampleGradients:
     """Projected, optionally preconditioned per-example gradients, one jit per length bucket.
 
@@ -197,34 +232,13 @@ class PerExampleGradients:
         if self.shards > 1:
             self.selected, self.rest, self.precondition, self.offset = (
                 dist.shard_params(t, self.mesh) for t in (self.selected, self.rest, self.precondition, self.offset))
-            self._fn = jax.jit(self._compute, out_shardings=dist.row_sharding(self.mesh, 2))
-        else:
-            self._fn = jax.jit(self._compute)
-
-    def _compute(self, selected, rest, precondition, offset, ids, mask, labels):
-        loss = _one_sample_loss(self.graphdef, rest)
-        mb = self.config.microbatch
-
-        def one(ids, mask, labels):
-            g = jax.grad(loss)(selected, ids, mask, labels)
-            if offset is not None:
-                g = jax.tree.map(lambda x, o: x - o.astype(x.dtype), g, offset)
-            if precondition is not None:
-                g = jax.tree.map(lambda a, x: (a * x).astype(jnp.float32), precondition, g)
-            if self.mask is not None:
-                g = self.mask.apply(g)
-            return self.projector.project(g, normalize=self.config.normalize)
-
-        b = ids.shape[0]
-        if self.shards > 1:  # `mb` samples per device at a time
-            m = _local_microbatch(b, self.shards, mb)
-            if m == b // self.shards:
-                return jax.vmap(one)(ids, mask, labels)
-            return _sharded_map(one, (ids, mask, labels), m * self.shards, self.shards)
-        if b <= mb or b % mb:
-            return jax.vmap(one)(ids, mask, labels)
-        # Several microbatches: a scan keeps at most `mb` full gradients alive.
-        return _sharded_map(one, (ids, mask, labels), mb, 1)
+        # The coordinate mask is a function of (keep, seed, the selected shapes): all in the key.
+        sharding = dist.row_sharding(self.mesh, 2) if self.shards > 1 else None
+        key = (self.graphdef, projector, config, self.shards, sharding)
+        if key not in _GRADIENT_JITS:
+            fn = functools.partial(_per_example_gradients, self.graphdef, projector, config, self.mask, self.shards)
+            _GRADIENT_JITS[key] = jax.jit(fn) if sharding is None else jax.jit(fn, out_shardings=sharding)
+        self._fn = _GRADIENT_JITS[key]
 
     def __call__(self, batch):
         """Projected gradients [B, k] float32 and a validity flag [B] for one data.Batch."""

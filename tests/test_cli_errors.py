@@ -391,7 +391,10 @@ def test_ctrl_c_during_embed_keeps_a_valid_store_and_resumes(tiny, tmp_path, cap
     """SIGINT to a real `idjax embed` once its first chunk is on disk: exit 130, one line, no traceback; the
     store opens, holds only whole chunks, and the same command (here in-process, to save a start-up) finishes
     it without recomputing them. Then the same store with another --chunk-rows: refused, nothing lost."""
-    pool = _write(tmp_path / "pool.jsonl", [_chat(i, answer=f"Answer number {i}.") for i in range(40)])
+    # 200 one-row chunks (~30 ms each): on a loaded machine this poller may sleep far longer than its 5 ms,
+    # and with 40 chunks the run once finished before the interrupt landed.
+    rows = 200
+    pool = _write(tmp_path / "pool.jsonl", [_chat(i, answer=f"Answer number {i}.") for i in range(rows)])
     store = tmp_path / "store"
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
     proc = subprocess.Popen(_embed_cmd(tiny, pool, store), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -423,7 +426,7 @@ def test_ctrl_c_during_embed_keeps_a_valid_store_and_resumes(tiny, tmp_path, cap
     finished = {p.name: p.stat().st_mtime_ns for p in sub.glob("chunk-*.npy")}
     code, out, err = _run(_embed_cmd(tiny, pool, store)[3:], capsys)
     assert code == 0, err
-    assert json.loads(out)["rows"] == 40
+    assert json.loads(out)["rows"] == rows
     assert not ArrayStore.open(sub, create=False).missing()
     assert {n: (sub / n).stat().st_mtime_ns for n in finished} == finished  # reused, not recomputed
 

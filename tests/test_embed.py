@@ -89,6 +89,20 @@ def test_padding_and_projection(model, batch):
     assert out.shape == (3, 32) and np.all(np.isfinite(out))
 
 
+def test_second_embedder_reuses_the_compilation(model, batch):
+    """Embedders of one model structure share a compiled function; the weights stay arguments."""
+    cfg = EmbedConfig(num_blocks=2, num_tangents=2, seed=4)
+    first = JVPEmbedder(model, cfg)
+    a = np.asarray(first(batch))
+    compiled = first._fn._cache_size()  # other tests may have compiled other shapes already
+    other = JVPEmbedder(CausalLM(CFG, rngs=nnx.Rngs(9)), cfg)  # same structure, other weights
+    b = np.asarray(other(batch))
+    assert other._fn is first._fn and first._fn._cache_size() == compiled
+    assert not np.allclose(a, b, atol=1e-3)  # not the first model's weights baked in as constants
+    np.testing.assert_array_equal(np.asarray(JVPEmbedder(model, cfg)(batch)), a)
+    assert JVPEmbedder(model, EmbedConfig(num_blocks=2, pooling="mean"))._fn is not first._fn
+
+
 @pytest.fixture(scope="module")
 def chat_batch():
     """Rows with a prompt part (labels -100) and a response part, right-padded in one bucket."""

@@ -111,6 +111,24 @@ def test_coordinate_mask_keeps_a_fixed_subset(model):
     np.testing.assert_allclose(masked, full[:, flat_idx], atol=1e-7)
 
 
+def test_second_instance_reuses_the_compilation(model):
+    """A second selection in one process must not recompile: instances of one model structure,
+    projector and config share the compiled function, and the weights stay arguments."""
+    exs = examples(4, np.random.default_rng(3), lengths=(6, 9))
+    (batch,) = data.make_batches(exs, 4, (16,), pad_id=0)
+    cfg = GradientConfig(params="mlp", normalize=False, seed=11)
+    first = PerExampleGradients(model, Projector("rademacher", 32, seed=2), cfg)
+    a = np.asarray(first(batch)[0])
+    compiled = first._fn._cache_size()
+    other = PerExampleGradients(CausalLM(CFG, rngs=nnx.Rngs(8)), Projector("rademacher", 32, seed=2), cfg)
+    b = np.asarray(other(batch)[0])
+    assert other._fn is first._fn and first._fn._cache_size() == compiled
+    assert not np.allclose(a, b, atol=1e-4)
+    again = PerExampleGradients(model, Projector("rademacher", 32, seed=2), cfg)
+    np.testing.assert_array_equal(np.asarray(again(batch)[0]), a)
+    assert PerExampleGradients(model, Projector("rademacher", 32, seed=3), cfg)._fn is not first._fn
+
+
 def test_bad_param_pattern(model):
     with pytest.raises(ValueError, match="matches no parameter"):
         split_params(model, "no_such_weight")

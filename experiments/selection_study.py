@@ -1,0 +1,489 @@
+"""Does Influence Distillation pick better fine-tuning data than the baselines, and at what cost? (issue 8)
+
+The paper's comparison (its Figure 1: target performance against selection cost) at CPU scale:
+
+* model: SmolLM2-135M-Instruct, warmed up as `idjax demo` does (AdamW, 4 steps on 5% of the pool);
+* pool: the bundled five-domain pool (idjax/assets/demo/pool.jsonl, its first --pool-limit rows);
+* targets: the three bundled tasks (code: Python docstring Q&A; definitions: WordNet glosses;
+  jargon: Jargon File entries), 16 target rows each; 60 held-out eval rows each;
+* budgets: k = 5% and 10% of the pool; seeds 0, 1, 2 (the seed draws the random subset, the
+  landmarks and the fine-tuning order);
+* methods: random, RDS+, mid-PPL, Influence Distillation with 10% landmarks ("influence"),
+  Influence Distillation with every sample a landmark ("exact", the LESS-style first-order
+  baseline), and the full pool;
+* one fine-tuning recipe for every selection: AdamW 5e-5, clip 1, batch 8, two epochs of the
+  selection (ceil(2k / 8) steps) from the warmed-up model; the metric is the eval set's target
+  loss (mean response-token loss per sample, MATH.md 1), lower is better.
+
+Selection cost is measured cold (the first selection of each method computes everything: pool
+embeddings, landmark / pool gradients, target gradients); later selections reuse the store, so
+their times are not costs. FLOPs per stage are the XLA cost analysis of one compiled batch of each
+stage, scaled to the rows the stage processed.
+
+    python experiments/selection_study.py --out experiments/.store/selection-study
+    python experiments/selection_study.py --out ... --report   # tables + plot from results.json
+
+Everything lands in OUT/results.json as it finishes (atomic writes): an interrupted run resumes
+with the next unfinished fine-tune.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DEMO = ROOT / "idjax" / "assets" / "demo"
+TASKS = ("code", "definitions", "jargon")
+METHODS = ("random", "rds", "mid-ppl", "influence", "exact")
+LABELS = {"random": "random", "rds": "RDS+", "mid-ppl": "mid-PPL", "influence": "ID (10% landmarks)",
+          "exact": "ID exact (LESS-style)", "full": "full pool"}
+
+
+class Results:
+    """OUT/results.json: finished runs keyed by a readable string; rewritten atomically per put."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.items = json.loads(path.read_text()) if path.exists() else {}
+
+    def __contains__(self, key):
+        return key in self.items
+
+    def __getitem__(self, key):
+        return self.items[key]
+
+    def put(self, key, value):
+        self.items[key] = value
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self.items, indent=1))
+        tmp.replace(self.path)
+
+
+def flops_per_row(fn, *args) -> float | None:
+    """XLA's flop estimate for one compiled call of a jitted fn, or None where it gives none."""
+    try:
+        cost = fn.lower(*args).compile().cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        return float(cost.get("flops", 0.0)) or None
+    except Exception as e:  # noqa: BLE001 (an estimate only: report why it is missing)
+        print(f"  (no cost analysis: {type(e).__name__}: {e})")
+        return None
+
+
+class Study:
+    def __init__(self, args):
+        from flax import nnx
+
+        from idjax import data, demo, models
+        from idjax.optim import load_optimizer_state, update_model
+
+        self.args = args
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.results = Results(self.out / "results.json")
+        self.tok = models.load_tokenizer(models.resolve(demo.MODEL))
+        self.pad = self.tok.pad_token_id or 0
+        self.pool_records = data.read_records(DEMO / "pool.jsonl", limit=args.pool_limit)
+        self.pool, _ = data.tokenize(self.pool_records, self.tok, max_length=args.max_length, source="pool")
+        self.targets, self.evals = {}, {}
+        for task in args.tasks:
+            t = data.read_records(DEMO / "targets" / f"{task}.jsonl")
+            e = data.read_records(DEMO / "eval" / f"{task}.jsonl", limit=args.eval_limit)
+            self.targets[task], _ = data.tokenize(t, self.tok, max_length=args.max_length, source=f"{task} targets")
+            self.evals[task], _ = data.tokenize(e, self.tok, max_length=args.max_length, source=f"{task} eval")
+        t0 = time.perf_counter()
+        demo._warmup(self.out, self.pool_records, self.tok, fraction=0.05, steps=args.warmup_steps, lr=5e-5,
+                     batch_size=8, seed=0, max_length=args.max_length)
+        self.warmup_s = time.perf_counter() - t0
+        self.model, _ = models.load(self.out / "warmup", tokenizer=False)
+        spec, opt_state = load_optimizer_state(self.out / "warmup", self.model)
+        self.update = update_model(spec, opt_state, nnx.state(self.model, nnx.Param))
+        self.domains = [demo._domain(self.pool_records[e.index]) for e in self.pool]
+
+    # -- selection
+
+    def select(self, method: str, task: str, k: int, seed: int, store=None, **overrides):
+        """(Selection, seconds) of one method; store: the array store (default OUT/store, shared)."""
+        from idjax import baselines, pipeline
+        from idjax.embed import EmbedConfig
+
+        targets = self.targets[task]
+        store = self.out / "store" if store is None else store
+        t0 = time.perf_counter()
+        if method in ("influence", "exact"):
+            cfg = dict(k=k, landmarks=self.args.landmarks, exact=method == "exact", params="down_proj",
+                       proj_dim=1024, seed=seed, batch_size=8,
+                       embed=EmbedConfig(num_blocks=4, num_tangents=2, dim=1152, seed=0))
+            cfg.update(overrides)
+            update = cfg.pop("update", self.update)
+            sel = pipeline.select_samples(self.model, self.pool, targets, pipeline.SelectConfig(**cfg),
+                                          update=update, store_dir=store)
+        else:
+            sel = baselines.select_baseline(method, self.model, self.pool, targets, k, seed=seed, batch_size=8,
+                                            store_dir=store)
+        return sel, time.perf_counter() - t0
+
+    # -- fine-tuning
+
+    def finetune(self, task: str, rows, seed: int, weights=None) -> dict:
+        from idjax import evaluate, train
+        from idjax.optim import OptimizerSpec
+
+        examples = [self.pool[int(r)] for r in rows]
+        steps = max(1, math.ceil(self.args.epochs * len(examples) / 8))
+        recipe = train.TrainConfig(optimizer=OptimizerSpec("adamw", 5e-5, clip_norm=1.0), batch_size=8,
+                                   steps=steps, seed=seed)
+        w = None
+        if weights is not None:  # mean weight 1 over the selection, so the step size is comparable
+            w = np.zeros(len(self.pool_records) + 1, np.float64)
+            sw = np.asarray([weights[int(r)] for r in rows], np.float64)
+            sw = sw / max(sw.mean(), 1e-12)
+            for r, v in zip(rows, sw):
+                w[self.pool[int(r)].index] = v
+        t0 = time.perf_counter()
+        res = train.train(self.model, examples, recipe, weights=w, tokenizer=self.tok, pad_id=self.pad,
+                          progress=False)
+        loss = evaluate.target_loss(res.model, self.evals[task], batch_size=16, pad_id=self.pad)["loss"]
+        return {"loss": loss, "steps": steps, "train_s": round(time.perf_counter() - t0, 1),
+                "final_train_loss": round(res.history[-1]["loss"], 4)}
+
+    def composition(self, rows, task):
+        share = sum(self.domains[int(r)] == task for r in rows) / max(len(rows), 1)
+        return round(share, 3)
+
+    def run_one(self, key, method, task, k, seed, weighted=False, **overrides):
+        """Select, fine-tune, evaluate and record one cell unless it is already in results.json."""
+        if key in self.results:
+            return self.results[key]
+        sel, sec = self.select(method, task, k, seed, **overrides)
+        rows = [int(r) for r in sel.rows][:k]
+        ft = self.finetune(task, rows, seed, weights=sel.weights if weighted else None)
+        value = {"method": method, "task": task, "k": k, "seed": seed, "select_s": round(sec, 2),
+                 "select_stages_s": sel.info.get("timings_s", {}), "target_share": self.composition(rows, task),
+                 "rows": rows, **ft}
+        if method in ("influence", "exact"):
+            value["scores"] = np.asarray(sel.scores, np.float32).round(5).tolist()
+        self.results.put(key, value)
+        print(f"{key}: loss {ft['loss']:.4f} (target-domain share {value['target_share']:.2f}, "
+              f"select {sec:.1f} s, train {ft['train_s']} s)", flush=True)
+        return value
+
+    def before(self, task):
+        from idjax import evaluate
+
+        key = f"before/{task}"
+        if key not in self.results:
+            loss = evaluate.target_loss(self.model, self.evals[task], batch_size=16, pad_id=self.pad)["loss"]
+            self.results.put(key, {"loss": loss})
+        return self.results[key]["loss"]
+
+    def cold_costs(self):
+        """Cold selection cost of each method, each in a fresh store (first task, seed 0, largest k)."""
+        import shutil
+
+        if "cost" in self.results:
+            return self.results["cost"]
+        task = self.args.tasks[0]
+        k = max(1, round(max(self.args.budgets) * len(self.pool)))
+        out = {}
+        for method in METHODS:
+            cold = self.out / f"store-cold-{method}"
+            shutil.rmtree(cold, ignore_errors=True)
+            sel, sec = self.select(method, task, k, 0, store=cold)
+            out[method] = {"seconds": round(sec, 2), "stages_s": sel.info.get("timings_s", {}),
+                           "landmarks": int(len(sel.landmarks))}
+            shutil.rmtree(cold, ignore_errors=True)
+            print(f"cold cost {method}: {sec:.1f} s  {out[method]['stages_s']}", flush=True)
+        out["flops"] = self.flops()
+        self.results.put("cost", out)
+        return out
+
+    def flops(self) -> dict:
+        """XLA flop estimates per row: per-example gradient, JVP embedding, plain forward (RDS+, loss)."""
+        import jax
+        import jax.numpy as jnp
+        from flax import nnx
+
+        from idjax import data
+        from idjax.embed import EmbedConfig, JVPEmbedder
+        from idjax.grads import GradientConfig, PerExampleGradients
+        from idjax.sketch import Projector
+
+        (batch,) = data.make_batches(self.pool[:8], 8, (self.args.max_length,), pad_id=self.pad)
+        ids, mask, labels = (jnp.asarray(x) for x in (batch.input_ids, batch.attention_mask, batch.labels))
+        emb = JVPEmbedder(self.model, EmbedConfig(num_blocks=4, num_tangents=2, dim=1152, seed=0))
+        grads = PerExampleGradients(self.model, Projector("srht", 1024, seed=0), GradientConfig(params="down_proj"))
+        graphdef, state = nnx.split(self.model)
+        fwd = jax.jit(lambda s, i, a: nnx.merge(graphdef, s)(i, a))
+        per = {
+            "embed": flops_per_row(emb._fn, emb.params, emb.rest, emb.tangents, emb.projection, ids, mask, labels),
+            "gradient": flops_per_row(grads._fn, grads.selected, grads.rest, None, None, ids, mask, labels),
+            "forward": flops_per_row(fwd, state, ids, mask),
+        }
+        return {k: (v / 8 if v else None) for k, v in per.items()} | {"tokens_per_row": self.args.max_length}
+
+
+def main_run(args) -> None:
+    study = Study(args)
+    print(f"pool {len(study.pool)} rows; warm-up {study.warmup_s:.0f} s", flush=True)
+    if not args.skip_cost:
+        study.cold_costs()
+    n = len(study.pool)
+    for task in args.tasks:
+        study.before(task)
+    for seed in args.seeds:
+        for task in args.tasks:
+            for frac in args.budgets:
+                k = max(1, round(frac * n))
+                for method in METHODS:
+                    study.run_one(f"main/{task}/{method}/{frac:g}/{seed}", method, task, k, seed)
+    for seed in args.full_seeds:
+        for task in args.tasks:
+            study.run_one(f"main/{task}/full/1/{seed}", "full", task, n, seed)
+    if args.ablations:
+        ablations(study, args)
+    report(args)
+
+
+ABLATIONS = {
+    # name: (SelectConfig overrides, weighted training)
+    "landmarks 5%": ({"landmarks": 0.05}, False),
+    "landmarks 25%": ({"landmarks": 0.25}, False),
+    "landmarks 50%": ({"landmarks": 0.5}, False),
+    "k-means++ landmarks": ({"landmark_method": "kmeans++"}, False),
+    "ridge propagation": ({"propagation": "ridge"}, False),
+    "JVP 2 blocks": ({"embed_blocks": 2}, False),
+    "JVP 8 blocks": ({"embed_blocks": 8}, False),
+    "JVP 1 tangent": ({"embed_tangents": 1}, False),
+    "JVP 4 tangents": ({"embed_tangents": 4}, False),
+    "second order": ({"order": 2}, False),
+    "second order, weighted training": ({"order": 2}, True),
+    "first order, weighted training": ({}, True),
+    "GD update model": ({"update": None, "learning_rate": 5e-5}, False),
+}
+
+
+def ablations(study, args) -> None:
+    from idjax.embed import EmbedConfig
+
+    task, frac = args.ablation_task, max(args.budgets)
+    k = max(1, round(frac * len(study.pool)))
+    for name, (over, weighted) in ABLATIONS.items():
+        over = dict(over)
+        blocks, tangents = over.pop("embed_blocks", 4), over.pop("embed_tangents", 2)
+        if (blocks, tangents) != (4, 2):
+            over["embed"] = EmbedConfig(num_blocks=blocks, num_tangents=tangents, dim=1152, seed=0)
+        for seed in args.seeds:
+            study.run_one(f"ablation/{name}/{task}/{frac:g}/{seed}", "influence", task, k, seed,
+                          weighted=weighted, **over)
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _ms(values):
+    v = np.asarray(values, np.float64)
+    return (float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0)
+
+
+def report(args) -> None:
+    from idjax.landmarks import spearman
+
+    out = Path(args.out)
+    res = json.loads((out / "results.json").read_text())
+    cells: dict = {}
+    for key, v in res.items():
+        if key.startswith("main/"):
+            _, task, method, frac, _seed = key.split("/")
+            cells.setdefault((task, frac, method), []).append(v)
+    tasks = [t for t in TASKS if any(c[0] == t for c in cells)]
+    fracs = sorted({c[1] for c in cells if c[2] != "full"}, key=float)
+    lines = ["| task | budget | " + " | ".join(LABELS[m] for m in METHODS) + " | full pool | before |",
+             "|---|---|" + "---|" * (len(METHODS) + 2)]
+    wins = []
+    for task in tasks:
+        full = cells.get((task, "1", "full"))
+        before = res.get(f"before/{task}", {}).get("loss")
+        for frac in fracs:
+            row = []
+            stats = {}
+            for m in METHODS:
+                vals = [v["loss"] for v in cells.get((task, frac, m), [])]
+                if vals:
+                    mu, sd = _ms(vals)
+                    stats[m] = mu
+                    row.append(f"{mu:.3f} ± {sd:.3f} ({len(vals)})")
+                else:
+                    row.append("-")
+            best = min(stats, key=stats.get) if stats else None
+            row = [f"**{c}**" if best and m == best else c for m, c in zip(METHODS, row)]
+            fl = f"{_ms([v['loss'] for v in full])[0]:.3f}" if full else "-"
+            lines.append(f"| {task} | {float(frac):.0%} | " + " | ".join(row) + f" | {fl} | "
+                         + (f"{before:.3f}" if before else "-") + " |")
+            if {"influence", "random", "rds"} <= stats.keys():
+                wins.append((task, frac, stats))
+    table = "\n".join(lines)
+    # target-domain share of the selections
+    share = ["| task | budget | " + " | ".join(LABELS[m] for m in METHODS) + " |", "|---|---|" + "---|" * len(METHODS)]
+    for task in tasks:
+        for frac in fracs:
+            share.append(f"| {task} | {float(frac):.0%} | " + " | ".join(
+                f"{np.mean([v['target_share'] for v in cells.get((task, frac, m), [])]):.2f}"
+                if cells.get((task, frac, m)) else "-" for m in METHODS) + " |")
+    # agreement of landmark scores with exact scores (same task, same seed)
+    agree = []
+    for key, v in res.items():
+        if key.startswith("main/") and v["method"] == "influence":
+            ex = res.get(key.replace("/influence/", "/exact/"))
+            if ex and "scores" in ex and "scores" in v:
+                agree.append(spearman(np.asarray(v["scores"]), np.asarray(ex["scores"])))
+    cost = res.get("cost", {})
+    text = [table, "", "Share of each selection drawn from the target task's own pool domain:", "",
+            "\n".join(share)]
+    if agree:
+        text += ["", f"Spearman of ID (10% landmarks) scores with exact scores over the whole pool: "
+                     f"{np.mean(agree):.3f} ± {np.std(agree):.3f} ({len(agree)} selections)"]
+    if cost:
+        cl = ["| method | cold selection time (s) | stages (s) | est. FLOPs |", "|---|---|---|---|"]
+        fl = cost.get("flops", {})
+        n_pool = len(next(iter(res[k]["scores"] for k in res if "scores" in res[k]), [])) or None
+        for m in METHODS:
+            c = cost.get(m)
+            if not c:
+                continue
+            stages = ", ".join(f"{s} {t:.0f}" for s, t in c["stages_s"].items() if s != "total" and t >= 0.5)
+            est = _flops(m, c, fl, n_pool)
+            cl.append(f"| {LABELS[m]} | {c['seconds']:.0f} | {stages} | {est} |")
+        text += ["", "\n".join(cl)]
+    abl = _ablation_table(res)
+    if abl:
+        text += ["", abl]
+    (out / "report.md").write_text("\n".join(text) + "\n")
+    print("\n".join(text))
+    _plot(res, cells, cost, out / "selection_study.png")
+    print(f"wrote {out / 'report.md'} and {out / 'selection_study.png'}")
+
+
+def _flops(method, c, fl, n_pool):
+    if not fl or not n_pool:
+        return "-"
+    g, e, f = fl.get("gradient"), fl.get("embed"), fl.get("forward")
+    lm = c.get("landmarks") or 0
+    est = {"random": 0.0, "rds": (f or 0) * n_pool, "mid-ppl": (f or 0) * n_pool,
+           "influence": (e or 0) * n_pool + (g or 0) * lm, "exact": (g or 0) * n_pool}.get(method)
+    return "0" if not est else f"{est:.2e}"
+
+
+def _ablation_table(res) -> str:
+    cells: dict = {}
+    for key, v in res.items():
+        if key.startswith("ablation/"):
+            _, name, task, frac, _seed = key.split("/")
+            cells.setdefault((name, task, frac), []).append(v)
+    if not cells:
+        return ""
+    lines = ["| ablation (ID, one setting changed) | task | budget | target loss | Spearman vs exact | select (s) |",
+             "|---|---|---|---|---|---|"]
+    from idjax.landmarks import spearman
+
+    for (name, task, frac), vals in cells.items():
+        base = [res.get(f"main/{task}/influence/{frac}/{v['seed']}") for v in vals]
+        mu, sd = _ms([v["loss"] for v in vals])
+        rhos = []
+        for v in vals:
+            ex = res.get(f"main/{task}/exact/{frac}/{v['seed']}")
+            if ex and "scores" in v:
+                rhos.append(spearman(np.asarray(v["scores"]), np.asarray(ex["scores"])))
+        ref = [b["loss"] for b in base if b]
+        delta = f" (default {_ms(ref)[0]:.3f})" if ref else ""
+        lines.append(f"| {name} | {task} | {float(frac):.0%} | {mu:.3f} ± {sd:.3f}{delta} | "
+                     + (f"{np.mean(rhos):.3f}" if rhos else "-") + f" | {np.mean([v['select_s'] for v in vals]):.0f} |")
+    return "\n".join(lines)
+
+
+def _plot(res, cells, cost, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not cost:
+        return
+    fracs = sorted({c[1] for c in cells if c[2] != "full"}, key=float)
+    frac = fracs[-1] if fracs else None
+    tasks = sorted({c[0] for c in cells})
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for m in METHODS:
+        if m not in cost:
+            continue
+        # improvement over random, averaged over tasks (same seed and budget)
+        gains = []
+        for task in tasks:
+            for v in cells.get((task, frac, m), []):
+                r = res.get(f"main/{task}/random/{frac}/{v['seed']}")
+                if r:
+                    gains.append(r["loss"] - v["loss"])
+        if not gains:
+            continue
+        mu, sd = _ms(gains)
+        x = max(cost[m]["seconds"], 0.1)
+        ax.errorbar([x], [mu], yerr=[sd], fmt="o", capsize=4, label=LABELS[m])
+        ax.annotate(LABELS[m], (x, mu), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("cold selection time on this CPU (s, log scale)")
+    ax.set_ylabel("eval target loss: random minus method (nats, higher is better)")
+    ax.set_title(f"SmolLM2-135M, budget {float(frac):.0%}, mean over tasks and seeds")
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(ROOT / "experiments" / ".store" / "selection-study"))
+    ap.add_argument("--tasks", default=",".join(TASKS))
+    ap.add_argument("--budgets", default="0.05,0.1")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--full-seeds", default="0", help="seeds of the full-pool fine-tune ('' for none)")
+    ap.add_argument("--pool-limit", type=int, default=300)
+    ap.add_argument("--eval-limit", type=int, default=None)
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--landmarks", type=float, default=0.1)
+    ap.add_argument("--epochs", type=float, default=2.0)
+    ap.add_argument("--warmup-steps", type=int, default=4)
+    ap.add_argument("--ablations", action="store_true")
+    ap.add_argument("--ablation-task", default="definitions")
+    ap.add_argument("--skip-cost", action="store_true")
+    ap.add_argument("--report", action="store_true", help="only write the tables and the plot")
+    args = ap.parse_args(argv)
+    args.tasks = [t for t in args.tasks.split(",") if t]
+    args.budgets = [float(b) for b in args.budgets.split(",")]
+    args.seeds = [int(s) for s in args.seeds.split(",") if s]
+    args.full_seeds = [int(s) for s in args.full_seeds.split(",") if s]
+    bad = [t for t in args.tasks if t not in TASKS]
+    if bad:
+        ap.error(f"unknown task(s) {bad}: choose from {TASKS}")
+    if args.report:
+        report(args)
+        return 0
+    started = datetime.datetime.now().isoformat(timespec="seconds")
+    print(f"selection study, {started}, {platform.machine()}, python {platform.python_version()}", flush=True)
+    main_run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
