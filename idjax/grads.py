@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -275,20 +276,33 @@ def _num_samples(batches) -> int:
     return total
 
 
+class TargetArrays(NamedTuple):
+    arrays: tuple   # per batch: (input_ids, attention_mask, labels, sample_mask) device arrays
+    total: jax.Array  # number of real samples, float32
+
+
+def target_arrays(batches) -> TargetArrays:
+    """(arrays, total): each batch as device arrays (ids, mask, labels, sample_mask) and the number of
+    real samples. Passed to jitted functions as arguments, so a new target set of the same shapes
+    reuses their compilation (closed over, they would be constants baked into each trace)."""
+    total = _num_samples(batches)
+    arrays = tuple((jnp.asarray(b.input_ids), jnp.asarray(b.attention_mask), jnp.asarray(b.labels),
+                    jnp.asarray(b.sample_mask)) for b in batches)
+    return TargetArrays(arrays, jnp.float32(total))
+
+
+def _mean_loss(graphdef, rest, arrays, total, selected):
+    model = nnx.merge(graphdef, selected, rest)
+    acc = jnp.float32(0.0)
+    for ids, mask, labels, real in arrays:
+        acc = acc + jnp.sum(jnp.where(real, sample_losses(model, ids, mask, labels), 0.0))
+    return acc / total
+
+
 def mean_loss_fn(graphdef, rest, batches):
     """L_T(selected) = mean over all real samples of their mean response-token loss (MATH.md 1)."""
-    arrays = [(jnp.asarray(b.input_ids), jnp.asarray(b.attention_mask), jnp.asarray(b.labels),
-               jnp.asarray(b.sample_mask)) for b in batches]
-    total = _num_samples(batches)
-
-    def loss(selected):
-        model = nnx.merge(graphdef, selected, rest)
-        acc = jnp.float32(0.0)
-        for ids, mask, labels, real in arrays:
-            acc = acc + jnp.sum(jnp.where(real, sample_losses(model, ids, mask, labels), 0.0))
-        return acc / total
-
-    return loss
+    arrays, total = target_arrays(batches)
+    return functools.partial(_mean_loss, graphdef, rest, arrays, total)
 
 
 def hvp(loss, params, vectors):
@@ -306,14 +320,13 @@ def gauss_newton_vp(graphdef, rest, batches, params, vectors):
     J is the Jacobian of the logits and H_out the softmax cross-entropy Hessian diag(p) - p p^T
     of each trained token, weighted as in the mean loss.
     """
-    total = _num_samples(batches)
+    return _gauss_newton_vp(graphdef, rest, *target_arrays(batches), params, vectors)
 
+
+def _gauss_newton_vp(graphdef, rest, arrays, total, params, vectors):
     def gv(v):
         out = jax.tree.map(jnp.zeros_like, params)
-        for b in batches:
-            ids, mask, labels = (jnp.asarray(x) for x in (b.input_ids, b.attention_mask, b.labels))
-            real = jnp.asarray(b.sample_mask)
-
+        for ids, mask, labels, real in arrays:
             def logits_fn(p):
                 return nnx.merge(graphdef, p, rest)(ids, mask)[:, :-1].astype(jnp.float32)
 
@@ -331,12 +344,25 @@ def gauss_newton_vp(graphdef, rest, batches, params, vectors):
 
 
 def hessian_products(graphdef, rest, batches, params, vectors, kind: str = "exact"):
-    """H_T v for a stack of vectors: exact Hessian (jvp of grad) or Gauss-Newton (always PSD)."""
+    """H_T v for a stack of vectors: exact Hessian (jvp of grad) or Gauss-Newton (always PSD).
+    `batches`: data.Batch-es, or target_arrays(batches) (inside a jit: as arguments, not constants)."""
+    arrays, total = batches if isinstance(batches, TargetArrays) else target_arrays(batches)
     if kind == "exact":
-        return hvp(mean_loss_fn(graphdef, rest, batches), params, vectors)
+        return hvp(functools.partial(_mean_loss, graphdef, rest, arrays, total), params, vectors)
     if kind == "gauss-newton":
-        return gauss_newton_vp(graphdef, rest, batches, params, vectors)
+        return _gauss_newton_vp(graphdef, rest, arrays, total, params, vectors)
     raise ValueError(f"hessian must be 'exact' or 'gauss-newton', got {kind!r}")
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _target_gradient(graphdef, selected, rest, arrays, total):
+    return jax.grad(functools.partial(_mean_loss, graphdef, rest, arrays, total))(selected)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _target_hvp(graphdef, hessian, selected, rest, arrays, total, shift):
+    vectors = jax.tree.map(lambda x: x[None], shift)
+    return hessian_products(graphdef, rest, TargetArrays(arrays, total), selected, vectors, hessian)
 
 
 def target_direction(model, batches, pattern: str | None = None, *, shift=None, eta: float = 1.0,
@@ -348,12 +374,15 @@ def target_direction(model, batches, pattern: str | None = None, *, shift=None, 
     gradient (the mean-target Hessian stands in for each sample's own).
     """
     graphdef, selected, rest = split_params(model, pattern)
-    # rest goes in as an argument: closed over, the frozen weights would be constants that XLA folds.
-    g = jax.jit(lambda p, r: jax.grad(mean_loss_fn(graphdef, r, batches))(p))(selected, rest)
+    # Weights and data go in as arguments (closed over, they would be constants that XLA folds, and
+    # every new target set would compile again): one compilation per model structure and batch shapes.
+    arrays, total = target_arrays(batches)
+    g = _target_gradient(graphdef, selected, rest, arrays, total)
     if shift is None:
         return g, None
-    hb = jax.jit(lambda p, r, b: hessian_products(graphdef, r, batches, p, jax.tree.map(lambda x: x[None], b),
-                                                  hessian))(selected, rest, shift)
+    if hessian not in ("exact", "gauss-newton"):
+        raise ValueError(f"hessian must be 'exact' or 'gauss-newton', got {hessian!r}")
+    hb = _target_hvp(graphdef, hessian, selected, rest, arrays, total, shift)
     offset = jax.tree.map(lambda x: eta * x[0], hb)
     return jax.tree.map(jnp.subtract, g, offset), offset
 

@@ -206,3 +206,36 @@ def test_gauss_newton_equals_dense_jacobian_product(target):
     np.testing.assert_allclose(got, ref, atol=1e-6, rtol=1e-3)
     # PSD: v^T G v >= 0
     assert np.all(np.sum(np.asarray(got) * np.asarray(vecs), axis=1) >= -1e-7)
+
+
+def test_target_direction_is_the_mean_gradient_and_compiles_once_per_shape(model, target):
+    """v + offset = the mean of the per-sample gradients (a loop of jax.grad); offset = eta * H_T b
+    (central finite differences of that gradient); a second target set of the same shapes reuses
+    the compilations."""
+    from idjax.grads import _target_gradient, _target_hvp, target_arrays, target_direction
+
+    graphdef, sel, rest, batches = target
+    exs = examples(5, np.random.default_rng(3), lengths=(6, 12))  # the fixture's samples
+    pattern = "layers.mlp.down_proj"
+    rng = np.random.default_rng(6)
+    shift = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), jnp.float32), sel)
+    eta = 0.5
+    v, offset = target_direction(model, batches, pattern, shift=shift, eta=eta, hessian="exact")
+    compiled = (_target_gradient._cache_size(), _target_hvp._cache_size())
+    g_mean = np.mean([loop_grad(model, ex, pattern) for ex in exs], axis=0)
+    np.testing.assert_allclose(_flat(v) + _flat(offset), g_mean, rtol=1e-4, atol=1e-6)
+    arrays = target_arrays(batches)
+    eps = 1e-2
+
+    def grad_at(sign):
+        return _flat(_target_gradient(graphdef, jax.tree.map(lambda x, b: x + sign * eps * b, sel, shift), rest,
+                                      *arrays))
+
+    fd = (grad_at(1.0) - grad_at(-1.0)) / (2 * eps)
+    assert float(jnp.linalg.norm(_flat(offset) - eta * fd) / jnp.linalg.norm(eta * fd)) < 1e-2
+    # Another target set with the same batch shapes: new values, no new compilation.
+    other = data.make_batches(examples(5, np.random.default_rng(9), lengths=(6, 12)), 2, (16,), pad_id=0)
+    assert [b.input_ids.shape for b in other] == [b.input_ids.shape for b in batches]
+    v2, _ = target_direction(model, other, pattern, shift=shift, eta=eta, hessian="exact")
+    assert (_target_gradient._cache_size(), _target_hvp._cache_size()) == compiled
+    assert not np.allclose(_flat(v2), _flat(v))
