@@ -92,6 +92,7 @@ class Study:
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.results = Results(self.out / "results.json")
+        self._memo: dict = {}
         self.tok = models.load_tokenizer(models.resolve(demo.MODEL))
         self.pad = self.tok.pad_token_id or 0
         self.pool_records = data.read_records(DEMO / "pool.jsonl", limit=args.pool_limit)
@@ -112,6 +113,21 @@ class Study:
         self.domains = [demo._domain(self.pool_records[e.index]) for e in self.pool]
 
     # -- selection
+
+    def select_top(self, method: str, task: str, k: int, seed: int, **overrides):
+        """(rows, Selection, seconds): a ranking by score (first order, aggregate mean) does not depend
+        on k, so one selection at the largest budget serves every smaller one (its first k rows); the
+        target gradient, recomputed on every select_samples call, is then computed once per cell."""
+        k_max = max(1, round(max(self.args.budgets) * len(self.pool)))
+        by_score = method in ("influence", "exact") and overrides.get("order", 1) == 1 and k <= k_max
+        if not by_score:
+            sel, sec = self.select(method, task, k, seed, **overrides)
+            return [int(r) for r in sel.rows][:k], sel, sec
+        key = (method, task, seed, repr(sorted(overrides.items())))
+        if key not in self._memo:
+            self._memo = {key: self.select(method, task, k_max, seed, **overrides)}  # keep one: they are big
+        sel, sec = self._memo[key]
+        return [int(r) for r in sel.rows][:k], sel, sec
 
     def select(self, method: str, task: str, k: int, seed: int, store=None, **overrides):
         """(Selection, seconds) of one method; store: the array store (default OUT/store, shared)."""
@@ -166,8 +182,7 @@ class Study:
         """Select, fine-tune, evaluate and record one cell unless it is already in results.json."""
         if key in self.results:
             return self.results[key]
-        sel, sec = self.select(method, task, k, seed, **overrides)
-        rows = [int(r) for r in sel.rows][:k]
+        rows, sel, sec = self.select_top(method, task, k, seed, **overrides)
         ft = self.finetune(task, rows, seed, weights=sel.weights if weighted else None)
         value = {"method": method, "task": task, "k": k, "seed": seed, "select_s": round(sec, 2),
                  "select_stages_s": sel.info.get("timings_s", {}), "target_share": self.composition(rows, task),
@@ -253,9 +268,9 @@ def main_run(args) -> None:
         study.before(task)
     for seed in args.seeds:
         for task in args.tasks:
-            for frac in args.budgets:
-                k = max(1, round(frac * n))
-                for method in METHODS:
+            for method in METHODS:  # budgets innermost: one selection at the largest k serves them all
+                for frac in args.budgets:
+                    k = max(1, round(frac * n))
                     study.run_one(f"main/{task}/{method}/{frac:g}/{seed}", method, task, k, seed)
     for seed in args.full_seeds:
         for task in args.tasks:
@@ -293,7 +308,7 @@ def ablations(study, args) -> None:
         blocks, tangents = over.pop("embed_blocks", 4), over.pop("embed_tangents", 2)
         if (blocks, tangents) != (4, 2):
             over["embed"] = EmbedConfig(num_blocks=blocks, num_tangents=tangents, dim=1152, seed=0)
-        for seed in args.seeds:
+        for seed in args.ablation_seeds:
             study.run_one(f"ablation/{name}/{task}/{frac:g}/{seed}", "influence", task, k, seed,
                           weighted=weighted, **over)
 
@@ -482,6 +497,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup-steps", type=int, default=4)
     ap.add_argument("--ablations", action="store_true")
     ap.add_argument("--ablation-task", default="definitions")
+    ap.add_argument("--ablation-seeds", default="0,1,2")
     ap.add_argument("--skip-cost", action="store_true")
     ap.add_argument("--report", action="store_true", help="only write the tables and the plot")
     args = ap.parse_args(argv)
@@ -489,6 +505,7 @@ def main(argv=None) -> int:
     args.budgets = [float(b) for b in args.budgets.split(",")]
     args.seeds = [int(s) for s in args.seeds.split(",") if s]
     args.full_seeds = [int(s) for s in args.full_seeds.split(",") if s]
+    args.ablation_seeds = [int(s) for s in args.ablation_seeds.split(",") if s]
     bad = [t for t in args.tasks if t not in TASKS]
     if bad:
         ap.error(f"unknown task(s) {bad}: choose from {TASKS}")

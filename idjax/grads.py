@@ -387,6 +387,32 @@ def target_direction(model, batches, pattern: str | None = None, *, shift=None, 
     return jax.tree.map(jnp.subtract, g, offset), offset
 
 
+def _curvature(graphdef, projector, config: GradientConfig, hessian: str, shards: int,
+               selected, rest, precondition, targets: TargetArrays, ids, mask, labels):
+    """(P u, P h) [B, k] of one batch (the compiled body of ProjectedCurvature)."""
+    loss = _one_sample_loss(graphdef, rest)
+
+    def one(args):
+        g = jax.grad(loss)(selected, *args)
+        u = g if precondition is None else jax.tree.map(lambda a, x: (a * x).astype(jnp.float32), precondition, g)
+        if config.normalize:
+            norm = jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(u)))
+            u = jax.tree.map(lambda x: x / jnp.maximum(norm, 1e-30).astype(x.dtype), u)
+        h = hessian_products(graphdef, rest, targets, selected, jax.tree.map(lambda x: x[None], u), hessian)
+        h = jax.tree.map(lambda x: x[0], h)
+        return projector.project(u), projector.project(h)
+
+    if shards > 1:
+        _local_microbatch(ids.shape[0], shards, 1)  # checks the batch splits
+        return _sharded_map(lambda *a: one(a), (ids, mask, labels), shards, shards)
+    return jax.lax.map(one, (ids, mask, labels))
+
+
+#: Shared compilations of _curvature, keyed like _GRADIENT_JITS plus the Hessian kind; the target
+#: set is an argument, so another target set of the same batch shapes compiles nothing.
+_CURVATURE_JITS: dict = {}
+
+
 class ProjectedCurvature:
     """Second-order landmark terms (MATH.md 4.3): for each source sample, u = a * g (L2-normalised
     when asked, as the first-order scores are) and h = H_T u, both projected with the same sketch,
@@ -401,43 +427,27 @@ class ProjectedCurvature:
                              "(keep) or restrict --params instead")
         if hessian not in ("exact", "gauss-newton"):
             raise ValueError(f"hessian must be 'exact' or 'gauss-newton', got {hessian!r}")
-        _num_samples(target_batches)
         self.config, self.projector, self.hessian = config, projector, hessian
-        self.target_batches = target_batches
+        self.targets = target_arrays(target_batches)  # raises on an empty target set
         self.graphdef, self.selected, self.rest = split_params(model, config.params)
         self.precondition = precondition
         self.mesh = dist.get_mesh() if mesh is None else mesh
         self.shards = self.mesh.size if dist.active(self.mesh) else 1
+        rows = None
         if self.shards > 1:  # one sample per device at a time
             self.selected, self.rest, self.precondition = (
                 dist.shard_params(t, self.mesh) for t in (self.selected, self.rest, self.precondition))
+            self.targets = dist.put_replicated(self.targets, self.mesh)
             rows = dist.row_sharding(self.mesh, 2)
-            self._fn = jax.jit(self._compute, out_shardings=(rows, rows))
-        else:
-            self._fn = jax.jit(self._compute)
-
-    def _compute(self, selected, rest, precondition, ids, mask, labels):
-        loss = _one_sample_loss(self.graphdef, rest)
-
-        def one(args):
-            g = jax.grad(loss)(selected, *args)
-            u = g if precondition is None else jax.tree.map(lambda a, x: (a * x).astype(jnp.float32), precondition, g)
-            if self.config.normalize:
-                norm = jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(u)))
-                u = jax.tree.map(lambda x: x / jnp.maximum(norm, 1e-30).astype(x.dtype), u)
-            h = hessian_products(self.graphdef, rest, self.target_batches, selected,
-                                 jax.tree.map(lambda x: x[None], u), self.hessian)
-            h = jax.tree.map(lambda x: x[0], h)
-            return self.projector.project(u), self.projector.project(h)
-
-        if self.shards > 1:
-            _local_microbatch(ids.shape[0], self.shards, 1)  # checks the batch splits
-            return _sharded_map(lambda *a: one(a), (ids, mask, labels), self.shards, self.shards)
-        return jax.lax.map(one, (ids, mask, labels))
+        key = (self.graphdef, projector, config, hessian, self.shards, rows)
+        if key not in _CURVATURE_JITS:
+            fn = functools.partial(_curvature, self.graphdef, projector, config, hessian, self.shards)
+            _CURVATURE_JITS[key] = jax.jit(fn) if rows is None else jax.jit(fn, out_shardings=(rows, rows))
+        self._fn = _CURVATURE_JITS[key]
 
     def __call__(self, batch):
         """(P u [B, k], P h [B, k]) for one data.Batch; padding rows are garbage (mask them)."""
-        u, h = self._fn(self.selected, self.rest, self.precondition,
+        u, h = self._fn(self.selected, self.rest, self.precondition, self.targets,
                         *_put_batch(batch, self.mesh if self.shards > 1 else None))
         rows = len(batch.input_ids)
         return (u, h) if u.shape[0] == rows else (u[:rows], h[:rows])

@@ -239,3 +239,36 @@ def test_target_direction_is_the_mean_gradient_and_compiles_once_per_shape(model
     v2, _ = target_direction(model, other, pattern, shift=shift, eta=eta, hessian="exact")
     assert (_target_gradient._cache_size(), _target_hvp._cache_size()) == compiled
     assert not np.allclose(_flat(v2), _flat(v))
+
+
+def test_projected_curvature_against_finite_differences_and_shared_compilation(model, target):
+    """ProjectedCurvature gives u = g / |g| and h = H_T u (central differences of the target gradient);
+    another target set of the same shapes reuses the compiled function and gives other products."""
+    from idjax.grads import ProjectedCurvature, _target_gradient, target_arrays
+
+    graphdef, sel, rest, batches = target
+    pattern = "layers.mlp.down_proj"
+    sources = examples(2, np.random.default_rng(7), lengths=(9,))
+    (batch,) = data.make_batches(sources, 2, (16,), pad_id=0)
+    cfg = GradientConfig(params=pattern, normalize=True)
+    curv = ProjectedCurvature(model, Projector("none", 0), batches, cfg, hessian="exact")
+    u, h = (np.asarray(x) for x in curv(batch))
+    compiled = curv._fn._cache_size()
+    arrays = target_arrays(batches)
+    eps = 1e-2
+    for i, ex in enumerate(sources):
+        g = loop_grad(model, ex, pattern)
+        np.testing.assert_allclose(u[i], g / np.linalg.norm(g), rtol=1e-4, atol=1e-6)
+        step = _unflat(jnp.asarray(u[i]), sel)
+
+        def grad_at(sign):
+            return _flat(_target_gradient(graphdef, jax.tree.map(lambda x, d: x + sign * eps * d, sel, step), rest,
+                                          *arrays))
+
+        fd = np.asarray((grad_at(1.0) - grad_at(-1.0)) / (2 * eps))
+        assert np.linalg.norm(h[i] - fd) / np.linalg.norm(fd) < 1e-2
+    other_targets = data.make_batches(examples(5, np.random.default_rng(9), lengths=(6, 12)), 2, (16,), pad_id=0)
+    other = ProjectedCurvature(model, Projector("none", 0), other_targets, cfg, hessian="exact")
+    _, h2 = other(batch)
+    assert other._fn is curv._fn and curv._fn._cache_size() == compiled
+    assert not np.allclose(np.asarray(h2), h)
