@@ -387,17 +387,15 @@ def test_other_bad_inputs(case, tiny, files, tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- a real Ctrl-C
 
-def test_ctrl_c_during_embed_keeps_a_valid_store_and_resumes(tiny, tmp_path, capsys):
+def test_ctrl_c_during_embed_keeps_a_valid_store_and_resumes(tiny, tmp_path, capsys, interruptible_cli):
     """SIGINT to a real `idjax embed` once its first chunk is on disk: exit 130, one line, no traceback; the
     store opens, holds only whole chunks, and the same command (here in-process, to save a start-up) finishes
     it without recomputing them. Then the same store with another --chunk-rows: refused, nothing lost."""
-    # 200 one-row chunks (~30 ms each): on a loaded machine this poller may sleep far longer than its 5 ms,
-    # and with 40 chunks the run once finished before the interrupt landed.
-    rows = 200
+    rows = 200  # one-row chunks of ~30 ms: a window of seconds for the interrupt, even on a loaded machine
     pool = _write(tmp_path / "pool.jsonl", [_chat(i, answer=f"Answer number {i}.") for i in range(rows)])
     store = tmp_path / "store"
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    proc = subprocess.Popen(_embed_cmd(tiny, pool, store), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(interruptible_cli + _embed_cmd(tiny, pool, store)[3:], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:
         deadline = time.time() + 300

@@ -224,7 +224,7 @@ def test_bad_config_from_the_shell(tmp_path):
     assert r.returncode == 2 and "invalid choice: 'embed'" in r.stderr
 
 
-def test_interrupt_and_resume_equals_uninterrupted(first_run, tmp_path, capsys, caplog):
+def test_interrupt_and_resume_equals_uninterrupted(first_run, tmp_path, capsys, caplog, interruptible_cli):
     """Ctrl-C while the store fills; the re-run computes only the missing chunks and its selection is
     the uninterrupted first run's (one row per chunk here, four there: the same rows either way)."""
     from idjax.store import ArrayStore
@@ -236,7 +236,7 @@ def test_interrupt_and_resume_equals_uninterrupted(first_run, tmp_path, capsys, 
     (work / "run.yaml").write_text(yaml.safe_dump({**conf, "chunk_rows": 1, "out": str(work / "out")}))
     out = work / "out"
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "idjax.cli", "run", str(work / "run.yaml")],
+    proc = subprocess.Popen(interruptible_cli + ["run", str(work / "run.yaml")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         deadline = time.time() + 300
