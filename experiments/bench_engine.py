@@ -126,23 +126,34 @@ def torch_name(name: str) -> str:
     return re.sub(r"(proj)\.weight$", r"\1.kernel", name)
 
 
-def idjax_layout(named, selected) -> list[tuple[int, bool]]:
-    """(index into `named`, transpose?) in the order idjax flattens its selected parameters.
+def leaf_layout(named, selected) -> list[tuple[tuple, list[tuple[int, bool]]]]:
+    """For each leaf of idjax's selected params (jax.tree.leaves order): (shape, [(index into
+    `named`, transpose?) ...] by layer).
 
     idjax stacks layers on a leading axis and stores linear kernels as [in, out]; HF keeps one
-    [out, in] tensor per layer. Concatenating torch gradients in this order gives the same flat
-    vector as idjax's, so per-sample gradients can be compared coordinate by coordinate.
+    [out, in] tensor per layer.
     """
-    order = []
-    for path, _ in nnx.to_flat_state(selected):
+    out = []
+    for path, leaf in nnx.to_flat_state(selected):
         dotted = ".".join(map(str, path))
         members = []
         for i, (nm, _) in enumerate(named):
             if torch_name(nm) == dotted:
                 layer = re.search(r"layers\.(\d+)\.", nm)
-                members.append((int(layer.group(1)) if layer else 0, i))
-        order += [(i, dotted.endswith(".kernel")) for _, i in sorted(members)]
-    return order
+                members.append((int(layer.group(1)) if layer else -1, i))
+        shape = tuple(np.shape(leaf.get_value() if hasattr(leaf, "get_value") else leaf))
+        out.append((shape, [(i, dotted.endswith(".kernel")) for _, i in sorted(members)]))
+    shapes = [tuple(np.shape(x)) for x in jax.tree.leaves(selected)]
+    if shapes != [s for s, _ in out]:
+        raise RuntimeError(f"leaf order differs between nnx.to_flat_state and jax.tree.leaves: {shapes}")
+    return out
+
+
+def idjax_layout(named, selected) -> list[tuple[int, bool]]:
+    """(index into `named`, transpose?) in the order idjax flattens its selected parameters:
+    concatenating torch gradients in this order gives the same flat vector as idjax's, so
+    per-sample gradients can be compared coordinate by coordinate."""
+    return [member for _, members in leaf_layout(named, selected) for member in members]
 
 
 def torch_rademacher_project(flat, k: int, block: int, seed: int, torch):

@@ -30,10 +30,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import math
-import platform
 import sys
 import time
 from pathlib import Path
@@ -183,6 +181,25 @@ def _multi_depth_fn(model, blocks: int, depths: tuple[int, ...], with_tail: bool
     return jax.jit(fn), params, tail
 
 
+def _per_row(call, batches, n: int) -> tuple[dict[str, np.ndarray], float]:
+    """Run call(ids, mask, labels) -> {name: [B, ...]} over the batches; gather each output into an
+    [n, ...] float32 array by example index (padding rows dropped); (arrays, seconds)."""
+    out: dict[str, np.ndarray] = {}
+    t0 = time.perf_counter()
+    for i, b in enumerate(batches):
+        res = call(jnp.asarray(b.input_ids), jnp.asarray(b.attention_mask), jnp.asarray(b.labels))
+        real = np.asarray(b.sample_mask)
+        rows = np.asarray(b.indices)[real]
+        for k, x in res.items():
+            x = np.asarray(x)
+            if k not in out:
+                out[k] = np.zeros((n, *x.shape[1:]), np.float32)
+            out[k][rows] = x[real]
+        if i % 10 == 0:
+            print(f"batch {i + 1}/{len(batches)} bucket {b.bucket} {time.perf_counter() - t0:.0f}s", flush=True)
+    return out, time.perf_counter() - t0
+
+
 def features_stage(args) -> None:
     from idjax import data, pipeline
     from idjax.embed import random_tangents
@@ -194,22 +211,7 @@ def features_stage(args) -> None:
     fn, params, tail = _multi_depth_fn(model, args.blocks, depths, not args.no_tail)
     tangents = random_tangents(params, args.tangents, args.seed)
     batches = data.make_batches(pool, args.batch_size, pipeline._buckets(pool), pad_id=model.config.pad_token_id or 0)
-    n = len(pool)
-    out: dict[str, np.ndarray] = {}
-    t0 = time.perf_counter()
-    for i, b in enumerate(batches):
-        res = fn(params, tail, tangents, jnp.asarray(b.input_ids), jnp.asarray(b.attention_mask),
-                 jnp.asarray(b.labels))
-        real = np.asarray(b.sample_mask)
-        rows = np.asarray(b.indices)[real]
-        for k, x in res.items():
-            x = np.asarray(x)
-            if k not in out:
-                out[k] = np.zeros((n, *x.shape[1:]), np.float32)
-            out[k][rows] = x[real]
-        if i % 10 == 0:
-            print(f"batch {i + 1}/{len(batches)} bucket {b.bucket} {time.perf_counter() - t0:.0f}s", flush=True)
-    secs = time.perf_counter() - t0
+    out, secs = _per_row(lambda ids, mask, labels: fn(params, tail, tangents, ids, mask, labels), batches, len(pool))
     path = STORE / f"study-feat-{args.name}.npz"
     np.savez(path, seconds=secs, blocks=args.blocks, tangents=args.tangents, depths=np.array(depths), **out)
     print(f"wrote {path} in {secs:.0f}s", flush=True)
@@ -304,21 +306,7 @@ def tail_stage(args) -> None:
     batches = data.make_batches(pool, args.batch_size, pipeline._buckets(pool), pad_id=model.config.pad_token_id or 0)
     if args.limit:
         batches = batches[: args.limit]
-    n = len(pool)
-    out: dict[str, np.ndarray] = {}
-    t0 = time.perf_counter()
-    for i, b in enumerate(batches):
-        res = fn(head, tail, embed, jnp.asarray(b.input_ids), jnp.asarray(b.attention_mask), jnp.asarray(b.labels))
-        real = np.asarray(b.sample_mask)
-        rows = np.asarray(b.indices)[real]
-        for k, x in res.items():
-            x = np.asarray(x)
-            if k not in out:
-                out[k] = np.zeros((n, *x.shape[1:]), np.float32)
-            out[k][rows] = x[real]
-        if i % 10 == 0:
-            print(f"batch {i + 1}/{len(batches)} bucket {b.bucket} {time.perf_counter() - t0:.0f}s", flush=True)
-    secs = time.perf_counter() - t0
+    out, secs = _per_row(lambda ids, mask, labels: fn(head, tail, embed, ids, mask, labels), batches, len(pool))
     path = STORE / f"study-feat-{args.name}.npz"
     np.savez(path, seconds=secs, tail_layers=args.tail_layers, rank=args.rank, **out)
     print(f"wrote {path} in {secs:.0f}s", flush=True)

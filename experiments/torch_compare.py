@@ -59,7 +59,7 @@ sys.path.insert(0, str(ROOT / "experiments"))
 import jax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from bench_engine import torch_name  # noqa: E402
+from bench_engine import leaf_layout, torch_name  # noqa: E402
 from idjax import data, models, pipeline  # noqa: E402
 from idjax.embed import JVPEmbedder  # noqa: E402
 from idjax.grads import split_params  # noqa: E402
@@ -124,26 +124,6 @@ def run_idjax(model, pool, targets, config, clock, keep_dir=None):
 
 
 # ----------------------------------------------------------------------------- torch side
-
-
-def leaf_layout(named, selected):
-    """For each leaf of idjax's selected params (jax.tree.leaves order): (shape, [(index into
-    `named`, transpose?) ...] by layer). idjax stacks layers on a leading axis and stores linear
-    kernels [in, out]; HF has one [out, in] tensor per layer."""
-    out = []
-    for path, leaf in nnx.to_flat_state(selected):
-        dotted = ".".join(map(str, path))
-        members = []
-        for i, (nm, _) in enumerate(named):
-            if torch_name(nm) == dotted:
-                layer = re.search(r"layers\.(\d+)\.", nm)
-                members.append((int(layer.group(1)) if layer else -1, i))
-        shape = tuple(np.shape(leaf.get_value() if hasattr(leaf, "get_value") else leaf))
-        out.append((shape, [(i, dotted.endswith(".kernel")) for _, i in sorted(members)]))
-    shapes = [tuple(np.shape(x)) for x in jax.tree.leaves(selected)]
-    if shapes != [s for s, _ in out]:
-        raise RuntimeError(f"leaf order differs between nnx.to_flat_state and jax.tree.leaves: {shapes}")
-    return out
 
 
 class TorchInfluence:
