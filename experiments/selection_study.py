@@ -52,7 +52,8 @@ LABELS = {"random": "random", "rds": "RDS+", "mid-ppl": "mid-PPL", "influence": 
 
 
 class Results:
-    """OUT/results.json: finished runs keyed by a readable string; rewritten atomically per put."""
+    """OUT/results.json: finished runs keyed by a readable string; rewritten atomically per put.
+    Unlike the demo's cache, an unreadable file is an error: it holds hours of fine-tuning."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -65,10 +66,10 @@ class Results:
         return self.items[key]
 
     def put(self, key, value):
+        from idjax.demo import _write_atomic
+
         self.items[key] = value
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(self.items, indent=1))
-        tmp.replace(self.path)
+        _write_atomic(self.path, json.dumps(self.items, indent=1).encode())
 
 
 class Study:
