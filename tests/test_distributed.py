@@ -296,6 +296,37 @@ def test_two_processes_select_exactly_the_one_process_selection(cli_model, refer
     assert meta["devices"]["processes"] == 2 and "propagated" in meta["stores"]
 
 
+_BROADCAST = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    from idjax import distributed as dist
+    port, i, directory = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    dist.initialize(f"127.0.0.1:{port}", 2, i, heartbeat_timeout_s=30)
+    rng = np.random.default_rng(5)
+    small, big = rng.standard_normal(16), rng.standard_normal((700, 400)).astype(np.float32)  # 1.1 MB > 1 MiB
+    got_small = dist.broadcast("small", small if i == 0 else None, directory=directory)
+    got_big = dist.broadcast("big values", big if i == 0 else None, directory=directory)
+    dist.barrier("done")
+    print(json.dumps({"small": bool(np.array_equal(got_small, small)), "big": bool(np.array_equal(got_big, big)),
+                      "big_dtype": str(got_big.dtype)}))
+""")
+
+
+def test_broadcast_of_a_large_array_goes_through_the_shared_directory(tmp_path):
+    """Process 0's arrays reach process 1 bit for bit: a small one through JAX's key-value store, one over
+    1 MiB through a file in the shared directory (written whole: no temp file is left behind)."""
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", _BROADCAST, str(port), str(i), str(tmp_path)], cwd=ROOT,
+                              env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+        assert json.loads(out.strip().splitlines()[-1]) == {"small": True, "big": True, "big_dtype": "float32"}
+    files = sorted(f.name for f in tmp_path.iterdir())
+    assert len(files) == 1 and files[0].startswith(".broadcast-") and files[0].endswith("-big_values.npy"), files
+
+
 def test_a_dead_process_fails_the_run_cleanly_and_a_rerun_resumes(cli_model, reference, tmp_path):
     model, target = cli_model
     port, store, out = _free_port(), tmp_path / "store", tmp_path / "sel.jsonl"
