@@ -60,6 +60,8 @@ from typing import Any
 
 import numpy as np
 
+from idjax.store import atomic_write
+
 log = logging.getLogger(__name__)
 
 DATA_DIR = Path(__file__).resolve().parent / "assets" / "demo"
@@ -99,11 +101,7 @@ def _share(counts: Counter, total: int, order) -> dict:
 
 
 def _write_atomic(path: Path, payload: bytes) -> None:
-    """Write to a temporary name, then rename: a reader (or a copy made with hard links) never sees
-    a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(payload)
-    tmp.replace(path)
+    atomic_write(path, lambda f: f.write(payload))
 
 
 class _Cache:

@@ -637,10 +637,10 @@ def broadcast(name: str, value: np.ndarray | None = None, *, src: int = 0, timeo
         value = np.asarray(value)
         buf = io.BytesIO()
         if directory is not None and value.nbytes > _KV_BYTES:
-            from idjax.store import _atomic_write  # the stores' own temp + fsync + rename
+            from idjax.store import atomic_write  # the stores' own temp + fsync + rename
 
             path = Path(directory) / f".broadcast-{_STATE.counter}-{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.npy"
-            _atomic_write(path, lambda f: np.save(f, value, allow_pickle=False))
+            atomic_write(path, lambda f: np.save(f, value, allow_pickle=False))
             buf.write(b"file:" + str(path.absolute()).encode())
         else:
             np.save(buf, value, allow_pickle=False)

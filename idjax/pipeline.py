@@ -44,7 +44,7 @@ from idjax.landmarks import Propagator, choose_landmarks
 from idjax.optim import UpdateModel
 from idjax.select import per_task, round_robin, top_k, top_k_lexicographic
 from idjax.sketch import Projector
-from idjax.store import ArrayStore, StoreError, compute_missing, fingerprint
+from idjax.store import ArrayStore, StoreError, atomic_write, compute_missing, fingerprint
 from idjax.weights import default_lam, lam_for_budget, solve_weights
 
 log = logging.getLogger(__name__)
@@ -190,6 +190,31 @@ def _local(examples: Sequence[D.Example]) -> list[D.Example]:
 def _open(root: Path, name: str, shape, chunk_rows: int, fp: dict) -> ArrayStore:
     directory = root / f"{name}-{fingerprint(fp)[:12]}"
     return ArrayStore.open(directory, shape=shape, dtype=np.float32, chunk_rows=chunk_rows, fingerprint=fp)
+
+
+def _save_targets(path: Path, fp: dict, v_proj, v_norm: float, columns) -> None:
+    """The projected target direction (and per-target columns) next to the stores: every later
+    selection with the same model, targets, update model and sketch (another k, seed of the
+    weights, method of selecting) skips the target gradient and HVP."""
+    arrays = {"fingerprint": np.frombuffer(json.dumps(fp, sort_keys=True).encode(), np.uint8),
+              "v_proj": v_proj, "v_norm": np.float64(v_norm)}
+    if columns is not None:
+        arrays["columns"] = columns
+    atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def _load_targets(path: Path, fp: dict):
+    """(v_proj, v_norm, columns) from a file written by _save_targets, or None to recompute."""
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if json.loads(z["fingerprint"].tobytes()) != json.loads(json.dumps(fp, sort_keys=True)):
+                raise ValueError("fingerprint mismatch")
+            return z["v_proj"], float(z["v_norm"]), (z["columns"] if "columns" in z else None)
+    except (OSError, ValueError, KeyError) as exc:
+        log.warning("recomputing the target direction: %s is unreadable (%s)", path, exc)
+        return None
 
 
 def _fill(store: ArrayStore, fn, desc: str) -> None:
@@ -386,21 +411,33 @@ def _select(model, pool, targets, config: SelectConfig, update, store_dir: Path,
         g_l = gstore.to_array()
         if config.order == 2:
             h_l = cstore.to_array().astype(np.float64)
+        per_task_mode = len({t.task for t in targets if t.task}) > 1
+        want_columns = config.aggregate == "round-robin" or per_task_mode
         with _stage("targets", timings):
-            v, offset = target_direction(model, target_batches, config.params, shift=b, eta=eta,
-                                         hessian=config.hessian)
-            v_sel = v if grads.mask is None else grads.mask.apply(v)
-            v_norm = float(jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(v_sel))))
+            tfp = {"kind": "targets", "model": model_fp, "targets": examples_fingerprint(targets),
+                   "update": update_fingerprint(update), "eta": eta, "hessian": config.hessian,
+                   "params": config.params, "keep": config.keep, "seed": config.seed, "columns": want_columns,
+                   "projection": [projector.kind, config.proj_dim]}
+            tpath = store_dir / f"targets-{fingerprint(tfp)[:12]}.npz"
+            cached = _load_targets(tpath, tfp)
+            if cached is None:
+                v, offset = target_direction(model, target_batches, config.params, shift=b, eta=eta,
+                                             hessian=config.hessian)
+                v_sel = v if grads.mask is None else grads.mask.apply(v)
+                v_norm = float(jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
+                                            for x in jax.tree.leaves(v_sel))))
+                v_proj = np.asarray(projector.project(v_sel), np.float64)
+                columns = None
+                if want_columns:
+                    tg = PerExampleGradients(model, projector, dataclasses.replace(gcfg, normalize=True),
+                                             offset=offset, mesh=mesh)
+                    columns = tg.run(target_batches, len(targets), progress=False).astype(np.float64)  # [t, k]
+                _save_targets(tpath, tfp, v_proj, v_norm, columns)
+            else:
+                v_proj, v_norm, columns = cached
+            stores["targets"] = str(tpath)
             if not v_norm > 0:
                 raise ValueError("the target gradient is zero: nothing to align with (is the target loss already 0?)")
-            v_proj = np.asarray(projector.project(v_sel), np.float64)
-            columns = None
-            tasks = [t.task for t in targets]
-            per_task_mode = len({t for t in tasks if t}) > 1
-            if config.aggregate == "round-robin" or per_task_mode:
-                tg = PerExampleGradients(model, projector, dataclasses.replace(gcfg, normalize=True), offset=offset,
-                                         mesh=mesh)
-                columns = tg.run(target_batches, len(targets), progress=False).astype(np.float64)  # [t, k]
         p_l = g_l.astype(np.float64) @ v_proj                        # <u_l, v>
         cols_l = None if columns is None else g_l.astype(np.float64) @ columns.T
 

@@ -39,9 +39,11 @@ import time
 import types
 import typing
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
 import numpy as np
+
+from idjax.store import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -326,22 +328,8 @@ def check_inputs(config: RunConfig) -> None:
 # ----------------------------------------------------------------------------- files and fingerprints
 
 
-def _write_atomic(path: Path, write: Callable[[Any], None]) -> None:
-    """write(f) into a temp file beside `path`, then rename it over `path`."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _write_json(path: Path, obj) -> None:
-    _write_atomic(path, lambda f: f.write(json.dumps(obj, indent=1, default=str).encode() + b"\n"))
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1, default=str).encode() + b"\n"))
 
 
 def _read_json(path: Path):
@@ -397,7 +385,7 @@ def _save_examples(path: Path, examples) -> None:
         "input_ids": cat([e.input_ids for e in examples]),
         "labels": cat([e.labels for e in examples]),
     }
-    _write_atomic(path, lambda f: np.savez(f, **arrays))
+    atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def _load_examples(path: Path):

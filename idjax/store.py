@@ -145,10 +145,11 @@ def _is_floating(dtype: np.dtype) -> bool:
 
 # --------------------------------------------------------------------------- atomic files
 
-def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
+def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
     """write(f) into a temp file beside `path`, fsync, rename over `path`, fsync the directory.
 
-    The temp name carries host and pid so `_clean_temps` can tell a dead writer's leftover
+    The one atomic file write of the package (stores, run state, demo cache). The temp name
+    carries host and pid so `_clean_temps` can tell a dead writer's leftover
     from a live writer's file in flight.
     """
     tmp = _temp_name(path)
@@ -416,7 +417,7 @@ class ArrayStore:
                                  "nothing written")
         self._forget(i)
         stored = a.view(self._storage) if self._storage != self.dtype else a
-        _atomic_write(self.chunk_path(i),
+        atomic_write(self.chunk_path(i),
                       lambda f: np.lib.format.write_array(f, stored, allow_pickle=False))
         self._valid.add(i)
         self._bad.pop(i, None)

@@ -1,6 +1,7 @@
 """The selection pipeline against independent references: a PyTorch per-sample loop, dense Hessians, scipy."""
 
 import dataclasses
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -76,6 +77,35 @@ def test_exact_first_order_scores_equal_torch_cosines(tiny_hf, tmp_path):
     # a re-run reuses the gradient store and gives the same answer
     again = select_samples(model, pool, targets, cfg, store_dir=tmp_path / "store")
     np.testing.assert_array_equal(again.scores, sel.scores)
+
+
+def test_target_direction_is_cached_per_targets(tiny_hf, tmp_path, monkeypatch, caplog):
+    import idjax.pipeline as P
+
+    model, _ = M.load(tiny_hf[1], tokenizer=False)
+    pool, targets, others = _examples(8, 5, "p"), _examples(3, 6, "t"), _examples(3, 7, "u")
+    update = update_model(OptimizerSpec("adamw", 1e-3, weight_decay=0.1), None, nnx.state(model, nnx.Param))
+    cfg = SelectConfig(k=3, exact=True, proj_dim=16, batch_size=4)
+    first = select_samples(model, pool, targets, cfg, update=update, store_dir=tmp_path)
+    path = Path(first.info["stores"]["targets"])
+    assert path.exists()
+    calls = []
+    real = P.target_direction
+    monkeypatch.setattr(P, "target_direction", lambda *a, **k: calls.append(1) or real(*a, **k))
+    # another k reads the file: no target gradient or HVP, the same scores
+    again = select_samples(model, pool, targets, dataclasses.replace(cfg, k=5), update=update, store_dir=tmp_path)
+    assert calls == [] and len(again.rows) == 5
+    np.testing.assert_array_equal(again.scores, first.scores)
+    # other targets, or another update model, compute their own
+    select_samples(model, pool, others, cfg, update=update, store_dir=tmp_path)
+    select_samples(model, pool, targets, cfg, update=None, store_dir=tmp_path)
+    assert len(calls) == 2
+    # a damaged file is recomputed with a warning, to the same values
+    path.write_bytes(b"not an npz")
+    with caplog.at_level("WARNING", logger="idjax.pipeline"):
+        healed = select_samples(model, pool, targets, cfg, update=update, store_dir=tmp_path)
+    assert len(calls) == 3 and "recomputing the target direction" in caplog.text
+    np.testing.assert_allclose(healed.scores, first.scores, rtol=1e-6)
 
 
 def test_landmarks_keep_exact_values(tiny_hf, tmp_path):
