@@ -194,8 +194,8 @@ def _open(root: Path, name: str, shape, chunk_rows: int, fp: dict) -> ArrayStore
 
 def _save_targets(path: Path, fp: dict, v_proj, v_norm: float, columns) -> None:
     """The projected target direction (and per-target columns) next to the stores: every later
-    selection with the same model, targets, update model and sketch (another k, seed of the
-    weights, method of selecting) skips the target gradient and HVP."""
+    selection with the same model, targets, update model and sketch (another k, lam, order or
+    ranking rule) skips the target gradient and HVP."""
     arrays = {"fingerprint": np.frombuffer(json.dumps(fp, sort_keys=True).encode(), np.uint8),
               "v_proj": v_proj, "v_norm": np.float64(v_norm)}
     if columns is not None:
