@@ -362,6 +362,10 @@ def report(args) -> None:
             f"{LABELS[m]} beats " + ", ".join(f"{LABELS[b]} {sum(w[m] < w[b] for w in wins)}/{len(wins)}"
                                               for b in ("random", "rds", "mid-ppl"))
             for m in ("influence", "exact"))]
+    paired = _paired_differences(cells)
+    if paired:
+        text += ["", "Paired differences in target loss (ID minus baseline, same task, budget and seed; mean ± standard "
+                     "error over the pairs; negative = ID better):", "", paired]
     if agree:
         text += ["", f"Spearman of ID (10% landmarks) scores with exact scores on the non-landmark rows: "
                      f"{np.mean(agree):.3f} ± {np.std(agree):.3f} ({len(agree)} selections)"]
@@ -436,6 +440,23 @@ def _flops(method, c, fl, n_pool):
     est = {"random": 0.0, "rds": f * n_pool, "mid-ppl": f * n_pool,
            "influence": e * n_pool + g * lm + targets, "exact": g * n_pool + targets}.get(method)
     return "0" if not est else f"{est / 1e12:.1f} TFLOP"
+
+
+def _paired_differences(cells) -> str:
+    lines = ["| method | vs random | vs RDS+ | vs mid-PPL |", "|---|---|---|---|"]
+    for m in ("influence", "exact"):
+        row = []
+        for b in ("random", "rds", "mid-ppl"):
+            d = []
+            for (task, frac, method), vals in cells.items():
+                if method != m:
+                    continue
+                other = {v["seed"]: v["loss"] for v in cells.get((task, frac, b), [])}
+                d += [v["loss"] - other[v["seed"]] for v in vals if v["seed"] in other]
+            se = np.std(d, ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
+            row.append(f"{np.mean(d):+.3f} ± {se:.3f} ({len(d)} pairs)" if d else "-")
+        lines.append(f"| {LABELS[m]} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
 
 
 def _ablation_table(res) -> str:
