@@ -364,8 +364,8 @@ def report(args) -> None:
             for m in ("influence", "exact"))]
     paired = _paired_differences(cells)
     if paired:
-        text += ["", "Paired differences in target loss (ID minus baseline, same task, budget and seed; mean ± standard "
-                     "error over the pairs; negative = ID better):", "", paired]
+        text += ["", "Paired differences in target loss (ID minus baseline, same task, budget and seed; "
+                     "mean ± standard error over the pairs; negative = ID better):", "", paired]
     if agree:
         text += ["", f"Spearman of ID (10% landmarks) scores with exact scores on the non-landmark rows: "
                      f"{np.mean(agree):.3f} ± {np.std(agree):.3f} ({len(agree)} selections)"]
@@ -467,7 +467,8 @@ def _ablation_table(res) -> str:
             cells.setdefault((name, task, frac), []).append(v)
     if not cells:
         return ""
-    lines = ["| ablation (ID, one setting changed) | task | budget | target loss | Spearman vs exact | select (s) |",
+    lines = ["| ablation (ID, one setting changed) | task | budget | target loss | Spearman vs exact | "
+             "select (s, stores shared with earlier runs) |",
              "|---|---|---|---|---|---|"]
     for (name, task, frac), vals in cells.items():
         base = [res.get(f"main/{task}/influence/{frac}/{v['seed']}") for v in vals]
