@@ -7,7 +7,7 @@ The paper's comparison (its Figure 1: target performance against selection cost)
 * targets: the three bundled tasks (code: Python docstring Q&A; definitions: WordNet glosses;
   jargon: Jargon File entries), 16 target rows each; 60 held-out eval rows each;
 * budgets: k = 5% and 10% of the pool; seeds 0, 1, 2 (the seed draws the random subset, the
-  landmarks and the fine-tuning order);
+  landmarks, the gradient sketch and the fine-tuning order);
 * methods: random, RDS+, mid-PPL, Influence Distillation with 10% landmarks ("influence"),
   Influence Distillation with every sample a landmark ("exact", the LESS-style first-order
   baseline), and the full pool;
@@ -23,6 +23,9 @@ counted by hand from the model's shapes at the padded length of 128 tokens per r
 
     python experiments/selection_study.py --out experiments/.store/selection-study
     python experiments/selection_study.py --out ... --report   # tables + plot from results.json
+
+--ablations adds the ABLATIONS below (one setting of ID changed each, on --ablation-task at the
+largest budget), e.g. `--seeds 0,1 --ablations --ablation-seeds 0` for a shorter run.
 
 Everything lands in OUT/results.json as it finishes (atomic writes): an interrupted run resumes
 with the next unfinished fine-tune.
