@@ -483,7 +483,7 @@ def _ablation_table(res) -> str:
                 rhos.append(_spearman_off_landmarks(v, ex))
         ref = [b["loss"] for b in base if b]
         delta = f" (default {_ms(ref)[0]:.3f})" if ref else ""
-        lines.append(f"| {name} | {task} | {float(frac):.0%} | {mu:.3f} ± {sd:.3f}{delta} | "
+        lines.append(f"| {name} | {task} | {float(frac):.0%} | {mu:.3f} ± {sd:.3f} ({len(vals)}){delta} | "
                      + (f"{np.mean(rhos):.3f}" if rhos else "-") + f" | {np.mean([v['select_s'] for v in vals]):.0f} |")
     return "\n".join(lines)
 
