@@ -49,6 +49,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from idjax.store import atomic_write
+
 log = logging.getLogger(__name__)
 
 DATA, FSDP = "data", "fsdp"
@@ -637,8 +639,6 @@ def broadcast(name: str, value: np.ndarray | None = None, *, src: int = 0, timeo
         value = np.asarray(value)
         buf = io.BytesIO()
         if directory is not None and value.nbytes > _KV_BYTES:
-            from idjax.store import atomic_write  # the stores' own temp + fsync + rename
-
             path = Path(directory) / f".broadcast-{_STATE.counter}-{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.npy"
             atomic_write(path, lambda f: np.save(f, value, allow_pickle=False))
             buf.write(b"file:" + str(path.absolute()).encode())

@@ -11,7 +11,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -147,9 +146,9 @@ def _run(argv, capsys):
     return code, cap.out, cap.err
 
 
-def _embed_cmd(tiny, pool, store):
-    """`idjax embed` of a pool on the tiny model, one row per chunk (the unit of resumption)."""
-    return [sys.executable, "-m", "idjax.cli", "embed", "--model", str(tiny), "--train", str(pool), "--store",
+def _embed_args(tiny, pool, store):
+    """argv of `idjax embed` of a pool on the tiny model, one row per chunk (the unit of resumption)."""
+    return ["embed", "--model", str(tiny), "--train", str(pool), "--store",
             str(store), "--chunk-rows", "1", "--batch-size", "1", "--embed-blocks", "1", "--embed-dim", "8",
             "--max-length", "64"]
 
@@ -395,8 +394,8 @@ def test_ctrl_c_during_embed_keeps_a_valid_store_and_resumes(tiny, tmp_path, cap
     pool = _write(tmp_path / "pool.jsonl", [_chat(i, answer=f"Answer number {i}.") for i in range(rows)])
     store = tmp_path / "store"
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    proc = subprocess.Popen(interruptible_cli + _embed_cmd(tiny, pool, store)[3:], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(interruptible_cli + _embed_args(tiny, pool, store), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 300
         while not list(store.glob("embeddings-*/chunk-*.npy")):
@@ -422,14 +421,14 @@ def test_ctrl_c_during_embed_keeps_a_valid_store_and_resumes(tiny, tmp_path, cap
     assert 1 <= done < total
     assert not list(sub.glob(".*.tmp"))  # no half-written chunk left behind
     finished = {p.name: p.stat().st_mtime_ns for p in sub.glob("chunk-*.npy")}
-    code, out, err = _run(_embed_cmd(tiny, pool, store)[3:], capsys)
+    code, out, err = _run(_embed_args(tiny, pool, store), capsys)
     assert code == 0, err
     assert json.loads(out)["rows"] == rows
     assert not ArrayStore.open(sub, create=False).missing()
     assert {n: (sub / n).stat().st_mtime_ns for n in finished} == finished  # reused, not recomputed
 
     # the same store with another --chunk-rows: refused, naming the store and the field; nothing is lost
-    argv = _embed_cmd(tiny, pool, store)[3:]
+    argv = _embed_args(tiny, pool, store)
     argv[argv.index("--chunk-rows") + 1] = "4"
     code, out, err = _run(argv, capsys)
     assert code == 1
@@ -456,7 +455,7 @@ def test_out_of_memory_is_one_line_with_a_hint(command, tiny, files, tmp_path, c
 
     argv = _model_argv(command, tiny, tmp_path, files) + (["--max-length", 64] if command != "chat" else [])
     if command == "embed":  # inside the chunk loop: the store exists and is kept
-        argv = _embed_cmd(tiny, files["pool"], tmp_path / "s")[3:]  # the shapes compiled above, in this process
+        argv = _embed_args(tiny, files["pool"], tmp_path / "s")  # the shapes compiled above, in this process
         monkeypatch.setattr(JVPEmbedder, "run", _oom)
         want = [r"--batch-size \(now 1\)", r"--max-length", r"--dtype bfloat16",
                 "finished chunks are kept in " + re.escape(str(tmp_path / "s"))]
