@@ -413,13 +413,30 @@ def shard_params(tree, mesh: Mesh | None, rules: dict[str, str | None] = RULES, 
 # ----------------------------------------------------------------------------- distributed top-k
 
 
+#: Every compilation made by jit_once, keyed by what it computes.
+_JITTED: dict = {}
+
+
+def jit_once(key, fn: Callable, *, out_shardings=None, **jit_kwargs):
+    """jax.jit(fn), made the first time `key` is seen and shared by every later caller with that key:
+    a second gradient pass, embedder, trainer or top-k over the same model structure and mesh reuses
+    the compiled shapes instead of tracing and compiling every length bucket again. `key` must name
+    everything fn closes over that changes what it computes (graphdef, config, projector, mesh,
+    shardings), and must be hashable."""
+    if key not in _JITTED:
+        if out_shardings is not None:
+            jit_kwargs["out_shardings"] = out_shardings
+        _JITTED[key] = jax.jit(fn, **jit_kwargs)
+    return _JITTED[key]
+
+
 def _canon(x):
     """-0.0 -> 0.0 so every backend's comparisons agree with numpy's (they compare equal there)."""
     return jnp.where(x == 0, jnp.zeros_like(x), x)
 
 
 def _sharded_top_k(mesh: Mesh, kk: int):
-    """jit(shard_map): x [t, n] rows-sharded along n -> the kk best (value desc, index asc) per row."""
+    """shard_map: x [t, n] rows-sharded along n -> the kk best (value desc, index asc) per row."""
     def local(x):
         per = x.shape[-1]
         shard = jax.lax.axis_index(ROWS)
@@ -430,11 +447,7 @@ def _sharded_top_k(mesh: Mesh, kk: int):
         neg, idx = jax.lax.sort((-vals, idx), dimension=1, num_keys=2)
         return -neg[:, :kk], idx[:, :kk]
 
-    fn = jax.shard_map(local, mesh=mesh, in_specs=P(None, ROWS), out_specs=(P(), P()), check_vma=False)
-    return jax.jit(fn)
-
-
-_TOPK_CACHE: dict = {}
+    return jax.shard_map(local, mesh=mesh, in_specs=P(None, ROWS), out_specs=(P(), P()), check_vma=False)
 
 
 def _device_top(x32: np.ndarray, kk: int, mesh: Mesh) -> tuple[np.ndarray, np.ndarray]:
@@ -443,10 +456,8 @@ def _device_top(x32: np.ndarray, kk: int, mesh: Mesh) -> tuple[np.ndarray, np.nd
     if npad != n:
         x32 = np.concatenate([x32, np.full((t, npad - n), -np.inf, np.float32)], axis=1)
     kk = min(kk, npad // mesh.size * mesh.size)
-    key = (id(mesh), kk)
-    if key not in _TOPK_CACHE:
-        _TOPK_CACHE[key] = _sharded_top_k(mesh, kk)
-    vals, idx = _TOPK_CACHE[key](put_rows(x32, mesh, axis=1))
+    top = jit_once(("top_k", mesh, kk), _sharded_top_k(mesh, kk))
+    vals, idx = top(put_rows(x32, mesh, axis=1))
     return np.asarray(vals), np.asarray(idx)
 
 

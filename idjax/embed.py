@@ -109,18 +109,12 @@ def _embed(graphdef, pooling, params, rest, tangents, projection, ids, mask, lab
     return out if projection is None else out @ projection
 
 
-_EMBED_JITS: dict = {}
-
-
 def _embed_jit(graphdef, pooling: str, out_sharding):
     """One jitted _embed per (model structure, pooling, output sharding), shared by every JVPEmbedder:
     a second embedder of the same model (another call of select_samples, another target set) reuses
     the compilations of the first instead of compiling every length bucket again."""
-    key = (graphdef, pooling, out_sharding)
-    if key not in _EMBED_JITS:
-        fn = functools.partial(_embed, graphdef, pooling)
-        _EMBED_JITS[key] = jax.jit(fn) if out_sharding is None else jax.jit(fn, out_shardings=out_sharding)
-    return _EMBED_JITS[key]
+    return dist.jit_once(("embed", graphdef, pooling, out_sharding), functools.partial(_embed, graphdef, pooling),
+                         out_shardings=out_sharding)
 
 
 class JVPEmbedder:

@@ -203,12 +203,6 @@ def _per_example_gradients(graphdef, projector, config: GradientConfig, mask, sh
     return _sharded_map(one, (ids, mask_ids, labels), mb, 1)
 
 
-#: One jitted _per_example_gradients per (model structure, projector, config, shards, sharding),
-#: shared by every PerExampleGradients: a second selection in the same process (another target
-#: set, the landmark and target passes) reuses the compiled length buckets.
-_GRADIENT_JITS: dict = {}
-
-
 class PerExampleGradients:
     """Projected, optionally preconditioned per-example gradients, one jit per length bucket.
 
@@ -235,11 +229,12 @@ class PerExampleGradients:
                 dist.shard_params(t, self.mesh) for t in (self.selected, self.rest, self.precondition, self.offset))
         # The coordinate mask is a function of (keep, seed, the selected shapes): all in the key.
         sharding = dist.row_sharding(self.mesh, 2) if self.shards > 1 else None
-        key = (self.graphdef, projector, config, self.shards, sharding)
-        if key not in _GRADIENT_JITS:
-            fn = functools.partial(_per_example_gradients, self.graphdef, projector, config, self.mask, self.shards)
-            _GRADIENT_JITS[key] = jax.jit(fn) if sharding is None else jax.jit(fn, out_shardings=sharding)
-        self._fn = _GRADIENT_JITS[key]
+        # One compilation per key, shared: a second selection in the same process (another target
+        # set, the landmark and target passes) reuses the compiled length buckets.
+        self._fn = dist.jit_once(
+            ("gradients", self.graphdef, projector, config, self.shards, sharding),
+            functools.partial(_per_example_gradients, self.graphdef, projector, config, self.mask, self.shards),
+            out_shardings=sharding)
 
     def __call__(self, batch):
         """Projected gradients [B, k] float32 and a validity flag [B] for one data.Batch."""
@@ -406,11 +401,6 @@ def _curvature(graphdef, projector, config: GradientConfig, hessian: str, shards
     return jax.lax.map(one, (ids, mask, labels))
 
 
-#: Shared compilations of _curvature, keyed like _GRADIENT_JITS plus the Hessian kind; the target
-#: set is an argument, so another target set of the same batch shapes compiles nothing.
-_CURVATURE_JITS: dict = {}
-
-
 class ProjectedCurvature:
     """Second-order landmark terms (MATH.md 4.3): for each source sample, u = a * g (L2-normalised
     when asked, as the first-order scores are) and h = H_T u, both projected with the same sketch,
@@ -437,11 +427,12 @@ class ProjectedCurvature:
                 dist.shard_params(t, self.mesh) for t in (self.selected, self.rest, self.precondition))
             self.targets = dist.put_replicated(self.targets, self.mesh)
             rows = dist.row_sharding(self.mesh, 2)
-        key = (self.graphdef, projector, config, hessian, self.shards, rows)
-        if key not in _CURVATURE_JITS:
-            fn = functools.partial(_curvature, self.graphdef, projector, config, hessian, self.shards)
-            _CURVATURE_JITS[key] = jax.jit(fn) if rows is None else jax.jit(fn, out_shardings=(rows, rows))
-        self._fn = _CURVATURE_JITS[key]
+        # Shared like the gradients' compilation; the target set is an argument, so another target set
+        # of the same batch shapes compiles nothing.
+        self._fn = dist.jit_once(
+            ("curvature", self.graphdef, projector, config, hessian, self.shards, rows),
+            functools.partial(_curvature, self.graphdef, projector, config, hessian, self.shards),
+            out_shardings=None if rows is None else (rows, rows))
 
     def __call__(self, batch):
         """(P u [B, k], P h [B, k]) for one data.Batch; padding rows are garbage (mask them)."""

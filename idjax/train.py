@@ -262,7 +262,6 @@ def _train_step_fn(graphdef, spec: OptimizerSpec, lora: LoraConfig | None, state
 
 
 _train_step = jax.jit(_train_step_fn, static_argnums=(0, 1, 2), donate_argnums=(3,))
-_SHARDED_STEPS: dict = {}
 
 
 def _sharded_train_step(state_shardings, mesh):
@@ -270,11 +269,8 @@ def _sharded_train_step(state_shardings, mesh):
     shard the updated state differently from the state it was given, and the next step recompiles.
     One compilation per (shardings, bucket), shared by every Trainer, like _train_step."""
     leaves, treedef = jax.tree.flatten(state_shardings)
-    key = (treedef, tuple(leaves))
-    if key not in _SHARDED_STEPS:
-        _SHARDED_STEPS[key] = jax.jit(_train_step_fn, static_argnums=(0, 1, 2), donate_argnums=(3,),
-                                      out_shardings=(state_shardings, dist.replicated(mesh)))
-    return _SHARDED_STEPS[key]
+    return dist.jit_once(("train step", treedef, tuple(leaves)), _train_step_fn, static_argnums=(0, 1, 2),
+                         donate_argnums=(3,), out_shardings=(state_shardings, dist.replicated(mesh)))
 
 
 class Trainer:
