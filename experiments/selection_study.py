@@ -24,6 +24,14 @@ counted by hand from the model's shapes at the padded length of 128 tokens per r
     python experiments/selection_study.py --out experiments/.store/selection-study
     python experiments/selection_study.py --out ... --report   # tables + plot from results.json
 
+--cost-only measures only the selection cost, e.g. of ID against --exact on the whole bundled pool:
+
+    python experiments/selection_study.py --out experiments/.store/cost-879 --pool-limit 879 \
+        --tasks code --cost-only --cost-methods influence,exact --cost-passes steady
+
+(--cost-passes steady: one timed call per method after an untimed call on the first 32 rows has
+compiled its functions, instead of the two full passes.)
+
 --ablations adds the ABLATIONS below (one setting of ID changed each, on --ablation-task at the
 largest budget), e.g. `--seeds 0,1 --ablations --ablation-seeds 0` for a shorter run.
 
@@ -124,12 +132,14 @@ class Study:
         sel, sec = self._memo[key]
         return [int(r) for r in sel.rows][:k], sel, sec
 
-    def select(self, method: str, task: str, k: int, seed: int, store=None, **overrides):
-        """(Selection, seconds) of one method; store: the array store (default OUT/store, shared)."""
+    def select(self, method: str, task: str, k: int, seed: int, store=None, pool=None, **overrides):
+        """(Selection, seconds) of one method; store: the array store (default OUT/store, shared);
+        pool: the tokenized rows to select from (default the study's pool)."""
         from idjax import baselines, pipeline
         from idjax.embed import EmbedConfig
 
         targets = self.targets[task]
+        pool = self.pool if pool is None else pool
         store = self.out / "store" if store is None else store
         t0 = time.perf_counter()
         if method in ("influence", "exact"):
@@ -139,10 +149,10 @@ class Study:
             cfg.update(overrides)
             update = cfg.pop("update", self.update)
             model = self.base_model() if cfg.pop("model", None) == "base" else self.model
-            sel = pipeline.select_samples(model, self.pool, targets, pipeline.SelectConfig(**cfg),
+            sel = pipeline.select_samples(model, pool, targets, pipeline.SelectConfig(**cfg),
                                           update=update, store_dir=store)
         else:
-            sel = baselines.select_baseline(method, self.model, self.pool, targets, k, seed=seed, batch_size=8,
+            sel = baselines.select_baseline(method, self.model, pool, targets, k, seed=seed, batch_size=8,
                                             store_dir=store)
         return sel, time.perf_counter() - t0
 
@@ -219,7 +229,10 @@ class Study:
 
         Two passes: the first includes XLA compilation (and which method compiles a shared function
         first depends on the order), the second is the steady state a long run or a second target
-        set sees. Both are recorded; the plot and the ratios use the second.
+        set sees. Both are recorded; the plot and the ratios use the second. With --cost-passes
+        steady, the first pass runs on the first 32 rows only, untimed: it compiles the same
+        functions (the propagation's shapes depend on the pool size, so that small compile stays in
+        the timed pass, against the landmarks).
         """
         import shutil
 
@@ -227,10 +240,19 @@ class Study:
             return self.results["cost"]
         task = self.args.tasks[0]
         k = max(1, round(max(self.args.budgets) * len(self.pool)))
-        out = {m: {} for m in METHODS}
+        methods = self.args.cost_methods
+        out = {m: {} for m in methods}
         for rep in ("with_compile", "steady"):
-            for method in METHODS:
+            warm_only = rep == "with_compile" and self.args.cost_passes == "steady"
+            for method in methods:
                 cold = self.out / f"store-cold-{method}"
+                if warm_only:
+                    shutil.rmtree(cold, ignore_errors=True)
+                    small = self.pool[:32]
+                    self.select(method, task, max(1, round(max(self.args.budgets) * len(small))), 0, store=cold,
+                                pool=small)
+                    shutil.rmtree(cold, ignore_errors=True)
+                    continue
                 shutil.rmtree(cold, ignore_errors=True)
                 sel, sec = self.select(method, task, k, 0, store=cold)
                 shutil.rmtree(cold, ignore_errors=True)
@@ -247,7 +269,12 @@ def main_run(args) -> None:
     study = Study(args)
     print(f"pool {len(study.pool)} rows; warm-up {study.warmup_s:.0f} s", flush=True)
     if not args.skip_cost:
-        study.cold_costs()
+        cost = study.cold_costs()
+        if {"influence", "exact"} <= set(cost):
+            print(f"landmarks vs --exact, steady state: {cost['exact']['seconds'] / cost['influence']['seconds']:.2f}x "
+                  f"at N = {len(study.pool)}", flush=True)
+    if args.cost_only:
+        return
     n = len(study.pool)
     for task in args.tasks:
         study.before(task)
@@ -544,6 +571,10 @@ def main(argv=None) -> int:
     ap.add_argument("--ablation-task", default="definitions")
     ap.add_argument("--ablation-seeds", default="0,1,2")
     ap.add_argument("--skip-cost", action="store_true")
+    ap.add_argument("--cost-only", action="store_true", help="measure the selection cost and stop")
+    ap.add_argument("--cost-methods", default=",".join(METHODS))
+    ap.add_argument("--cost-passes", choices=("both", "steady"), default="both",
+                    help="steady: compile on 32 rows untimed, then one timed call per method")
     ap.add_argument("--report", action="store_true", help="only write the tables and the plot")
     args = ap.parse_args(argv)
     args.tasks = [t for t in args.tasks.split(",") if t]
@@ -551,9 +582,13 @@ def main(argv=None) -> int:
     args.seeds = [int(s) for s in args.seeds.split(",") if s]
     args.full_seeds = [int(s) for s in args.full_seeds.split(",") if s]
     args.ablation_seeds = [int(s) for s in args.ablation_seeds.split(",") if s]
+    args.cost_methods = [m for m in args.cost_methods.split(",") if m]
     bad = [t for t in args.tasks if t not in TASKS]
     if bad:
         ap.error(f"unknown task(s) {bad}: choose from {TASKS}")
+    bad = [m for m in args.cost_methods if m not in METHODS]
+    if bad or not args.cost_methods:
+        ap.error(f"unknown cost method(s) {bad}: choose from {METHODS}")
     if args.report:
         report(args)
         return 0
