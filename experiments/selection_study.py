@@ -497,9 +497,9 @@ def _ablation_table(res) -> str:
             cells.setdefault((name, task, frac), []).append(v)
     if not cells:
         return ""
-    lines = ["| ablation (ID, one setting changed) | task | budget | target loss | Spearman vs exact | "
-             "select (s, stores shared with earlier runs) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| ablation (ID, one setting changed) | task | budget | target loss | minus default, paired by seed "
+             "(mean ± s.e.) | Spearman vs exact | select (s, stores shared with earlier runs) |",
+             "|---|---|---|---|---|---|---|"]
     for (name, task, frac), vals in cells.items():
         base = [res.get(f"main/{task}/influence/{frac}/{v['seed']}") for v in vals]
         mu, sd = _ms([v["loss"] for v in vals])
@@ -510,7 +510,10 @@ def _ablation_table(res) -> str:
                 rhos.append(_spearman_off_landmarks(v, ex))
         ref = [b["loss"] for b in base if b]
         delta = f" (default {_ms(ref)[0]:.3f})" if ref else ""
-        lines.append(f"| {name} | {task} | {float(frac):.0%} | {mu:.3f} ± {sd:.3f} ({len(vals)}){delta} | "
+        d = [v["loss"] - b["loss"] for v, b in zip(vals, base) if b]
+        se = f" ± {np.std(d, ddof=1) / np.sqrt(len(d)):.3f}" if len(d) > 1 else ""
+        paired = f"{np.mean(d):+.3f}{se}" if d else "-"
+        lines.append(f"| {name} | {task} | {float(frac):.0%} | {mu:.3f} ± {sd:.3f} ({len(vals)}){delta} | {paired} | "
                      + (f"{np.mean(rhos):.3f}" if rhos else "-") + f" | {np.mean([v['select_s'] for v in vals]):.0f} |")
     return "\n".join(lines)
 
