@@ -410,9 +410,6 @@ def shard_params(tree, mesh: Mesh | None, rules: dict[str, str | None] = RULES, 
     return jax.tree.map(_put, tree, param_shardings(tree, mesh, rules, lead=lead))
 
 
-# ----------------------------------------------------------------------------- distributed top-k
-
-
 #: Every compilation made by jit_once, keyed by what it computes.
 _JITTED: dict = {}
 
@@ -428,6 +425,9 @@ def jit_once(key, fn: Callable, *, out_shardings=None, **jit_kwargs):
             jit_kwargs["out_shardings"] = out_shardings
         _JITTED[key] = jax.jit(fn, **jit_kwargs)
     return _JITTED[key]
+
+
+# ----------------------------------------------------------------------------- distributed top-k
 
 
 def _canon(x):
