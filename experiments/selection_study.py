@@ -242,6 +242,7 @@ class Study:
         k = max(1, round(max(self.args.budgets) * len(self.pool)))
         methods = self.args.cost_methods
         out = {m: {} for m in methods}
+        scores: dict = {}
         for rep in ("with_compile", "steady"):
             warm_only = rep == "with_compile" and self.args.cost_passes == "steady"
             for method in methods:
@@ -260,7 +261,11 @@ class Study:
                 out[method][key] = round(sec, 2)
                 out[method]["stages_s" if rep == "steady" else "stages_with_compile_s"] = sel.info.get("timings_s", {})
                 out[method]["landmarks"] = int(len(sel.landmarks))
+                scores[method] = {"scores": np.asarray(sel.scores), "landmarks": [int(i) for i in sel.landmarks]}
                 print(f"cost ({rep}) {method}: {sec:.1f} s  {sel.info.get('timings_s', {})}", flush=True)
+        if {"influence", "exact"} <= scores.keys():  # how well the timed landmark run tracks the exact one
+            out["influence"]["spearman_vs_exact"] = round(_spearman_off_landmarks(scores["influence"],
+                                                                                  scores["exact"]), 4)
         self.results.put("cost", out)
         return out
 
@@ -272,7 +277,8 @@ def main_run(args) -> None:
         cost = study.cold_costs()
         if {"influence", "exact"} <= set(cost):
             print(f"landmarks vs --exact, steady state: {cost['exact']['seconds'] / cost['influence']['seconds']:.2f}x "
-                  f"at N = {len(study.pool)}", flush=True)
+                  f"at N = {len(study.pool)}; score Spearman on non-landmark rows "
+                  f"{cost['influence'].get('spearman_vs_exact')}", flush=True)
     if args.cost_only:
         return
     n = len(study.pool)
