@@ -239,24 +239,20 @@ class Study:
         if "cost" in self.results:
             return self.results["cost"]
         task = self.args.tasks[0]
-        k = max(1, round(max(self.args.budgets) * len(self.pool)))
         methods = self.args.cost_methods
         out = {m: {} for m in methods}
         scores: dict = {}
         for rep in ("with_compile", "steady"):
             warm_only = rep == "with_compile" and self.args.cost_passes == "steady"
+            pool = self.pool[:32] if warm_only else self.pool
+            k = max(1, round(max(self.args.budgets) * len(pool)))
             for method in methods:
                 cold = self.out / f"store-cold-{method}"
+                shutil.rmtree(cold, ignore_errors=True)
+                sel, sec = self.select(method, task, k, 0, store=cold, pool=pool)
+                shutil.rmtree(cold, ignore_errors=True)
                 if warm_only:
-                    shutil.rmtree(cold, ignore_errors=True)
-                    small = self.pool[:32]
-                    self.select(method, task, max(1, round(max(self.args.budgets) * len(small))), 0, store=cold,
-                                pool=small)
-                    shutil.rmtree(cold, ignore_errors=True)
                     continue
-                shutil.rmtree(cold, ignore_errors=True)
-                sel, sec = self.select(method, task, k, 0, store=cold)
-                shutil.rmtree(cold, ignore_errors=True)
                 key = "seconds" if rep == "steady" else "seconds_with_compile"
                 out[method][key] = round(sec, 2)
                 out[method]["stages_s" if rep == "steady" else "stages_with_compile_s"] = sel.info.get("timings_s", {})
@@ -478,6 +474,12 @@ def _flops(method, c, fl, n_pool):
     return "0" if not est else f"{est / 1e12:.1f} TFLOP"
 
 
+def _mean_se(d) -> str:
+    """Signed mean of paired differences ± its standard error (no error bar from a single pair)."""
+    se = f" ± {np.std(d, ddof=1) / np.sqrt(len(d)):.3f}" if len(d) > 1 else ""
+    return f"{np.mean(d):+.3f}{se}"
+
+
 def _paired_differences(cells) -> str:
     lines = ["| method | vs random | vs RDS+ | vs mid-PPL |", "|---|---|---|---|"]
     for m in ("influence", "exact"):
@@ -489,8 +491,7 @@ def _paired_differences(cells) -> str:
                     continue
                 other = {v["seed"]: v["loss"] for v in cells.get((task, frac, b), [])}
                 d += [v["loss"] - other[v["seed"]] for v in vals if v["seed"] in other]
-            se = np.std(d, ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
-            row.append(f"{np.mean(d):+.3f} ± {se:.3f} ({len(d)} pairs)" if d else "-")
+            row.append(f"{_mean_se(d)} ({len(d)} pairs)" if d else "-")
         lines.append(f"| {LABELS[m]} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -517,8 +518,7 @@ def _ablation_table(res) -> str:
         ref = [b["loss"] for b in base if b]
         delta = f" (default {_ms(ref)[0]:.3f})" if ref else ""
         d = [v["loss"] - b["loss"] for v, b in zip(vals, base) if b]
-        se = f" ± {np.std(d, ddof=1) / np.sqrt(len(d)):.3f}" if len(d) > 1 else ""
-        paired = f"{np.mean(d):+.3f}{se}" if d else "-"
+        paired = _mean_se(d) if d else "-"
         lines.append(f"| {name} | {task} | {float(frac):.0%} | {mu:.3f} ± {sd:.3f} ({len(vals)}){delta} | {paired} | "
                      + (f"{np.mean(rhos):.3f}" if rhos else "-") + f" | {np.mean([v['select_s'] for v in vals]):.0f} |")
     return "\n".join(lines)
