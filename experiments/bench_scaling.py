@@ -1,4 +1,4 @@
-"""Scaling of propagation and top-k with the pool size N (MATH.md 4.4-4.5, issue 6).
+"""Scaling of propagation and top-k with the pool size N (docs/method.md 4.4-4.5, issue 6).
 
 For N = 1e4 ... 1e6 synthetic embeddings (float32, e dims, on disk) and l = 4096 random landmarks:
   - fit:      gather E_L, median bandwidth, Cholesky of the l x l KRR system (does not depend on N)

@@ -1,4 +1,4 @@
-"""How well do landmarks + propagation reproduce exact first-order scores? (issue 4, MATH.md 4)
+"""How well do landmarks + propagation reproduce exact first-order scores? (issue 4, docs/method.md 4)
 
 On SmolLM2-135M and the bundled real pool (idjax/assets/demo), compute:
   * exact cosine scores of every pool sample against each target task's mean gradient

@@ -13,7 +13,7 @@ The paper's comparison (its Figure 1: target performance against selection cost)
   baseline), and the full pool;
 * one fine-tuning recipe for every selection: AdamW 5e-5, clip 1, batch 8, two epochs of the
   selection (ceil(2k / 8) steps) from the warmed-up model; the metric is the eval set's target
-  loss (mean response-token loss per sample, MATH.md 1), lower is better.
+  loss (mean response-token loss per sample, docs/method.md 1), lower is better.
 
 Selection cost is measured from scratch, each method in a fresh store (pool embeddings, landmark /
 pool gradients, target gradients), twice: with compilation, then steady state (cold_costs); the

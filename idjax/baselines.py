@@ -1,4 +1,4 @@
-"""Baseline selection methods (MATH.md 9), behind the same interface as Influence Distillation.
+"""Baseline selection methods (docs/method.md 9), behind the same interface as Influence Distillation.
 
 Why here: a comparison is only fair when every method sees the same pool, budget, tokenization and
 store, and writes the same selection file that `idjax train` reads. `select_baseline` returns the

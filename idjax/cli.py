@@ -247,7 +247,7 @@ def cmd_select(args) -> int:
     model, _ = models.load(args.model, dtype=args.dtype, tokenizer=False)
     out = Path(args.out)
     store = Path(args.store) if args.store else out.with_suffix(".store")
-    if args.method != "influence":  # MATH.md 9: the same pool, budget, store and output file
+    if args.method != "influence":  # docs/method.md 9: the same pool, budget, store and output file
         from idjax import baselines, distributed
 
         load_s = time.perf_counter() - t0
@@ -467,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", default=None, help="store directory (default: OUT with suffix .store)")
     p.add_argument("--method", default="influence", choices=["influence", "random", "rds", "mid-ppl", "full"],
                    help="influence (Influence Distillation; with --exact: LESS-style exact first order) or a "
-                        "baseline: random, rds (RDS+), mid-ppl, full (MATH.md 9); default influence")
+                        "baseline: random, rds (RDS+), mid-ppl, full (docs/method.md 9); default influence")
     p.add_argument("--landmarks", type=float, default=0.1,
                    help="landmarks: a fraction of the pool (< 1) or a count (default 0.1)")
     p.add_argument("--exact", action="store_true", help="every sample is a landmark (no embeddings; LESS-style)")

@@ -9,9 +9,9 @@ Stages (each timed; every one reuses what an earlier run left in `out_dir`):
 
 1. load SmolLM2-135M-Instruct, read and tokenize the pool (its first `pool_limit` rows: the file
    is shuffled with a fixed seed, so any prefix mixes the domains), the target set and the eval set;
-2. warm-up (MATH.md 8): AdamW for `warmup_steps` steps on a seeded random `warmup_fraction` of
+2. warm-up (docs/method.md 8): AdamW for `warmup_steps` steps on a seeded random `warmup_fraction` of
    the pool, saved to out_dir/warmup (model + optimizer state; reused when it is there);
-3. selection (MATH.md 3-7) with the warmed-up model and the AdamW update model read from its
+3. selection (docs/method.md 3-7) with the warmed-up model and the AdamW update model read from its
    optimizer state: JVP embeddings of the pool, random landmarks (`landmarks` of the pool),
    projected Adam-preconditioned gradients of the landmarks, KRR propagation, first-order cosine
    scores against the target set's mean gradient, top-k with k = `k_fraction` of the pool. The
@@ -20,7 +20,7 @@ Stages (each timed; every one reuses what an earlier run left in `out_dir`):
    the selection is written to out_dir/selection.jsonl (+ .meta.json);
 4. the comparison: the warmed-up model is fine-tuned with one recipe (AdamW, `train_steps` steps of
    `batch_size`) on the selection and on a seeded random subset of the pool of the same size, and
-   the target loss (mean response-token loss, MATH.md 1) on the eval set is measured for the
+   the target loss (mean response-token loss, docs/method.md 1) on the eval set is measured for the
    warmed-up model ("before") and both fine-tuned models;
 5. report: a table on stdout (`format_report`), out_dir/demo.json with every number, and
    out_dir/demo.png (eval loss of the three models; domain composition of both subsets).

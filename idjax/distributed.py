@@ -1,6 +1,6 @@
 """Several devices and hosts: the device mesh, shardings, multi-process start and coordination.
 
-Two levels of parallelism (MATH.md 4.5, DESIGN.md "Sharding"):
+Two levels of parallelism (docs/method.md 4.5, DESIGN.md "Sharding"):
 
 Devices of one process (several GPUs, the chips of a TPU host, or CPU devices forced with
 XLA_FLAGS=--xla_force_host_platform_device_count=4) form a `jax.sharding.Mesh` with the axes

@@ -1,4 +1,4 @@
-"""JVP embeddings (MATH.md 5): cheap per-sample features that landmarks propagate along.
+"""JVP embeddings (docs/method.md 5): cheap per-sample features that landmarks propagate along.
 
 The model is truncated to its first B decoder blocks plus the final norm; f(x; theta) is the
 hidden vector at the last non-pad token (EmbedConfig.pooling="last", the default; "mean" averages

@@ -1,6 +1,6 @@
 """Evaluation: target loss / perplexity, generated-answer exact match, multiple choice, SQuAD F1.
 
-Why these: the selection objective is the target loss (MATH.md 1), so it is always reported;
+Why these: the selection objective is the target loss (docs/method.md 1), so it is always reported;
 the task metrics are what the paper's tables report (GSM8k exact match, MMLU accuracy by option
 log-likelihood, SQuAD F1/EM, HumanEval pass@1). Every model call is jitted per length bucket.
 """
@@ -61,7 +61,7 @@ def token_loss_sums(model, examples: Sequence[D.Example], *, batch_size: int = 8
 
 def target_loss(model, examples: Sequence[D.Example], *, batch_size: int = 8, buckets=None,
                 pad_id: int = 0) -> dict:
-    """{"loss": mean over samples of each sample's mean token loss (L_T, MATH.md 1),
+    """{"loss": mean over samples of each sample's mean token loss (L_T, docs/method.md 1),
     "token_loss": mean over all response tokens, "perplexity": exp(token_loss), "samples", "tokens"}."""
     sums, counts = token_loss_sums(model, examples, batch_size=batch_size, buckets=buckets, pad_id=pad_id)
     per_sample = sums / np.maximum(counts, 1)

@@ -1,6 +1,6 @@
 """Per-sample losses and gradients of the masked mean token loss, and Hessian-vector products.
 
-MATH.md 1: l(theta; x) is the token cross-entropy over the response tokens of x (labels != -100),
+docs/method.md 1: l(theta; x) is the token cross-entropy over the response tokens of x (labels != -100),
 averaged over those tokens. A sample with no response token has no loss: it contributes 0 here and
 is reported upstream (data.tokenize skips it), never a NaN.
 """
@@ -295,7 +295,7 @@ def _mean_loss(graphdef, rest, arrays, total, selected):
 
 
 def mean_loss_fn(graphdef, rest, batches):
-    """L_T(selected) = mean over all real samples of their mean response-token loss (MATH.md 1)."""
+    """L_T(selected) = mean over all real samples of their mean response-token loss (docs/method.md 1)."""
     arrays, total = target_arrays(batches)
     return functools.partial(_mean_loss, graphdef, rest, arrays, total)
 
@@ -364,7 +364,7 @@ def target_direction(model, batches, pattern: str | None = None, *, shift=None, 
                      hessian: str = "exact"):
     """(v, offset): v = g_T - eta * H_T shift over the selected params, offset = eta * H_T shift (or None).
 
-    MATH.md 3: p = G D_a (g_T - eta H_T b). `shift` is the update model's b restricted to the
+    docs/method.md 3: p = G D_a (g_T - eta H_T b). `shift` is the update model's b restricted to the
     selection (None for GD). `offset` is what per-target-sample columns subtract from their own
     gradient (the mean-target Hessian stands in for each sample's own).
     """
@@ -402,7 +402,7 @@ def _curvature(graphdef, projector, config: GradientConfig, hessian: str, shards
 
 
 class ProjectedCurvature:
-    """Second-order landmark terms (MATH.md 4.3): for each source sample, u = a * g (L2-normalised
+    """Second-order landmark terms (docs/method.md 4.3): for each source sample, u = a * g (L2-normalised
     when asked, as the first-order scores are) and h = H_T u, both projected with the same sketch,
     so Q_L[i, j] = <P u_j, P h_i>. One HVP at a time (lax.map) bounds memory to one double pass
     over the target set; one compilation per length bucket.

@@ -1,4 +1,4 @@
-"""Landmarks: choose a few samples, do the exact work on them, propagate to all (MATH.md 4).
+"""Landmarks: choose a few samples, do the exact work on them, propagate to all (docs/method.md 4).
 
 Exact influence quantities (projected gradients, p, Q) are computed for l landmark samples
 only. Every source sample has a cheap embedding (a row of E, [N, e]); a coefficient matrix
@@ -13,7 +13,7 @@ Two propagators (`Propagator.fit(..., kind=...)`):
       K(x, y) = exp(-||x - y||^2 / (2 s^2)),  s = median distance between distinct landmarks.
 - "ridge", linear ridge regression:
       C = E E_L^T (E_L E_L^T + delta * mean(diag(E_L E_L^T)) I)^-1.
-  MATH.md writes delta * I. Scaling delta by the mean diagonal is a deliberate reading: it
+  The paper writes delta * I (docs/method.md 4.4). Scaling delta by the mean diagonal is a deliberate reading: it
   makes delta scale-free (multiplying E by 10 leaves C unchanged), and for KRR the mean
   diagonal is 1, so there both readings agree. Ridge has no intercept: append a constant
   column to E if the values have an offset.
@@ -330,7 +330,7 @@ def _median_bandwidth(d2: np.ndarray) -> float:
 
 
 class Propagator:
-    """C [N, l]: landmark values -> all rows (MATH.md 4.4). Build with `Propagator.fit`.
+    """C [N, l]: landmark values -> all rows (docs/method.md 4.4). Build with `Propagator.fit`.
 
     Attributes: kind, landmarks (int64 [l], column order of C), bandwidth (s, KRR only; None
     for ridge), delta, num_rows (N), num_landmarks (l), chunk_rows, cached (C is on device).
@@ -345,7 +345,7 @@ class Propagator:
         self.kind = kind
         self.delta = delta
         self.bandwidth = bandwidth
-        # With a device mesh, each row chunk is split over the devices (MATH.md 4.5: C's rows and E
+        # With a device mesh, each row chunk is split over the devices (docs/method.md 4.5: C's rows and E
         # are row-sharded, everything landmark-sized is replicated).
         self.mesh = mesh if dist.active(mesh) else None
         self.chunk_rows = dist.round_up(min(chunk_rows, self.num_rows), self.mesh)
@@ -562,7 +562,7 @@ class Propagator:
         return out
 
     def low_rank_matvec(self, q_l: Any) -> Callable[[Any], Any]:
-        """w -> C (Q_L (C^T w)): the propagated second-order product Q_hat w (MATH.md 4.4).
+        """w -> C (Q_L (C^T w)): the propagated second-order product Q_hat w (docs/method.md 4.4).
 
         With C cached, the function is pure JAX (jittable; it closes over the device C and
         returns a jax.Array). Otherwise it is a host function that makes two streaming passes

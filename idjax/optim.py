@@ -1,4 +1,4 @@
-"""Optimizer update models, MATH.md section 2: optax state -> (a, b, eta).
+"""Optimizer update models, docs/method.md section 2: optax state -> (a, b, eta).
 
 One optimizer step on the weighted gradient g = G^T w is modeled as the affine map
 delta = -eta * (a * g + b), with per-parameter pytrees a and b read from the optimizer state
@@ -130,7 +130,7 @@ class UpdateModel:
     name: str
 
     def precondition(self, g):
-        """a * g: what the step does to the gradient before the shift b (D_a in MATH.md)."""
+        """a * g: what the step does to the gradient before the shift b (D_a in docs/method.md)."""
         return g if self.a is None else jax.tree.map(lambda a, x: a * x, self.a, g)
 
     def step(self, g):
@@ -194,9 +194,10 @@ def update_model(spec: OptimizerSpec | None, opt_state=None, params=None) -> Upd
 
     Adam / AdamW, c = count of steps taken: alpha1 = b1/(1-b1^(c+1)),
     alpha2 = (1-b1)/(1-b1^(c+1)), a = alpha2/(sqrt(v_hat)+eps),
-    b = alpha1*m/(sqrt(v_hat)+eps) + wd*theta, v_hat = b2*v/(1-b2^(c+1)). MATH.md freezes v;
-    we drop only the new (1-b2) g^2 term and keep the b2 decay that the real step applies to v,
-    so the model is exact as g -> 0 and its error is O(g^2) relative ((1-b2) g^2 / (2 b2 v)).
+    b = alpha1*m/(sqrt(v_hat)+eps) + wd*theta, v_hat = b2*v/(1-b2^(c+1)). The paper freezes v
+    (docs/method.md 2, Deviations); we drop only the new (1-b2) g^2 term and keep the b2 decay that
+    the real step applies to v, so the model is exact as g -> 0 and its error is O(g^2) relative
+    ((1-b2) g^2 / (2 b2 v)).
     NAdam (nesterov=True) is modeled exactly with its own alpha1, alpha2.
     SGD, momentum mu, state m: a = 1, b = mu*m + wd*theta; Nesterov SGD is modeled exactly:
     a = 1+mu, b = mu^2*m + (1+mu)*wd*theta.

@@ -1,4 +1,4 @@
-"""The selection pipeline (MATH.md 3-7): embed -> landmarks -> landmark gradients -> propagate -> weights -> select.
+"""The selection pipeline (docs/method.md 3-7): embed -> landmarks -> landmark gradients -> propagate -> weights -> select.
 
 Every expensive per-sample array (pool embeddings, landmark gradients, landmark curvature) goes
 through an on-disk chunked store whose directory name carries the fingerprint of everything it
@@ -12,7 +12,7 @@ system all of them see), they meet at a barrier after each store, landmark-sized
 indices, the propagated values) are broadcast from process 0, and process 0 reads the complete stores,
 solves for the weights and selects; select_samples returns None on the other processes.
 
-Scores are cosines by default (MATH.md 3, "cosine variant"): each source direction a * g_i is
+Scores are cosines by default (docs/method.md 3, "cosine variant"): each source direction a * g_i is
 L2-normalised and the reported score is <u_i, v> / ||v|| with v = g_T - eta H_T b. The weight
 solver sees the same u_i but the unnormalised v, so p and Q keep the scale of the Taylor model.
 """
@@ -321,7 +321,7 @@ def _curvature(model, examples, rows, projector, gcfg, precondition, target_batc
 
 def select_samples(model, pool: Sequence[D.Example], targets: Sequence[D.Example], config: SelectConfig, *,
                    update: UpdateModel | None = None, store_dir=None, mesh=None) -> Selection | None:
-    """Influence Distillation on `pool` for `targets` (MATH.md 3-7).
+    """Influence Distillation on `pool` for `targets` (docs/method.md 3-7).
 
     update: the update model read from a warm-up's optimizer state (optim.update_model); None is
     plain GD with step config.learning_rate. store_dir: where resumable arrays live (None: a

@@ -63,7 +63,7 @@ def _choice(*values, default=dataclasses.MISSING):
 
 @dataclasses.dataclass(frozen=True)
 class WarmupRecipe:
-    """MATH.md 8: a brief training run on a seeded random fraction of the pool; selection then reads
+    """docs/method.md 8: a brief training run on a seeded random fraction of the pool; selection then reads
     the update model (a, b, eta) of its optimizer state."""
 
     fraction: float = 0.05

@@ -1,4 +1,4 @@
-"""Turning scores into a selection (MATH.md 7): top-k, round-robin over targets, per-task budgets.
+"""Turning scores into a selection (docs/method.md 7): top-k, round-robin over targets, per-task budgets.
 
 Every function returns pool row positions in selection order (best first) and never picks a
 row twice. `candidates` (a boolean mask over the pool) removes rows that must not be chosen.

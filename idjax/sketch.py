@@ -1,4 +1,4 @@
-"""Random projections (sketches) of gradient pytrees, MATH.md section 6.
+"""Random projections (sketches) of gradient pytrees, docs/method.md section 6.
 
 A gradient has d = 1e6..1e10 coordinates spread over many leaves; a sketch maps it to k
 float32 numbers with E[<Px, Py>] = <x, y>. The d x k matrix is never materialized: each leaf

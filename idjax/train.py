@@ -5,7 +5,7 @@ bucket updates params and the optax state, so the state that selection reads (op
 is exactly the one training produced. Why one step = one jit call: the A microbatches of a step
 share a bucket ([A, B, L] arrays) and are summed inside a `lax.scan`, so accumulation costs no
 host round trips and the accumulated gradient equals the big-batch gradient of
-sum_i w_i l_i / sum_i w_i (l_i: masked mean token loss of sample i, MATH.md 1).
+sum_i w_i l_i / sum_i w_i (l_i: masked mean token loss of sample i, docs/method.md 1).
 
 Output directory of a run (train or warm-up):
     config.json, model*.safetensors, tokenizer files   the final model (idjax.models.load, transformers)
@@ -726,7 +726,7 @@ def warmup_examples(records: Sequence[dict], tokenizer, *, fraction: float = 0.0
 
 def warmup(model: CausalLM, examples: Sequence[D.Example], tokenizer, config: TrainConfig, out_dir, *,
            pool_size: int | None = None, fraction: float | None = None, progress: bool = True) -> TrainResult:
-    """MATH.md 8: train briefly on a random part of the pool (warmup_examples); save model + optimizer state.
+    """docs/method.md 8: train briefly on a random part of the pool (warmup_examples); save model + optimizer state.
 
     Full fine-tuning only (the update model needs a state per model parameter). out_dir is a
     model directory for `idjax select --model`, and its optimizer.json + opt_state/ are what

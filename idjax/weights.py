@@ -1,4 +1,4 @@
-"""Optimal sample weights on the probability simplex, MATH.md section 3.
+"""Optimal sample weights on the probability simplex, docs/method.md section 3.
 
 The problem
 -----------
@@ -35,7 +35,7 @@ convex on the simplex iff lam + eta * lambda_min(PQP) >= 0 (a weaker and exact v
 exact Hessian Q may be indefinite; `solve_weights` then refuses a lam that leaves the problem
 non-convex, and `default_lam` gives one that does not.
 
-Pass Q as `low_rank_matvec(C, Q_L)` (Q w = C (Q_L (C^T w)), MATH.md section 4) or as any
+Pass Q as `low_rank_matvec(C, Q_L)` (Q w = C (Q_L (C^T w)), docs/method.md section 4) or as any
 jax.tree_util.Partial: its arrays are then traced arguments of the compiled solver rather than
 constants baked into it, and the compiled solver is reused across calls. A plain function works
 too (its closed-over arrays become constants, and a new function means a new compilation).
@@ -180,7 +180,7 @@ def lam_for_budget(p: jax.Array, k: int) -> jax.Array:
     """The ridge lam whose first-order optimum is supported on the top-k of p (float32 scalar).
 
     Rule: tau = the largest score strictly below p_(k) (the k-th largest), and
-    lam = sum_i max(p_i - tau, 0). Without ties this is MATH.md's tau = p_(k+1),
+    lam = sum_i max(p_i - tau, 0). Without ties this is docs/method.md's tau = p_(k+1),
     lam = sum_{i<=k} (p_(i) - p_(k+1)): the largest lam with support exactly the top-k (the
     (k+1)-th sample sits at weight 0). The degenerate cases:
       * p_(k) tied with p_(k+1): no lam separates tied samples, so the whole tie joins the
@@ -212,7 +212,7 @@ def _low_rank_product(c: jax.Array, q_l: jax.Array, w: jax.Array) -> jax.Array:
 
 
 def low_rank_matvec(c: jax.Array, q_l: jax.Array) -> jax.tree_util.Partial:
-    """w -> C (Q_L (C^T w)) in O(N l) (MATH.md 4): C (N, l) propagation, Q_L (l, l) landmarks."""
+    """w -> C (Q_L (C^T w)) in O(N l) (docs/method.md 4): C (N, l) propagation, Q_L (l, l) landmarks."""
     c = jnp.asarray(c, jnp.float32)
     q_l = jnp.asarray(q_l, jnp.float32)
     if c.ndim != 2 or q_l.shape != (c.shape[1], c.shape[1]):

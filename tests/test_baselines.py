@@ -1,4 +1,4 @@
-"""Baselines (MATH.md 9) against independent references: the PyTorch HF model and plain loops."""
+"""Baselines (docs/method.md 9) against independent references: the PyTorch HF model and plain loops."""
 
 import numpy as np
 import pytest

@@ -147,7 +147,7 @@ def test_select_writes_rows_and_sidecar(tmp_path, capsys):
 
 @pytest.mark.parametrize("method", ["rds", "mid-ppl"])
 def test_select_baseline_method(method, tmp_path, capsys):
-    """`--method` runs a MATH.md 9 baseline through the same data checks and output format."""
+    """`--method` runs a docs/method.md 9 baseline through the same data checks and output format."""
     out = tmp_path / "sel.jsonl"
     argv = ["select", "--train", str(POOL), "--target-task", "gsm8k", "--target", str(TARGET), "--k", "4", "--out", str(out),
             "--method", method, "--batch-size", "4", "--max-length", "128", "--seed", "2"]

@@ -22,7 +22,7 @@ def data():
 
 
 def _reference_c(emb, lm, kind, delta=1e-2):
-    """The formula of MATH.md 4.4 in float64 with scipy, landmark rows set to unit vectors."""
+    """The formula of docs/method.md 4.4 in float64 with scipy, landmark rows set to unit vectors."""
     x = emb.astype(np.float64)
     xl = x[lm]
     if kind == "krr":

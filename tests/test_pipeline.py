@@ -139,7 +139,7 @@ def _simplex_qp(p, q, eta, lam):
 
 @pytest.mark.parametrize("hessian", ["exact", "gauss-newton"])
 def test_second_order_adamw_weights_match_dense_reference(hessian, tmp_path):
-    """p = U (g_T - eta H b), Q = U H U^T with U the normalised rows a * g_i (MATH.md 3), H a dense Hessian."""
+    """p = U (g_T - eta H b), Q = U H U^T with U the normalised rows a * g_i (docs/method.md 3), H a dense Hessian."""
     cfg = M.ModelConfig(model_type="llama", vocab_size=VOCAB, hidden_size=16, intermediate_size=12, num_layers=2,
                         num_heads=4, num_kv_heads=2, head_dim=4, tie_word_embeddings=True)
     model = M.CausalLM(cfg, rngs=nnx.Rngs(5))

@@ -283,7 +283,7 @@ def test_warmup_state_gives_the_adam_update_model(tmp_path):
     assert loaded_spec == spec
     _tree_equal(opt_state, result.state.opt_state)
     um = update_model(loaded_spec, opt_state, params)
-    # the formula of MATH.md 2 on the saved state, in numpy
+    # the formula of docs/method.md 2 on the saved state, in numpy
     adam, = [x for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
              if isinstance(x, optax.ScaleByAdamState)]
     c = int(adam.count)
