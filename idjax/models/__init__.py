@@ -12,6 +12,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 from idjax.models.config import ModelConfig, RopeConfig, UnsupportedModelError
 from idjax.models.generate import chat, generate
 from idjax.models.modeling import CausalLM, KVCache
+from idjax.models.tokenizer import gguf_tokenizer
 from idjax.models.params import (
     CheckpointError,
     hf_tensors,
@@ -30,7 +32,7 @@ from idjax.models.params import (
 
 __all__ = [
     "CausalLM", "CheckpointError", "KVCache", "ModelConfig", "RopeConfig", "UnsupportedModelError",
-    "chat", "generate", "load", "load_tokenizer", "resolve", "save", "DEFAULT_MODEL",
+    "chat", "generate", "gguf_tokenizer", "load", "load_tokenizer", "resolve", "save", "DEFAULT_MODEL",
 ]
 
 log = logging.getLogger(__name__)
@@ -146,18 +148,23 @@ def load_tokenizer(path: str | os.PathLike):
     elif p.suffix != ".gguf":
         raise CheckpointError(f"{p}: expected an HF checkpoint directory or a .gguf file")
     else:
-        # Converting a GGUF vocabulary takes seconds; keep the converted tokenizer on disk.
+        # Reading a GGUF vocabulary takes seconds; keep the built tokenizer on disk. The key names the
+        # builder too, so a tokenizer cached by another one is never read back.
         stat = p.stat()
-        key = hashlib.sha256(f"{p.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-        cached = _cache_dir() / "tokenizers" / key
+        key = f"gguf_tokenizer-1:{p.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+        cached = _cache_dir() / "tokenizers" / hashlib.sha256(key.encode()).hexdigest()[:16]
         if (cached / "tokenizer_config.json").exists():
             tok = AutoTokenizer.from_pretrained(str(cached))
         else:
-            tok = _tokenizer_from(p, lambda: AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name))
-            try:
-                tok.save_pretrained(str(cached))
-            except OSError as e:  # a read-only home must not stop a run
-                log.warning("could not cache the tokenizer in %s: %s", cached, e)
+            tok = gguf_tokenizer(p)
+            partial = cached.with_name(f"{cached.name}.tmp{os.getpid()}")
+            try:  # written aside, then renamed: an interrupted write leaves no half cache behind
+                tok.save_pretrained(str(partial))
+                partial.rename(cached)
+            except OSError as e:  # a read-only home, or another process that cached it first
+                shutil.rmtree(partial, ignore_errors=True)
+                if not cached.exists():
+                    log.warning("could not cache the tokenizer in %s: %s", cached, e)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

@@ -226,13 +226,14 @@ def _unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _gguf_value(reader, key, default=None):
+def gguf_value(reader, key, default=None):
+    """A metadata value of an open GGUF file (`default` when absent)."""
     field = reader.fields.get(key)
     return default if field is None else field.contents()
 
 
 def gguf_config(reader) -> ModelConfig:
-    arch = _gguf_value(reader, "general.architecture")
+    arch = gguf_value(reader, "general.architecture")
     if arch not in ("llama", "qwen2", "qwen3"):
         raise UnsupportedModelError(f"GGUF architecture {arch!r} is not supported (llama, qwen2, qwen3)")
     names = {t.name for t in reader.tensors}
@@ -244,48 +245,55 @@ def gguf_config(reader) -> ModelConfig:
     if embd is None:
         raise CheckpointError("no token_embd.weight tensor")
     for key in ("embedding_length", "attention.head_count", "feed_forward_length", "block_count"):
-        if _gguf_value(reader, f"{arch}.{key}") is None:
+        if gguf_value(reader, f"{arch}.{key}") is None:
             raise CheckpointError(f"metadata field '{arch}.{key}': missing")
-    hidden = int(_gguf_value(reader, f"{arch}.embedding_length"))
-    n_head = int(_gguf_value(reader, f"{arch}.attention.head_count"))
-    eos = _gguf_value(reader, "tokenizer.ggml.eos_token_id")
+    hidden = int(gguf_value(reader, f"{arch}.embedding_length"))
+    n_head = int(gguf_value(reader, f"{arch}.attention.head_count"))
+    eos = gguf_value(reader, "tokenizer.ggml.eos_token_id")
     hf = {
         "model_type": arch,
         "vocab_size": int(embd.shape[-1]),
         "hidden_size": hidden,
-        "intermediate_size": int(_gguf_value(reader, f"{arch}.feed_forward_length")),
-        "num_hidden_layers": int(_gguf_value(reader, f"{arch}.block_count")),
+        "intermediate_size": int(gguf_value(reader, f"{arch}.feed_forward_length")),
+        "num_hidden_layers": int(gguf_value(reader, f"{arch}.block_count")),
         "num_attention_heads": n_head,
-        "num_key_value_heads": int(_gguf_value(reader, f"{arch}.attention.head_count_kv", n_head)),
-        "head_dim": int(_gguf_value(reader, f"{arch}.attention.key_length", hidden // n_head)),
-        "rms_norm_eps": float(_gguf_value(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
-        "rope_theta": float(_gguf_value(reader, f"{arch}.rope.freq_base", 10000.0)),
-        "max_position_embeddings": int(_gguf_value(reader, f"{arch}.context_length", 4096)),
+        "num_key_value_heads": int(gguf_value(reader, f"{arch}.attention.head_count_kv", n_head)),
+        "head_dim": int(gguf_value(reader, f"{arch}.attention.key_length", hidden // n_head)),
+        "rms_norm_eps": float(gguf_value(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": float(gguf_value(reader, f"{arch}.rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(gguf_value(reader, f"{arch}.context_length", 4096)),
         "tie_word_embeddings": "output.weight" not in names,
         "attention_bias": "blk.0.attn_q.bias" in names and arch != "qwen2",
-        "bos_token_id": _gguf_value(reader, "tokenizer.ggml.bos_token_id"),
+        "bos_token_id": gguf_value(reader, "tokenizer.ggml.bos_token_id"),
         "eos_token_id": eos,
-        "pad_token_id": _gguf_value(reader, "tokenizer.ggml.padding_token_id"),
+        "pad_token_id": gguf_value(reader, "tokenizer.ggml.padding_token_id"),
     }
-    scaling = _gguf_value(reader, f"{arch}.rope.scaling.type")
+    scaling = gguf_value(reader, f"{arch}.rope.scaling.type")
     if scaling not in (None, "none"):
         if scaling != "linear":
             raise UnsupportedModelError(f"GGUF rope scaling {scaling!r} is not supported")
-        hf["rope_scaling"] = {"rope_type": "linear", "factor": float(_gguf_value(reader, f"{arch}.rope.scaling.factor"))}
+        hf["rope_scaling"] = {"rope_type": "linear", "factor": float(gguf_value(reader, f"{arch}.rope.scaling.factor"))}
     return ModelConfig.from_hf(hf)
+
+
+def open_gguf(path: Path):
+    """A gguf.GGUFReader of `path`; a damaged file is one CheckpointError naming it."""
+    import gguf
+
+    try:
+        return gguf.GGUFReader(str(path))
+    except (ValueError, OSError, IndexError, KeyError, struct.error) as e:
+        if isinstance(e, OSError) and e.filename:
+            raise  # unreadable: the OSError names the file
+        msg = " ".join(str(e).split())  # e.g. a truncated file: its tensors overrun the end
+        raise CheckpointError(f"{path}: not a readable GGUF file, truncated or corrupt ({msg})") from None
 
 
 def read_gguf(path: Path) -> tuple[ModelConfig, Iterable[tuple[str, np.ndarray]]]:
     """Config and dequantized HF-named float32 tensors of a GGUF file."""
     import gguf
 
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except (ValueError, OSError, IndexError, KeyError, struct.error) as e:
-        if isinstance(e, OSError) and e.filename:
-            raise  # unreadable: the OSError names the file
-        msg = " ".join(str(e).split())  # e.g. a truncated file: its tensors overrun the end
-        raise CheckpointError(f"{path}: not a readable GGUF file, truncated or corrupt ({msg})") from None
+    reader = open_gguf(path)
     try:
         config = gguf_config(reader)
     except ValueError as e:  # UnsupportedModelError, CheckpointError, a bad metadata value
