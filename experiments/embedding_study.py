@@ -183,13 +183,14 @@ def _multi_depth_fn(model, blocks: int, depths: tuple[int, ...], with_tail: bool
 
 def _per_row(call, batches, n: int) -> tuple[dict[str, np.ndarray], float]:
     """Run call(ids, mask, labels) -> {name: [B, ...]} over the batches; gather each output into an
-    [n, ...] float32 array by example index (padding rows dropped); (arrays, seconds)."""
+    [n, ...] float32 array in the order of the examples given to make_batches (padding rows dropped);
+    (arrays, seconds)."""
     out: dict[str, np.ndarray] = {}
     t0 = time.perf_counter()
     for i, b in enumerate(batches):
         res = call(jnp.asarray(b.input_ids), jnp.asarray(b.attention_mask), jnp.asarray(b.labels))
         real = np.asarray(b.sample_mask)
-        rows = np.asarray(b.indices)[real]
+        rows = np.asarray(b.positions)[real]
         for k, x in res.items():
             x = np.asarray(x)
             if k not in out:

@@ -68,13 +68,9 @@ def sample_features(model, examples: Sequence[D.Example], what: str, *, batch_si
     dim = model.config.hidden_size if what == "rds" else 1
 
     def chunk(start, stop):
-        part = P._local(examples[start:stop])
-        out = np.zeros((len(part), dim), np.float32)
-        for b in D.make_batches(part, batch_size, buckets, pad_id=pad):
-            f = np.asarray(_features(graphdef, state, b.input_ids, b.attention_mask, b.labels, what))
-            rows = np.flatnonzero(b.sample_mask)
-            out[b.indices[rows]] = f[rows]
-        return out
+        return D.collect_rows(D.make_batches(examples[start:stop], batch_size, buckets, pad_id=pad),
+                              lambda b: _features(graphdef, state, b.input_ids, b.attention_mask, b.labels, what),
+                              progress=False)
 
     if store_dir is None:
         return chunk(0, len(examples))

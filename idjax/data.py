@@ -335,30 +335,33 @@ def bucket_for(length: int, buckets: Iterable[int]) -> int:
 
 @dataclass
 class Batch:
-    """A fixed-shape batch [batch_size, bucket]; padding rows have sample_mask False and index -1."""
+    """A fixed-shape batch [batch_size, bucket]; padding rows have sample_mask False, index and position -1."""
 
     input_ids: np.ndarray  # int32 [B, L], right-padded with pad_id
     attention_mask: np.ndarray  # int32 [B, L]
     labels: np.ndarray  # int32 [B, L]
     sample_mask: np.ndarray  # bool [B]
-    indices: np.ndarray  # int64 [B], Example.index or -1
+    indices: np.ndarray  # int64 [B], Example.index (the record's row in its file) or -1
+    positions: np.ndarray  # int64 [B], place in the examples given to make_batches, or -1
+    total: int  # how many examples that make_batches call was given (its batches hold them all)
 
     @property
     def bucket(self) -> int:
         return self.input_ids.shape[1]
 
 
-def _collate(chunk: Sequence[Example], batch_size: int, length: int, pad_id: int) -> Batch:
+def _collate(chunk: Sequence[tuple[int, Example]], batch_size: int, length: int, pad_id: int, total: int) -> Batch:
     ids = np.full((batch_size, length), pad_id, np.int32)
     att = np.zeros((batch_size, length), np.int32)
     lab = np.full((batch_size, length), IGNORE_INDEX, np.int32)
     mask = np.zeros(batch_size, bool)
     idx = np.full(batch_size, -1, np.int64)
-    for r, ex in enumerate(chunk):
+    pos = np.full(batch_size, -1, np.int64)
+    for r, (p, ex) in enumerate(chunk):
         n = len(ex.input_ids)
         ids[r, :n], att[r, :n], lab[r, :n] = ex.input_ids, 1, ex.labels
-        mask[r], idx[r] = True, ex.index
-    return Batch(ids, att, lab, mask, idx)
+        mask[r], idx[r], pos[r] = True, ex.index, p
+    return Batch(ids, att, lab, mask, idx, pos, total)
 
 
 def make_batches(examples: Sequence[Example], batch_size: int, buckets: Iterable[int], *, pad_id: int,
@@ -372,16 +375,42 @@ def make_batches(examples: Sequence[Example], batch_size: int, buckets: Iterable
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     buckets = sorted(set(buckets))
-    groups: dict[int, list[Example]] = {}
-    for ex in examples:
-        groups.setdefault(bucket_for(len(ex.input_ids), buckets), []).append(ex)
+    groups: dict[int, list[tuple[int, Example]]] = {}
+    for p, ex in enumerate(examples):
+        groups.setdefault(bucket_for(len(ex.input_ids), buckets), []).append((p, ex))
     rng = np.random.default_rng(seed)
     batches = []
     for b in sorted(groups):
         exs = groups[b]
         if shuffle:
             exs = [exs[i] for i in rng.permutation(len(exs))]
-        batches += [_collate(exs[k:k + batch_size], batch_size, b, pad_id) for k in range(0, len(exs), batch_size)]
+        batches += [_collate(exs[k:k + batch_size], batch_size, b, pad_id, len(examples))
+                    for k in range(0, len(exs), batch_size)]
     if shuffle:
         batches = [batches[i] for i in rng.permutation(len(batches))]
     return batches
+
+
+def collect_rows(batches: Sequence[Batch], fn, *, desc: str | None = None, progress: bool = True) -> np.ndarray:
+    """fn(batch) -> per-row values [B, ...] of every batch, gathered as [n, ...] in the order of the
+    examples make_batches was given (padding rows dropped).
+
+    `batches` must be all the batches of one make_batches call: rows are placed by Batch.positions,
+    never by Example.index, so skipped records or a subset of a pool cannot push a row out of range.
+    """
+    from tqdm.auto import tqdm
+
+    if not batches:
+        raise ValueError("no batches")
+    n = batches[0].total
+    positions = np.concatenate([b.positions[b.sample_mask] for b in batches])
+    if {b.total for b in batches} != {n} or not np.array_equal(np.sort(positions), np.arange(n)):
+        raise ValueError(f"batches must be all the batches of one make_batches call ({len(positions)} rows "
+                         f"at positions that are not 0..{n - 1})")
+    out = None
+    for b in tqdm(batches, desc=desc, unit="batch", disable=None if progress and desc else True):
+        values = np.asarray(fn(b))
+        if out is None:
+            out = np.zeros((n, *values.shape[1:]), values.dtype)
+        out[b.positions[b.sample_mask]] = values[: len(b.sample_mask)][b.sample_mask]
+    return out

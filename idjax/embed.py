@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm.auto import tqdm
 
+from idjax import data as D
 from idjax import distributed as dist
 from idjax.models import CausalLM
 
@@ -158,11 +158,6 @@ class JVPEmbedder:
                        put(batch.attention_mask), put(batch.labels))
         return out if out.shape[0] == rows else out[:rows]
 
-    def run(self, batches, num_samples: int, *, desc: str = "embeddings", progress: bool = True) -> np.ndarray:
-        """Embeddings of every example of `batches`, in example-index order: [num_samples, dim]."""
-        out = np.zeros((num_samples, self.dim), np.float32)
-        for batch in tqdm(batches, desc=desc, unit="batch", disable=None if progress else True):
-            e = np.asarray(self(batch))
-            real = np.asarray(batch.sample_mask)
-            out[np.asarray(batch.indices)[real]] = e[real]
-        return out
+    def run(self, batches, *, desc: str = "embeddings", progress: bool = True) -> np.ndarray:
+        """Embeddings [n, dim] of all the batches of one make_batches call, rows in the order of its examples."""
+        return D.collect_rows(batches, self, desc=desc, progress=progress)

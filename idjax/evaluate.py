@@ -39,24 +39,19 @@ def _loss_sums(graphdef, state, ids, mask, labels):
 def token_loss_sums(model, examples: Sequence[D.Example], *, batch_size: int = 8, buckets=None,
                     pad_id: int = 0, desc: str = "loss") -> tuple[np.ndarray, np.ndarray]:
     """(summed loss, response-token count) per example, in the order of `examples` (float64 on host)."""
-    from tqdm.auto import tqdm
-
     if not examples:
         raise D.DataError("nothing to evaluate: no examples")
     if buckets is None:
         longest = max(len(e.input_ids) for e in examples)
         buckets = D.default_buckets(max(64, 1 << (longest - 1).bit_length()))
-    pos = {e.index: k for k, e in enumerate(examples)}
-    if len(pos) != len(examples):
-        raise ValueError("examples must have distinct indices")
-    sums, counts = np.zeros(len(examples)), np.zeros(len(examples))
     graphdef, state = nnx.split(model)
-    for b in tqdm(D.make_batches(examples, batch_size, buckets, pad_id=pad_id), desc=desc, disable=None):
+
+    def sums_counts(b):
         s, c = _loss_sums(graphdef, state, b.input_ids, b.attention_mask, b.labels)
-        s, c = np.asarray(s, np.float64), np.asarray(c, np.float64)
-        for r in np.flatnonzero(b.sample_mask):
-            sums[pos[int(b.indices[r])]], counts[pos[int(b.indices[r])]] = s[r], c[r]
-    return sums, counts
+        return np.stack([np.asarray(s, np.float64), np.asarray(c, np.float64)], axis=1)
+
+    out = D.collect_rows(D.make_batches(examples, batch_size, buckets, pad_id=pad_id), sums_counts, desc=desc)
+    return out[:, 0], out[:, 1]
 
 
 def target_loss(model, examples: Sequence[D.Example], *, batch_size: int = 8, buckets=None,

@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm.auto import tqdm
 
+from idjax import data as D
 from idjax import distributed as dist
 from idjax.data import IGNORE_INDEX
 
@@ -245,19 +245,14 @@ class PerExampleGradients:
         has_response = (np.asarray(batch.labels)[:, 1:] != IGNORE_INDEX).any(axis=1)
         return out, np.asarray(batch.sample_mask) & has_response
 
-    def run(self, batches, num_samples: int, *, desc: str = "gradients", progress: bool = True) -> np.ndarray:
-        """Gradients of every example of `batches`, in example-index order: [num_samples, k]."""
-        out = None
-        for batch in tqdm(batches, desc=desc, unit="batch", disable=None if progress else True):
+    def run(self, batches, *, desc: str = "gradients", progress: bool = True) -> np.ndarray:
+        """Gradients [n, k] of all the batches of one make_batches call, rows in the order of its examples
+        (zero for a row with no response token after the shift)."""
+        def rows(batch):
             g, valid = self(batch)
-            g = np.asarray(g)
-            if out is None:
-                out = np.zeros((num_samples, g.shape[1]), np.float32)
-            rows = np.asarray(batch.indices)[valid]
-            out[rows] = g[valid]
-        if out is None:
-            raise ValueError("no batches to compute gradients for")
-        return out
+            return np.where(valid[:, None], np.asarray(g), np.float32(0.0))
+
+        return D.collect_rows(batches, rows, desc=desc, progress=progress)
 
 
 # ----------------------------------------------------------------------------- Hessian-vector products

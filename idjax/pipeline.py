@@ -182,11 +182,6 @@ def _buckets(examples: Sequence[D.Example]) -> tuple[int, ...]:
     return D.default_buckets(max(longest, 1), min_length=min(64, longest))
 
 
-def _local(examples: Sequence[D.Example]) -> list[D.Example]:
-    """The same examples indexed 0..n-1, so per-chunk results land in chunk order."""
-    return [dataclasses.replace(e, index=j) for j, e in enumerate(examples)]
-
-
 def _open(root: Path, name: str, shape, chunk_rows: int, fp: dict) -> ArrayStore:
     directory = root / f"{name}-{fingerprint(fp)[:12]}"
     return ArrayStore.open(directory, shape=shape, dtype=np.float32, chunk_rows=chunk_rows, fingerprint=fp)
@@ -266,8 +261,8 @@ def embed_pool(model, examples: Sequence[D.Example], config: EmbedConfig, store_
         batch_size = _mesh_batch(batch_size, mesh)
 
         def chunk(start, stop):
-            part = _local(examples[start:stop])
-            return embedder.run(D.make_batches(part, batch_size, buckets, pad_id=pad), len(part), progress=False)
+            return embedder.run(D.make_batches(examples[start:stop], batch_size, buckets, pad_id=pad),
+                                progress=False)
 
         _fill(store, chunk, "embed pool")
     return store
@@ -282,8 +277,8 @@ def _gradients(model, examples, rows, projector, gcfg, precondition, store_dir, 
     buckets, pad = _buckets(examples), model.config.pad_token_id or 0
 
     def chunk(start, stop):
-        part = _local([examples[int(r)] for r in rows[start:stop]])
-        return grads.run(D.make_batches(part, batch_size, buckets, pad_id=pad), len(part), progress=False)
+        part = [examples[int(r)] for r in rows[start:stop]]
+        return grads.run(D.make_batches(part, batch_size, buckets, pad_id=pad), progress=False)
 
     _fill(store, chunk, "landmark gradients")
     return store, grads
@@ -304,13 +299,9 @@ def _curvature(model, examples, rows, projector, gcfg, precondition, target_batc
     buckets, pad = _buckets(examples), model.config.pad_token_id or 0
 
     def chunk(start, stop):
-        part = _local([examples[int(r)] for r in rows[start:stop]])
-        out = np.zeros((len(part), dim), np.float32)
-        for batch in D.make_batches(part, batch_size, buckets, pad_id=pad):
-            _, h = curv(batch)
-            real = np.asarray(batch.sample_mask)
-            out[np.asarray(batch.indices)[real]] = np.asarray(h)[real]
-        return out
+        part = [examples[int(r)] for r in rows[start:stop]]
+        return D.collect_rows(D.make_batches(part, batch_size, buckets, pad_id=pad), lambda b: curv(b)[1],
+                              progress=False)
 
     _fill(store, chunk, "landmark curvature")
     return store
@@ -431,7 +422,7 @@ def _select(model, pool, targets, config: SelectConfig, update, store_dir: Path,
                 if want_columns:
                     tg = PerExampleGradients(model, projector, dataclasses.replace(gcfg, normalize=True),
                                              offset=offset, mesh=mesh)
-                    columns = tg.run(target_batches, len(targets), progress=False).astype(np.float64)  # [t, k]
+                    columns = tg.run(target_batches, progress=False).astype(np.float64)  # [t, k]
                 _save_targets(tpath, tfp, v_proj, v_norm, columns)
             else:
                 v_proj, v_norm, columns = cached

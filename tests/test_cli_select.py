@@ -160,3 +160,45 @@ def test_select_baseline_method(method, tmp_path, capsys):
     assert meta["method"] == method and meta["selected"] == 4
     if method == "rds":
         assert all("by" in r for r in got)
+
+
+@pytest.mark.parametrize("mode", ["round-robin", "per-task"])
+def test_select_with_skipped_target_and_pool_rows(mode, tmp_path, capsys, caplog):
+    """Records that tokenize() skips (an empty answer, a prompt longer than --max-length) shift every later
+    row's file index away from its position. The selection must equal the one on the files without those
+    records, with "index" still pointing at the row of the original file."""
+    pool = [json.loads(line) for line in POOL.read_text().splitlines()]
+    long_prompt = {"id": "long", "messages": [{"role": "user", "content": "word " * 400},
+                                              {"role": "assistant", "content": "cut off"}]}
+    skipped_pool = [dict(_chat(90, answer=""), id="p-empty"), dict(long_prompt, id="p-long")]
+    targets = [dict(_chat(i, answer=f"Answer {i}."), task="a" if i % 2 else "b") for i in range(4)]
+    if mode == "round-robin":
+        targets = [{k: v for k, v in t.items() if k != "task"} for t in targets]
+    skipped_targets = [dict(_chat(91, answer=""), task="a"), dict(long_prompt, task="b")]
+    files = {
+        "dirty": (_write(tmp_path / "pool.jsonl", skipped_pool + pool),
+                  _write(tmp_path / "t.jsonl", [skipped_targets[0], *targets[:2], skipped_targets[1], *targets[2:]])),
+        "clean": (_write(tmp_path / "pool-clean.jsonl", pool), _write(tmp_path / "t-clean.jsonl", targets)),
+    }
+    got = {}
+    for name, (pool_file, target_file) in files.items():
+        out = tmp_path / f"{name}.jsonl"
+        argv = ["select", "--train", str(pool_file), "--target", str(target_file), "--k", "6", "--out", str(out),
+                "--exact", "--proj-dim", "256", "--params", "down_proj", "--batch-size", "4", "--max-length", "128",
+                "--store", str(tmp_path / f"{name}.store")]
+        if mode == "round-robin":
+            argv += ["--aggregate", "round-robin"]
+        caplog.clear()
+        code, _, err = _run(argv, capsys)
+        assert code == 0, err
+        skips = [r.getMessage() for r in caplog.records if "skipped 2 samples" in r.getMessage()]
+        assert len(skips) == (2 if name == "dirty" else 0), skips  # the pool's and the targets'
+        got[name] = [json.loads(line) for line in out.read_text().splitlines()]
+    dirty, clean = got["dirty"], got["clean"]
+    assert [r["id"] for r in dirty] == [r["id"] for r in clean] and len(dirty) == 6
+    assert [r["by"] for r in dirty] == [r["by"] for r in clean]
+    np.testing.assert_allclose([r["score"] for r in dirty], [r["score"] for r in clean], rtol=1e-5, atol=1e-6)
+    assert all(r["index"] == c["index"] + 2 for r, c in zip(dirty, clean))
+    assert all(pool[c["index"]]["id"] == c["id"] for c in clean)
+    if mode == "round-robin":  # every kept target takes its turn, and only kept targets
+        assert {r["by"] for r in dirty} == {t["id"] for t in targets}

@@ -225,6 +225,21 @@ def test_make_batches_shapes_padding_and_coverage():
     assert seen == [0, 2, 4, 8, 5, 6, 1, 3, 7, 9]  # deterministic: bucket by bucket, input order
 
 
+def test_collect_rows_follows_the_examples_not_their_file_rows():
+    """Examples whose file rows have gaps (skipped records) come back in list order, as a loop gives them."""
+    import dataclasses
+
+    exs = [dataclasses.replace(e, index=3 * e.index + 7) for e in fake_examples([5, 17, 8, 30, 3, 16, 9])]
+    row = lambda ids: np.array([ids.sum(), len(ids)], np.int64)  # noqa: E731
+    batches = make_batches(exs, 3, (8, 16, 32), pad_id=0, shuffle=True, seed=1)
+    got = data.collect_rows(batches, lambda b: np.stack([row(x[m.astype(bool)]) for x, m in
+                                                         zip(b.input_ids, b.attention_mask)]))
+    np.testing.assert_array_equal(got, np.stack([row(e.input_ids) for e in exs]))
+    assert all(b.positions[~b.sample_mask].tolist() == [-1] * int((~b.sample_mask).sum()) for b in batches)
+    with pytest.raises(ValueError, match="all the batches of one make_batches call"):
+        data.collect_rows(batches[1:], lambda b: b.input_ids[:, :1])
+
+
 def test_make_batches_shuffle_is_seeded():
     exs = fake_examples(list(range(1, 60)))
     order = lambda bs: [int(i) for b in bs for i in b.indices if i >= 0]

@@ -105,8 +105,8 @@ FOUR_DEVICES = textwrap.dedent("""
     gcfg = GradientConfig(params="mlp", microbatch=1)
     e, g = {}, {}
     for n, m in (("one", one), ("fsdp", fsdp)):
-        e[n] = JVPEmbedder(model, ecfg, mesh=m).run(batches, len(pool), progress=False)
-        g[n] = PerExampleGradients(model, proj, gcfg, mesh=m).run(batches, len(pool), progress=False)
+        e[n] = JVPEmbedder(model, ecfg, mesh=m).run(batches, progress=False)
+        g[n] = PerExampleGradients(model, proj, gcfg, mesh=m).run(batches, progress=False)
     res["fsdp"] = {"embed_diff": float(np.abs(e["fsdp"] - e["one"]).max()),
                    "embed_scale": float(np.abs(e["one"]).max()),
                    "grad_diff": float(np.abs(g["fsdp"] - g["one"]).max()), "grad_scale": float(np.abs(g["one"]).max())}

@@ -82,10 +82,10 @@ def test_padding_and_projection(model, batch):
     # The same sample in a wider bucket (more right padding) embeds identically.
     wide = data.Batch(*(np.pad(x, ((0, 0), (0, 16)), constant_values=c) for x, c in
                         ((batch.input_ids, 0), (batch.attention_mask, 0), (batch.labels, -100))),
-                      batch.sample_mask, batch.indices)
+                      batch.sample_mask, batch.indices, batch.positions, batch.total)
     real = batch.sample_mask
     np.testing.assert_allclose(np.asarray(raw(wide))[real], np.asarray(raw(batch))[real], rtol=1e-5, atol=1e-5)
-    out = raw.run([batch], 3)
+    out = raw.run([batch])
     assert out.shape == (3, 32) and np.all(np.isfinite(out))
 
 
@@ -156,7 +156,7 @@ def test_pooling_differs_and_ignores_padding(model, chat_batch):
         outs[pooling] = np.asarray(emb(chat_batch))
         wide = data.Batch(*(np.pad(x, ((0, 0), (0, 8)), constant_values=c) for x, c in
                             ((chat_batch.input_ids, 0), (chat_batch.attention_mask, 0), (chat_batch.labels, -100))),
-                          chat_batch.sample_mask, chat_batch.indices)
+                          chat_batch.sample_mask, chat_batch.indices, chat_batch.positions, chat_batch.total)
         real = chat_batch.sample_mask
         np.testing.assert_allclose(np.asarray(emb(wide))[real], outs[pooling][real], rtol=1e-5, atol=1e-5)
     real = chat_batch.sample_mask

@@ -63,7 +63,7 @@ def test_per_example_gradients_equal_a_loop(model, pattern):
     batches = data.make_batches(exs, 4, (8, 16, 32), pad_id=0)
     assert len({b.bucket for b in batches}) >= 2  # several buckets, padded rows and padded tokens
     pg = PerExampleGradients(model, Projector("none", 0), GradientConfig(params=pattern, normalize=False))
-    got = pg.run(batches, len(exs))
+    got = pg.run(batches)
     for ex in exs:
         ref = loop_grad(model, ex, pattern)
         np.testing.assert_allclose(got[ex.index], ref, atol=2e-6, rtol=1e-4)
@@ -98,11 +98,11 @@ def test_coordinate_mask_keeps_a_fixed_subset(model):
     exs = examples(3, rng)
     batches = data.make_batches(exs, 3, (32,), pad_id=0)
     cfg = GradientConfig(params="mlp", keep=300, normalize=False, seed=7)
-    masked = PerExampleGradients(model, Projector("none", 0), cfg).run(batches, 3)
-    again = PerExampleGradients(model, Projector("none", 0), cfg).run(batches, 3)
+    masked = PerExampleGradients(model, Projector("none", 0), cfg).run(batches)
+    again = PerExampleGradients(model, Projector("none", 0), cfg).run(batches)
     np.testing.assert_array_equal(masked, again)
     full = PerExampleGradients(model, Projector("none", 0), GradientConfig(params="mlp", normalize=False))
-    full = full.run(batches, 3)
+    full = full.run(batches)
     assert abs(masked.shape[1] - 300) <= 3
     # Every kept coordinate is a coordinate of the full gradient, at the mask's indices.
     pg = PerExampleGradients(model, Projector("none", 0), cfg)
