@@ -221,8 +221,8 @@ def cmd_select(args) -> int:
 
     if args.k < 1:
         return _usage("select", f"--k must be >= 1, got {args.k}")
-    if not args.landmarks > 0:
-        return _usage("select", f"--landmarks must be a fraction in (0, 1) or a count >= 1, got {args.landmarks}")
+    if pipeline.landmarks_problem(args.landmarks):
+        return _usage("select", f"--landmarks {pipeline.landmarks_problem(args.landmarks)}")
     _start_distributed(args)
     t0 = time.perf_counter()
     # Data first: bad input fails in seconds, before the model is loaded.
@@ -584,22 +584,25 @@ def _store_dir(args):
 
 
 def _check_outputs(args) -> str | None:
-    """An output path that cannot be written (a file where a directory goes, or the reverse), or None.
+    """An output path that would overwrite an input or cannot be written, or None.
 
-    Checked up front so that a long run does not fail at its very end."""
+    Checked before any model is loaded, so that a long run neither destroys its own input nor fails
+    at its very end."""
     from pathlib import Path
 
-    dirs = {"convert": "out", "train": "out", "warmup": "out", "demo": "out"}
-    if args.command in dirs and getattr(args, dirs[args.command], None):
-        out = Path(getattr(args, dirs[args.command]))
-        if out.exists() and not out.is_dir():
-            return f"--out {out}: is a file; --out names a directory (it is created if absent)"
+    from idjax.outputs import check_outputs
+
+    inputs = {f"--{name.replace('_', '-')}": getattr(args, name, None)
+              for name in ("model", "train", "target", "data", "selection", "optimizer_state")}
+    files, dirs = {}, {}
+    if args.command == "select":
+        files = {"--out": args.out, "--out's sidecar": Path(args.out).with_suffix(".meta.json")}
+    elif args.command in ("convert", "train", "warmup", "demo"):
+        dirs = {"--out": args.out}
     store = _store_dir(args)
-    if store is not None and store.exists() and not store.is_dir():
-        return f"store {store}: is a file; the store is a directory (give another with --store)"
-    if args.command == "select" and Path(args.out).is_dir():
-        return f"--out {args.out}: is a directory; --out names the selection JSONL file"
-    return None
+    if store is not None:
+        dirs["--store"] = store
+    return check_outputs(inputs, files, dirs)
 
 
 def _one_line(text: str, limit: int = 1000) -> str:

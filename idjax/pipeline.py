@@ -50,6 +50,16 @@ from idjax.weights import default_lam, lam_for_budget, solve_weights
 log = logging.getLogger(__name__)
 
 
+def landmarks_problem(value) -> str | None:
+    """Why `value` is no landmark setting (a fraction of the pool in (0, 1) or a whole count >= 1), or None.
+
+    A non-whole count such as 1.5 would silently become 1 landmark: refused everywhere (CLI, YAML, Python).
+    """
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and (0 < value < 1 or (value >= 1 and float(value).is_integer())))
+    return None if ok else f"must be a fraction of the pool in (0, 1) or a whole count >= 1, got {value!r}"
+
+
 @dataclasses.dataclass(frozen=True)
 class SelectConfig:
     """Everything that decides a selection besides the model and the data."""
@@ -88,8 +98,8 @@ class SelectConfig:
             raise ValueError(f"order must be 1 or 2, got {self.order}")
         if self.k < 1:
             raise ValueError(f"k must be >= 1, got {self.k}")
-        if not self.landmarks > 0:
-            raise ValueError(f"landmarks must be a fraction in (0, 1) or a count >= 1, got {self.landmarks}")
+        if landmarks_problem(self.landmarks):
+            raise ValueError(f"landmarks {landmarks_problem(self.landmarks)}")
         if self.proj_dim < 0 or self.batch_size < 1 or self.chunk_rows < 1 or (self.microbatch or 1) < 1:
             raise ValueError("proj_dim must be >= 0 and batch_size, chunk_rows, microbatch >= 1")
         if self.lam is not None and not self.lam > 0:

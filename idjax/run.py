@@ -162,7 +162,9 @@ def _validate(c: RunConfig) -> None:
     for key in ("pool_limit", "eval_limit", "microbatch"):
         v = getattr(c, key)
         need(v is None or v >= 1, key, f"must be >= 1, got {v}")
-    need(c.landmarks > 0, "landmarks", f"expected a fraction in (0, 1) or a count >= 1, got {c.landmarks}")
+    from idjax.pipeline import landmarks_problem
+
+    need(landmarks_problem(c.landmarks) is None, "landmarks", landmarks_problem(c.landmarks) or "")
     need(c.lam is None or c.lam > 0, "lam", f"must be > 0, got {c.lam}")
     need(math.isfinite(c.gd_lr) and c.gd_lr > 0, "gd_lr", f"must be > 0, got {c.gd_lr}")
     if c.params is not None:
@@ -174,6 +176,10 @@ def _validate(c: RunConfig) -> None:
     for key in ("embed_blocks", "embed_tangents", "embed_dim", "batch_size", "chunk_rows"):
         need(getattr(c, key) >= 1, key, f"must be >= 1, got {getattr(c, key)}")
     need(bool(c.out), "out", "must be a directory name")
+    from idjax.outputs import check_outputs
+
+    problem = check_outputs({k: getattr(c, k) for k in ("pool", "target", "eval", "model")}, dirs={"out": c.out})
+    need(problem is None, "out", problem)
     if c.warmup is not None:
         w = c.warmup
         need(0 < w.fraction <= 1, "warmup.fraction", f"must be in (0, 1], got {w.fraction}")

@@ -277,9 +277,7 @@ def _model_argv(command, model, tmp, files):
 def test_bad_checkpoint(command, case, files, tmp_path, capsys):
     code, out, err = _run(_model_argv(command, files[case], tmp_path, files), capsys)
     assert code == 1, err
-    want = CKPT_CASES[case]
-    if command in ("select", "data") and case.endswith("gguf"):  # these read the tokenizer before the weights
-        want = re.escape(files[case].name) + r": cannot load its tokenizer \(ValueError: "
+    want = CKPT_CASES[case]  # the tokenizer (read first by select and data) and the weights fail alike
     _one_error(err, r"^idjax: error: " + re.escape(str(files[case].parent)) + r".*" + want)
     assert out == ""
 
@@ -314,6 +312,8 @@ def test_bad_checkpoint(command, case, files, tmp_path, capsys):
      r"--lam must be a finite number > 0"),
     (["select", "--model", "{tiny}", "--train", "{pool}", "--target", "{target}", "--k", "7", "--out", "{tmp}/s.jsonl",
       "--max-length", "64"], r"idjax select: error: --k 7 is larger than the pool: .*pool\.jsonl has 6 samples"),
+    (["select", "--train", "{pool}", "--target", "{target}", "--k", "1", "--out", "{tmp}/s.jsonl", "--landmarks", "1.5"],
+     r"--landmarks must be a fraction of the pool in \(0, 1\) or a whole count >= 1, got 1.5"),
     (["demo", "--k-fraction", "2"], r"--k-fraction must be in \(0, 1\]"),
     (["demo", "--pool-limit", "0"], r"--pool-limit must be >= 1"),
 ])
@@ -355,9 +355,42 @@ def test_output_path_in_the_way(command, tiny, files, tmp_path, capsys):
     }[command]
     code, out, err = _run(argv, capsys)
     assert code == 1
-    what = "adir: is a directory; --out names the selection JSONL" if command == "select-out" else "blocker: is a file"
+    what = "adir: is a directory; --out names a file" if command == "select-out" else "blocker: is a file"
     _one_error(err, re.escape(what))
     assert blocker.read_text() == "x\n" and list((tmp_path / "adir").iterdir()) == []
+
+
+@pytest.mark.parametrize("case", ["out-is-train", "out-is-target", "out-links-to-train", "store-is-train",
+                                  "train-out-is-model", "unwritable-out"])
+def test_outputs_never_overwrite_inputs_and_are_checked_first(case, tiny, files, tmp_path, capsys):
+    """No command writes over one of its inputs (by resolved path, through symlinks), and an unwritable
+    output fails before any model is loaded (the model given here does not exist: its error never shows)."""
+    import shutil
+
+    pool, target = shutil.copy(files["pool"], tmp_path / "pool.jsonl"), shutil.copy(files["target"], tmp_path / "t.jsonl")
+    before = {p: p.read_bytes() for p in (pool, target)}
+    no_model = tmp_path / "no-such-model"
+    select = ["select", "--model", no_model, "--train", pool, "--target", target, "--k", 1]
+    if case == "out-is-train":
+        argv, msg = select + ["--out", pool], r"--out .*pool\.jsonl: is the input --train"
+    elif case == "out-is-target":
+        argv, msg = select + ["--out", target], r"--out .*t\.jsonl: is the input --target"
+    elif case == "out-links-to-train":
+        (tmp_path / "link.jsonl").symlink_to(pool)
+        argv, msg = select + ["--out", tmp_path / "link.jsonl"], r"--out .*link\.jsonl: is the input --train"
+    elif case == "store-is-train":
+        argv, msg = select + ["--out", tmp_path / "s.jsonl", "--store", pool], r"--store .*pool\.jsonl: is the input --train"
+    elif case == "train-out-is-model":
+        model = shutil.copytree(tiny, tmp_path / "ckpt")
+        argv = ["train", "--model", model, "--data", pool, "--out", model, "--steps", 1]
+        msg = r"--out .*ckpt: is the input --model"
+    else:  # a parent that is a regular file: no one, root included, can create files under it
+        blocker = _write(tmp_path / "blocker", ["x"])
+        argv, msg = select + ["--out", blocker / "sel.jsonl"], r"--out .*blocker/sel\.jsonl: cannot write there"
+    code, _, err = _run(argv, capsys)
+    assert code == 1
+    _one_error(err, msg)
+    assert all(p.read_bytes() == b for p, b in before.items())
 
 
 @pytest.mark.parametrize("case", ["selection-dir", "selection-malformed", "resume-file", "optimizer-state-missing",

@@ -224,6 +224,24 @@ def test_bad_config_from_the_shell(tmp_path):
     assert r.returncode == 2 and "invalid choice: 'embed'" in r.stderr
 
 
+@pytest.mark.parametrize("over, message", [
+    ({"landmarks": 1.5}, "key 'landmarks': must be a fraction of the pool in (0, 1) or a whole count >= 1, got 1.5"),
+    ({"out": "pool.jsonl"}, "key 'out': out {d}/pool.jsonl: is the input pool {d}/pool.jsonl; writing there would "
+                            "destroy it, choose another path"),
+    ({"out": "afile"}, "key 'out': out {d}/afile: is a file; out names a directory"),
+])
+def test_config_values_that_would_mislead_or_destroy(over, message, tmp_path, capsys):
+    """A non-whole landmark count (it would run with 1 landmark), an `out` that is the pool, or a file."""
+    (tmp_path / "afile").write_text("keep me")
+    over = {k: str(tmp_path / v) if k == "out" else v for k, v in over.items()}
+    cfg = make_run(tmp_path, "smollm2-135m", **over)
+    pool = (tmp_path / "pool.jsonl").read_bytes()
+    rc, out, err = run_cli(capsys, cfg)
+    assert rc == 1 and out == ""
+    assert err.strip() == f"idjax: error: {cfg}: " + message.format(d=tmp_path)
+    assert (tmp_path / "pool.jsonl").read_bytes() == pool and (tmp_path / "afile").read_text() == "keep me"
+
+
 def test_interrupt_and_resume_equals_uninterrupted(first_run, tmp_path, capsys, caplog, interruptible_cli):
     """Ctrl-C while the store fills; the re-run computes only the missing chunks and its selection is
     the uninterrupted first run's (one row per chunk here, four there: the same rows either way)."""
