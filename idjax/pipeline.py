@@ -26,6 +26,7 @@ import logging
 import math
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 from typing import Sequence
 
@@ -217,7 +218,7 @@ def _load_targets(path: Path, fp: dict):
             if json.loads(z["fingerprint"].tobytes()) != json.loads(json.dumps(fp, sort_keys=True)):
                 raise ValueError("fingerprint mismatch")
             return z["v_proj"], float(z["v_norm"]), (z["columns"] if "columns" in z else None)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:  # cut short, overwritten
         log.warning("recomputing the target direction: %s is unreadable (%s)", path, exc)
         return None
 

@@ -100,12 +100,19 @@ def test_target_direction_is_cached_per_targets(tiny_hf, tmp_path, monkeypatch, 
     select_samples(model, pool, others, cfg, update=update, store_dir=tmp_path)
     select_samples(model, pool, targets, cfg, update=None, store_dir=tmp_path)
     assert len(calls) == 2
-    # a damaged file is recomputed with a warning, to the same values
-    path.write_bytes(b"not an npz")
-    with caplog.at_level("WARNING", logger="idjax.pipeline"):
-        healed = select_samples(model, pool, targets, cfg, update=update, store_dir=tmp_path)
-    assert len(calls) == 3 and "recomputing the target direction" in caplog.text
-    np.testing.assert_allclose(healed.scores, first.scores, rtol=1e-6)
+    # a damaged file (garbage, cut short, one flipped byte) is recomputed with a warning naming it, to the
+    # same values
+    good = path.read_bytes()
+    flipped = bytearray(good)
+    flipped[good.index(b"v_proj") + 200] ^= 0x01  # inside the stored array: only the zip's CRC-32 sees it
+    for n, damaged in enumerate([b"not an npz", good[: len(good) // 2], bytes(flipped)], start=3):
+        path.write_bytes(damaged)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="idjax.pipeline"):
+            healed = select_samples(model, pool, targets, cfg, update=update, store_dir=tmp_path)
+        assert len(calls) == n and f"recomputing the target direction: {path} is unreadable" in caplog.text
+        np.testing.assert_allclose(healed.scores, first.scores, rtol=1e-6)
+        assert path.read_bytes() != damaged
 
 
 def test_landmarks_keep_exact_values(tiny_hf, tmp_path):
