@@ -146,6 +146,42 @@ def test_kv_cache_generation_matches_full_recompute(tmp_path):
         assert continuation == seq[len(prompt):]
 
 
+def test_generation_stops_at_the_context(monkeypatch, caplog):
+    """max_new_tokens past the context is capped with a warning, an over-long prompt keeps its end, the KV
+    cache never has more slots than the context, and the tokens equal a naive full-recompute loop."""
+    from flax import nnx
+
+    from idjax.models import modeling
+
+    context = 24
+    model = M.CausalLM(M.ModelConfig(model_type="llama", vocab_size=97, hidden_size=16, intermediate_size=32,
+                                     num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8,
+                                     max_position_embeddings=context), rngs=nnx.Rngs(0))
+    sizes = []
+    real_empty = modeling.KVCache.empty
+    monkeypatch.setattr(modeling.KVCache, "empty",
+                        staticmethod(lambda c, b, n, d: sizes.append(n) or real_empty(c, b, n, d)))
+
+    def naive(seq, steps):
+        seq = list(seq)
+        for _ in range(steps):
+            seq.append(int(jnp.argmax(model(jnp.asarray([seq]))[0, -1])))
+        return seq[-steps:]
+
+    prompts = [[5, 9, 13], [7, 2, 3, 4, 11, 40, 41]]
+    with caplog.at_level("WARNING", logger="idjax.models.generate"):
+        got = M.generate(model, prompts, max_new_tokens=100_000, eos_ids=[-5])
+    assert "max_new_tokens 100000 capped at 17" in caplog.text
+    assert [len(g) for g in got] == [17, 17] and got[1] == naive(prompts[1], 17)
+    caplog.clear()
+    long_prompt = [int(t) for t in np.random.default_rng(0).integers(1, 97, 40)]
+    with caplog.at_level("WARNING", logger="idjax.models.generate"):
+        (one,) = M.generate(model, [long_prompt], max_new_tokens=4, eos_ids=[-5])
+    assert "a prompt of 40 tokens is longer than the model's context of 24" in caplog.text
+    assert one == naive(long_prompt[-(context - 1):], 1)
+    assert sizes and max(sizes) <= context
+
+
 def test_load_errors(tmp_path):
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         M.load(tmp_path / "nope")

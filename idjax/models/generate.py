@@ -2,10 +2,13 @@
 
 Prompts are left-padded to a multiple of 64 tokens and the whole decode loop runs inside one
 jit-compiled `lax.while_loop`, so a batch costs one compilation per (prompt bucket, length).
+Prompt plus answer never exceed the model's context (max_position_embeddings): longer requests are
+cut with a warning, and the KV cache is never sized past it.
 """
 
 from __future__ import annotations
 
+import logging
 from functools import partial
 
 import jax
@@ -16,6 +19,7 @@ from flax import nnx
 from idjax.models.modeling import CausalLM, KVCache
 
 _PROMPT_MULTIPLE = 64
+log = logging.getLogger(__name__)
 
 
 @partial(jax.jit, static_argnums=(0, 4))
@@ -50,8 +54,19 @@ def generate(model: CausalLM, prompts: list[list[int]], *, max_new_tokens: int =
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one non-empty prompt")
     eos = tuple(model.config.eos_token_ids if eos_ids is None else eos_ids) or (-1,)
+    context = model.config.max_position_embeddings
     longest = max(len(p) for p in prompts)
-    width = -(-longest // _PROMPT_MULTIPLE) * _PROMPT_MULTIPLE
+    if longest >= context:
+        log.warning("a prompt of %d tokens is longer than the model's context of %d; keeping the last %d tokens "
+                    "of each such prompt", longest, context, context - 1)
+        prompts = [p[-(context - 1):] for p in prompts]
+        longest = context - 1
+    if longest + max_new_tokens > context:
+        log.warning("max_new_tokens %d capped at %d: the model's context is %d tokens and the longest prompt has %d",
+                    max_new_tokens, context - longest, context, longest)
+        max_new_tokens = context - longest
+    # The cache holds the padded prompt and the answer: at most `context` slots.
+    width = min(-(-longest // _PROMPT_MULTIPLE) * _PROMPT_MULTIPLE, context - max_new_tokens)
     ids = np.full((len(prompts), width), pad_id, np.int32)
     mask = np.zeros((len(prompts), width), np.int32)
     for row, p in enumerate(prompts):
