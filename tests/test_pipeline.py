@@ -79,6 +79,30 @@ def test_exact_first_order_scores_equal_torch_cosines(tiny_hf, tmp_path):
     np.testing.assert_array_equal(again.scores, sel.scores)
 
 
+@pytest.mark.parametrize("damage", ["nan", "flip"])
+def test_a_damaged_store_chunk_is_recomputed(damage, tiny_hf, tmp_path, caplog):
+    """A gradient chunk overwritten with NaN, or with one flipped bit, is reported by file and recomputed:
+    the selection equals the clean run's."""
+    model, _ = M.load(tiny_hf[1], tokenizer=False)
+    pool, targets = _examples(8, 5, "p"), _examples(3, 6, "t")
+    cfg = SelectConfig(k=3, exact=True, proj_dim=16, batch_size=4, chunk_rows=4)
+    first = select_samples(model, pool, targets, cfg, store_dir=tmp_path)
+    (grads,) = tmp_path.glob("gradients-*")
+    chunk = grads / "chunk-000001.npy"
+    raw = bytearray(chunk.read_bytes())
+    start = len(raw) - 24 - 4 * 16 * 4  # the array's bytes sit between the .npy header and the trailer
+    if damage == "nan":
+        raw[start:start + 64] = np.full(16, np.nan, np.float32).tobytes()
+    else:
+        raw[start + 5] ^= 0x04
+    chunk.write_bytes(bytes(raw))
+    with caplog.at_level("WARNING", logger="idjax.store"):
+        again = select_samples(model, pool, targets, cfg, store_dir=tmp_path)
+    assert f"store {grads}: chunk 1 file chunk-000001.npy is unusable (checksum mismatch" in caplog.text
+    np.testing.assert_array_equal(again.rows, first.rows)
+    np.testing.assert_allclose(again.scores, first.scores, rtol=1e-6)
+
+
 def test_target_direction_is_cached_per_targets(tiny_hf, tmp_path, monkeypatch, caplog):
     import idjax.pipeline as P
 

@@ -61,7 +61,7 @@ def test_round_trip_with_short_last_chunk(tmp_path, row_shape, dtype):
     assert last.shape == (2, *row_shape)
 
     manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
-    assert manifest["format"] == "idjax-array-store" and manifest["version"] == 1
+    assert manifest["format"] == "idjax-array-store" and manifest["version"] == 2
     assert manifest["shape"] == [10, *row_shape] and manifest["dtype"] == np.dtype(dtype).name
     assert manifest["chunk_rows"] == 4 and manifest["num_chunks"] == 3
     # Chunk files are plain .npy that load without pickles; ml_dtypes rows are stored as raw uints.
@@ -277,6 +277,70 @@ def test_fingerprint_function_is_stable_and_discriminating():
 
 
 # ----------------------------------------------------------------------------- corruption
+
+def test_checksums_catch_flipped_bits_and_overwritten_rows(tmp_path, caplog):
+    """A byte flipped inside the data and a chunk overwritten with NaN or with other finite numbers (same
+    size, valid header) are each reported with the file and recomputed; the store then equals the data."""
+    full = _data((20, 6))
+    _fill(_open(tmp_path, full), full)
+    header = (tmp_path / "chunk-000000.npy").stat().st_size - 4 * 6 * 4 - 24  # .npy header length
+    damage = {
+        1: lambda b: b[:header + 37] + bytes([b[header + 37] ^ 0x10]) + b[header + 38:],
+        2: lambda b: b[:header] + np.full(24, np.nan, np.float32).tobytes() + b[header + 96:],
+        4: lambda b: b[:header] + _data((4, 6), seed=9).tobytes() + b[header + 96:],
+    }
+    for i, edit in damage.items():
+        f = tmp_path / f"chunk-{i:06d}.npy"
+        f.write_bytes(edit(f.read_bytes()))
+    with caplog.at_level(logging.WARNING, logger="idjax.store"):
+        store = _open(tmp_path, full)
+        assert store.missing() == [1, 2, 4]
+    for i in damage:
+        assert f"chunk {i} file chunk-{i:06d}.npy is unusable (checksum mismatch" in caplog.text
+    computed = []
+    compute_missing(store, lambda a, b: computed.append(a) or full[a:b])
+    assert computed == [4, 8, 16]
+    np.testing.assert_array_equal(_open(tmp_path, full).to_array(), full)
+    # chunks stay plain .npy files: numpy reads them, trailer and all
+    np.testing.assert_array_equal(np.load(tmp_path / "chunk-000001.npy"), full[4:8])
+
+
+def test_a_lost_manifest_is_rebuilt_and_keeps_only_its_own_chunks(tmp_path, caplog):
+    full = _data((12, 2))
+    store = _open(tmp_path / "s", full)
+    compute_missing(store, lambda a, b: full[a:b], chunks=[0, 2])
+    (tmp_path / "s" / "manifest.json").unlink()
+    with caplog.at_level(logging.WARNING, logger="idjax.store"):
+        again = _open(tmp_path / "s", full)
+    assert "manifest.json is missing; rebuilt" in caplog.text and again.missing() == [1]
+    computed = []
+    compute_missing(again, lambda a, b: computed.append(a) or full[a:b])
+    assert computed == [4]
+    np.testing.assert_array_equal(again.to_array(), full)
+    # the same files under another fingerprint: the trailers say they were made for something else
+    (tmp_path / "s" / "manifest.json").unlink()
+    other = _open(tmp_path / "s", full, fp={"model": "m1", "data": "d0"})
+    assert other.missing() == [0, 1, 2] and "computed for another fingerprint" in caplog.text
+    # a directory with other files and no manifest is still refused
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "notes.txt").write_text("mine")
+    with pytest.raises(StoreError, match="not empty and has no manifest.json"):
+        _open(tmp_path / "t", full)
+
+
+def test_version_1_stores_still_open(tmp_path):
+    """Stores written before checksums (no trailer): chunks are checked by header and size, and reused."""
+    full = _data((8, 3))
+    (tmp_path / "manifest.json").write_text(json.dumps({
+        "format": "idjax-array-store", "version": 1, "shape": [8, 3], "dtype": "float32", "chunk_rows": 4,
+        "num_chunks": 2, "fingerprint": {"model": "m0", "data": "d0"}, "created": ""}))
+    np.save(tmp_path / "chunk-000000.npy", full[:4], allow_pickle=False)
+    store = _open(tmp_path, full)
+    assert store.missing() == [1]
+    _fill(store, full)
+    np.testing.assert_array_equal(store.to_array(), full)
+    assert (tmp_path / "chunk-000001.npy").stat().st_size == (tmp_path / "chunk-000000.npy").stat().st_size
+
 
 def test_corrupt_chunk_files_count_as_missing(tmp_path, caplog):
     full = _data((16, 3))
