@@ -43,13 +43,20 @@ in a few minutes. Gradients are taken for the MLP down projections only (26.5M o
 parameters) and sketched to 1024 dimensions with an SRHT (inner products of unit vectors kept to
 about 1/sqrt(1024) = 0.03); that sketch costs little next to the backward pass, while sketching all
 135M parameters made each landmark gradient 2.6x slower. With the default learning rates, warm-up
-and fine-tuning share one AdamW recipe (learning rate, clipping, batch), so they share the compiled
+and fine-tuning share one AdamW recipe (learning rate, clipping, batch), so they run the same
 training step.
+
+Memory (peak RSS 8 GB before, under 4 GB now, so an 8 GB laptop runs it): backward passes
+recompute each layer's activations (`_REMAT`), 2 per-example gradients are taken at a time, the
+trainers own their model copies (no float32 copy beside them), selection keeps the update model
+of the gradient parameters only, and compiled programs and freed heap go back to the OS after
+each stage (`_release_memory`) and freed heap after each long compilation (`_trim_after_compile`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import shutil
@@ -77,6 +84,14 @@ QUICK: dict[str, Any] = {
     "target_limit": 4, "eval_limit": 8, "proj_dim": 256, "embed_dim": 256, "embed_blocks": 2,
 }
 
+#: Recompute each decoder layer in the backward passes (warm-up, landmark and target gradients, target
+#: HVP, fine-tuning) instead of keeping its activations: an 8 GB laptop runs the default demo (peak
+#: RSS 8.0 -> <4 GB). The results agree with the activation-keeping passes to float32 rounding (XLA
+#: fuses the recomputed graph differently), far below the table's 4 decimals.
+_REMAT = True
+
+_LISTENING = False  # _trim_after_compile is registered
+
 _CACHE = "demo-cache.json"
 _WARMUP_DONE = "demo-warmup.json"
 
@@ -98,6 +113,40 @@ def _domain(record: dict) -> str:
 
 def _share(counts: Counter, total: int, order) -> dict:
     return {d: {"count": int(counts.get(d, 0)), "fraction": counts.get(d, 0) / max(total, 1)} for d in order}
+
+
+def _trim_heap() -> None:
+    """Return glibc's free heap pages to the OS (a no-op elsewhere)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _release_memory() -> None:
+    """Hand memory the next stage does not need back to the OS (results are unchanged).
+
+    jax.clear_caches(): every compiled XLA:CPU program holds ~1.5 MB, and warm-up and selection leave
+    hundreds (mostly small eager operations; ~0.6 GB). malloc_trim: glibc keeps freed heap memory
+    (~0.3-0.8 GB after a stage) that the next stage's large buffers do not reuse. The cost: a stage
+    compiles again what an earlier one had compiled (the training step: ~3 s per length bucket).
+    """
+    import gc
+
+    import jax
+
+    gc.collect()
+    jax.clear_caches()
+    _trim_heap()
+
+
+def _trim_after_compile(event: str, duration: float, **_) -> None:
+    """A jax.monitoring listener: compiling a big program (a training step: seconds) leaves 0.2-0.4 GB
+    of freed LLVM memory in glibc arenas of XLA's threads, resident through the stage that runs it."""
+    if event == "/jax/core/compile/backend_compile_duration" and duration > 1.0:
+        _trim_heap()
 
 
 def _write_atomic(path: Path, payload: bytes) -> None:
@@ -148,12 +197,17 @@ def _warmup(out: Path, pool_records, tok, *, fraction, steps, lr, batch_size, se
             raise ValueError(f"{wdir} exists and is not a demo warm-up; choose another --out")
         shutil.rmtree(wdir)
     examples = train.warmup_examples(pool_records, tok, fraction=fraction, seed=seed, max_length=max_length)
+    # remat: see _REMAT.
     config = train.TrainConfig(optimizer=OptimizerSpec("adamw", lr, clip_norm=1.0), batch_size=batch_size,
-                               steps=steps, seed=seed)
+                               steps=steps, seed=seed, remat=_REMAT)
     base, _ = load(MODEL, tokenizer=False)
-    result = train.warmup(base, examples, tok, config, wdir, pool_size=len(pool_records), fraction=fraction)
-    # The final model and optimizer state are exported next to it; the Orbax checkpoint (params and
-    # both Adam moments again, ~1.6 GB) is only needed to resume an unfinished run, and this one is done.
+    # The final model and optimizer state are exported next to it; an Orbax checkpoint (params and
+    # both Adam moments again, ~1.6 GB on disk, ~1 GB more memory to write) is only needed to resume
+    # an unfinished run, and this one is done: none is written.
+    # donate_model: the base model is not used again, so the trainer takes its arrays (no float32 copy).
+    result = train.warmup(base, examples, tok, config, wdir, pool_size=len(pool_records), fraction=fraction,
+                          final_checkpoint=False, donate_model=True)
+    del base
     shutil.rmtree(wdir / "checkpoints", ignore_errors=True)
     info = {"settings": desc, "samples": len(examples), "steps": int(result.state.step),
             "losses": [round(h["loss"], 4) for h in result.history]}
@@ -177,8 +231,14 @@ def run_demo(out_dir="idjax-demo", *, task: str = "definitions", pool_limit: int
     from flax import nnx
     from tqdm.auto import tqdm
 
+    global _LISTENING
+    if not _LISTENING:  # once per process: listeners stay registered
+        jax.monitoring.register_event_duration_secs_listener(_trim_after_compile)
+        _LISTENING = True
+
     from idjax import data, evaluate, models, pipeline, train
     from idjax.embed import EmbedConfig
+    from idjax.grads import restrict, split_params
     from idjax.optim import OptimizerSpec, load_optimizer_state, update_model
     from idjax.store import fingerprint
 
@@ -219,25 +279,42 @@ def run_demo(out_dir="idjax-demo", *, task: str = "definitions", pool_limit: int
     bar.update()
     domains = sorted({_domain(r) for r in pool_records})
 
+    def load_warm():
+        # Always the saved model, so the store's model fingerprint is the same on every run.
+        m, _ = models.load(out / "warmup", tokenizer=False)
+        m.remat = _REMAT  # selection and fine-tuning; forward passes (embeddings, evaluation) are unchanged
+        return m
+
     # 2. warm-up
     with _timed("warmup", timings):
         reused["warmup"], warm_info = _warmup(out, pool_records, tok, fraction=warmup_fraction, steps=warmup_steps,
                                               lr=warmup_lr, batch_size=batch_size, seed=seed, max_length=max_length)
-        # Always the saved model, so the store's model fingerprint is the same on every run.
-        model, _ = models.load(out / "warmup", tokenizer=False)
+        _release_memory()
+        model = load_warm()
         spec, opt_state = load_optimizer_state(out / "warmup", model)
         update = update_model(spec, opt_state, nnx.state(model, nnx.Param))
         del opt_state
+        # Selection reads a and b of the gradient parameters only (`params`); the whole-model pair
+        # would hold 1 GB through selection.
+        selected = split_params(model, params)[1]
+        update = dataclasses.replace(update, a=restrict(update.a, selected), b=restrict(update.b, selected))
+        del selected
+        _release_memory()
     bar.update()
 
     # 3. selection
     with _timed("select", timings):
         config = pipeline.SelectConfig(
             k=k, landmarks=landmarks, params=params, proj_dim=proj_dim, seed=seed, batch_size=batch_size,
+            # 2 per-example gradients at a time, not auto_microbatch's 8: each one holds ~300 MB of
+            # temporaries (gradient, a * g, the padded SRHT input), so 8 at once add 2.4 GB.
+            microbatch=2,
             embed=EmbedConfig(num_blocks=embed_blocks, num_tangents=2, dim=embed_dim, seed=seed))
         selection = pipeline.select_samples(model, pool, targets, config, update=update, store_dir=out / "store")
         pipeline.write_selection(selection, pool, out / "selection.jsonl",
                                  {"demo": settings, "command": "idjax demo", "model": MODEL})
+        del update  # not needed by the fine-tuning stages
+        _release_memory()
     bar.update()
     sel_rows = [int(r) for r in selection.rows]
     rng = np.random.default_rng([seed, 1])
@@ -247,12 +324,12 @@ def run_demo(out_dir="idjax-demo", *, task: str = "definitions", pool_limit: int
     model_fp = selection.info["fingerprints"]["model"]
     eval_fp = pipeline.examples_fingerprint(evals)
     recipe = train.TrainConfig(optimizer=OptimizerSpec("adamw", lr, clip_norm=1.0), batch_size=batch_size,
-                               steps=train_steps, seed=seed)
+                               steps=train_steps, seed=seed, remat=_REMAT)
 
     def evaluate_model(m):
         return evaluate.target_loss(m, evals, batch_size=max(batch_size, 8), pad_id=pad)
 
-    def stage(name, rows):
+    def stage(name, rows, model=None):
         key = fingerprint({"stage": name, "model": model_fp, "eval": eval_fp, "max_length": max_length,
                            "rows": None if rows is None else [pool[r].id for r in rows],
                            "recipe": None if rows is None else recipe.to_dict()})
@@ -264,15 +341,20 @@ def run_demo(out_dir="idjax-demo", *, task: str = "definitions", pool_limit: int
         if rows is None:
             value = {"eval": evaluate_model(model)}
         else:
-            result = train.train(model, [pool[r] for r in rows], recipe, tokenizer=tok, pad_id=pad)
-            value = {"eval": evaluate_model(result.model),
-                     "train_losses": [round(h["loss"], 4) for h in result.history]}
-            del result
+            # The trainer owns a fresh copy of the warmed-up model (donate_model: no float32 copy of it).
+            result = train.train(load_warm(), [pool[r] for r in rows], recipe, tokenizer=tok, pad_id=pad,
+                                 donate_model=True)
+            trained, history = result.model, result.history
+            del result  # its optimizer state (twice the model) is not needed to evaluate
+            value = {"eval": evaluate_model(trained), "train_losses": [round(h["loss"], 4) for h in history]}
+            del trained
         cache.put(key, value)
+        _release_memory()
         return value
 
     with _timed("evaluate_before", timings):
-        before = stage("before", None)
+        before = stage("before", None, model)
+    del model  # each fine-tuning loads its own copy
     bar.update()
     with _timed("train_selected", timings):
         selected = stage("selected", sel_rows)

@@ -192,8 +192,9 @@ def lora_merge(params, adapters, scale: float):
     return jax.tree_util.tree_map_with_path(merge, params)
 
 
-def _f32_copy(tree):
+def _f32_copy(tree, copy: bool = True):
     """Float32 master copies (fresh buffers: the jitted step donates them, the caller's model stays valid).
+    copy=False: float32 leaves are taken as they are (the step then donates the caller's arrays).
 
     Shapes stay shapes: an abstract model (ShapeDtypeStruct leaves) gives an abstract copy.
     """
@@ -201,7 +202,7 @@ def _f32_copy(tree):
         dtype = jnp.float32 if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
         if isinstance(x, jax.ShapeDtypeStruct):
             return jax.ShapeDtypeStruct(x.shape, dtype)
-        return jnp.array(x, dtype=dtype, copy=True)
+        return jnp.array(x, dtype=dtype, copy=True) if copy else jnp.asarray(x, dtype)
 
     return jax.tree.map(cast, tree)
 
@@ -284,10 +285,14 @@ class Trainer:
     gradients across them; the state is replicated, or FSDP-sharded by distributed.RULES when the
     mesh has fsdp > 1. A mesh over several processes' devices (distributed.mesh_from_spec(...,
     global_devices=True)) trains SPMD across hosts: every process runs the same loop on the same data.
+
+    donate_model (full fine-tuning): train the model's own float32 arrays instead of a copy, one
+    model's worth less memory; the first step donates them, so `model` is unusable afterwards.
     """
 
-    def __init__(self, model: CausalLM, config: TrainConfig, *, mesh=None):
+    def __init__(self, model: CausalLM, config: TrainConfig, *, mesh=None, donate_model: bool = False):
         self.config = config
+        self.donate_model = donate_model
         self.mesh = dist.get_mesh() if mesh is None else mesh
         if dist.active(self.mesh) and config.batch_size % self.mesh.size:
             if mesh is not None or dist.multi_process():
@@ -324,7 +329,7 @@ class Trainer:
     def _init(self, params) -> TrainState:
         key = jax.random.key(self.config.seed)
         if self.config.lora is None:
-            trainable = _f32_copy(params)
+            trainable = _f32_copy(params, copy=not self.donate_model)
         else:
             key, sub = jax.random.split(key)
             trainable = lora_init(params, self.config.lora, sub)
@@ -533,14 +538,18 @@ def _open_run_dir(out: Path, resume, config: TrainConfig, steps: int, spe: int):
 
 def train(model: CausalLM, examples: Sequence[D.Example], config: TrainConfig, *, weights=None,
           out_dir: str | os.PathLike | None = None, resume: str | os.PathLike | None = None,
-          tokenizer=None, pad_id: int | None = None, progress: bool = True, mesh=None) -> TrainResult:
+          tokenizer=None, pad_id: int | None = None, progress: bool = True, mesh=None,
+          final_checkpoint: bool = True, donate_model: bool = False) -> TrainResult:
     """Fine-tune `model` on `examples`; return the trained model (a new object) and its state.
 
     weights: per-example loss weights indexed by Example.index (None: unweighted). out_dir: write
     checkpoints every config.checkpoint_every steps and at the end, metrics.jsonl, the final HF
     model and (full fine-tuning) the optimizer state. resume: a run directory (or its checkpoints/)
     to continue from; the result is bit-identical to an uninterrupted run. Ctrl-C saves a
-    checkpoint of the last finished step before it stops.
+    checkpoint of the last finished step before it stops. final_checkpoint=False: no checkpoint at
+    the end (it only serves resuming; writing one copies the whole state, ~3x the model's size).
+    donate_model=True (full fine-tuning): train `model`'s own float32 arrays, not a copy (one model's
+    worth less memory); `model` is unusable afterwards, use the returned one.
     """
     if not examples:
         raise D.DataError("no training examples (empty data, or every sample lost its response to truncation)")
@@ -552,7 +561,7 @@ def train(model: CausalLM, examples: Sequence[D.Example], config: TrainConfig, *
     if spec.schedule != "constant" and spec.total_steps != steps:
         log.warning("optimizer total_steps=%d but the run has %d steps: the %s schedule will not end at 0",
                     spec.total_steps, steps, spec.schedule)
-    trainer = Trainer(model, config, mesh=mesh)
+    trainer = Trainer(model, config, mesh=mesh, donate_model=donate_model)
     fingerprint = _fingerprint(model, examples, config, steps)
     elapsed0 = 0.0
     if resume is None:
@@ -584,7 +593,7 @@ def train(model: CausalLM, examples: Sequence[D.Example], config: TrainConfig, *
         raise
     final = trainer.model(state)
     if manager is not None:
-        if manager.latest_step() != int(state.step):
+        if final_checkpoint and manager.latest_step() != int(state.step):
             checkpoint(state)
         manager.close()
         if dist.is_primary():  # Orbax saves above are collective; the exported model is written once
@@ -668,7 +677,7 @@ def read_selection(path, records: list[dict], weighted: bool):
     if not p.is_file():
         raise D.DataError(f"{p}: selection file does not exist")
     by_id = {r["id"]: r for r in records}
-    chosen, weights, missing, seen = [], [], [], set()
+    chosen, weights, missing, seen, unweighted = [], [], [], set(), 0
     for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
@@ -685,6 +694,7 @@ def read_selection(path, records: list[dict], weighted: bool):
         if rid not in by_id:
             missing.append(rid)
             continue
+        unweighted += "weight" not in row
         w = row.get("weight", 1.0)
         if weighted and (isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0 or w == float("inf")):
             raise D.DataError(f"{p}:{n}: field 'weight': expected a finite number >= 0, got {w!r}")
@@ -696,6 +706,11 @@ def read_selection(path, records: list[dict], weighted: bool):
                           f"{', '.join(missing[:5])}{more} (was the selection made from another file?)")
     if not chosen:
         raise D.DataError(f"{p}: selects no samples")
+    if weighted and unweighted == len(chosen):
+        raise D.DataError(f"{p}: no row has a 'weight' field; --weighted needs the weights `idjax select` writes")
+    if weighted and unweighted:
+        log.warning("%s: %d of %d rows have no 'weight' field; --weighted trains them with weight 1.0", p,
+                    unweighted, len(chosen))
     if weighted and not sum(weights) > 0:
         raise D.DataError(f"{p}: every weight is 0; nothing to train on with --weighted")
     return chosen, (weights if weighted else None)
@@ -725,7 +740,8 @@ def warmup_examples(records: Sequence[dict], tokenizer, *, fraction: float = 0.0
 
 
 def warmup(model: CausalLM, examples: Sequence[D.Example], tokenizer, config: TrainConfig, out_dir, *,
-           pool_size: int | None = None, fraction: float | None = None, progress: bool = True) -> TrainResult:
+           pool_size: int | None = None, fraction: float | None = None, progress: bool = True,
+           final_checkpoint: bool = True, donate_model: bool = False) -> TrainResult:
     """docs/method.md 8: train briefly on a random part of the pool (warmup_examples); save model + optimizer state.
 
     Full fine-tuning only (the update model needs a state per model parameter). out_dir is a
@@ -736,7 +752,8 @@ def warmup(model: CausalLM, examples: Sequence[D.Example], tokenizer, config: Tr
         raise ValueError("warm-up trains every parameter (selection reads an optimizer state per parameter); "
                          "drop the LoRA option")
     log.info("warm-up on %d samples%s", len(examples), f" of {pool_size}" if pool_size else "")
-    result = train(model, examples, config, out_dir=out_dir, tokenizer=tokenizer, progress=progress)
+    result = train(model, examples, config, out_dir=out_dir, tokenizer=tokenizer, progress=progress,
+                   final_checkpoint=final_checkpoint, donate_model=donate_model)
     meta = {"fraction": fraction, "seed": config.seed, "pool_size": pool_size, "samples": len(examples),
             "steps": int(result.state.step), "ids": [e.id for e in examples]}
     (Path(out_dir) / "warmup.json").write_text(json.dumps(meta))

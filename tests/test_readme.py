@@ -24,7 +24,7 @@ rows = [int(r) for r in sel.rows]
 assert len(rows) == len(set(rows)) == 10
 chosen = [pool[r] for r in rows]
 assert all(records[e.index]["id"] == e.id for e in chosen) and not skipped & {e.id for e in chosen}
-print("README-OK", max(e.index for e in chosen))
+print("README-OK")
 """
 
 
@@ -42,9 +42,9 @@ def test_readme_python_examples_run(tmp_path):
     read = lambda f: [json.loads(line) for line in f.read_text().splitlines() if line.strip()]  # noqa: E731
     long_prompt = [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "cut off"}]
     empty = [{"role": "user", "content": "Say nothing."}, {"role": "assistant", "content": ""}]
-    pool = read(DEMO / "pool.jsonl")[::30][:24]
-    pool = [{"id": "empty-answer", "messages": empty}, *pool[:12], {"id": "long-prompt", "messages": long_prompt},
-            *pool[12:]]
+    pool = read(DEMO / "pool.jsonl")[::60][:12]  # k = 10 in README: 12 rows keep the test short
+    pool = [{"id": "empty-answer", "messages": empty}, *pool[:6], {"id": "long-prompt", "messages": long_prompt},
+            *pool[6:]]
     _write(tmp_path / "pool.jsonl", pool)
     targets = read(DEMO / "targets" / "definitions.jsonl")[:3]
     _write(tmp_path / "target.jsonl", [{"id": "t-empty", "messages": empty}, *targets])
@@ -58,7 +58,5 @@ def test_readme_python_examples_run(tmp_path):
     proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Paris" in proc.stdout
-    last = int(proc.stdout.split("README-OK")[1])
+    assert "Paris" in proc.stdout and "README-OK" in proc.stdout
     assert (tmp_path / "out" / "smollm2" / "config.json").is_file()
-    assert last >= 0

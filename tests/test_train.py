@@ -403,3 +403,33 @@ def test_cli_bad_input(case, tiny_dir, tmp_path, capsys):
     assert run_cli(*argv) == code
     err = capsys.readouterr().err
     assert msg in err and "Traceback" not in err
+
+
+def test_donated_model_and_no_final_checkpoint(tmp_path):
+    """donate_model trains the model's own float32 arrays (no copy) to the copying trainer's result, bit for
+    bit; final_checkpoint=False writes the model and optimizer state but no checkpoint."""
+    exs = synthetic(8, seed=3)
+    config = T.TrainConfig(SPEC, batch_size=2, steps=3, buckets=B64)
+    copied = T.train(tiny(), exs, config, progress=False)
+    model = tiny()
+    donated = T.train(model, exs, config, out_dir=tmp_path / "w", final_checkpoint=False, donate_model=True,
+                      progress=False)
+    _tree_equal(donated.state.trainable, copied.state.trainable)
+    assert [r["loss"] for r in donated.history] == [r["loss"] for r in copied.history]
+    assert any(x.is_deleted() for x in jax.tree.leaves(params_of(model)))  # its arrays were donated
+    assert not (tmp_path / "w" / "checkpoints").exists() or not any(
+        p.name.isdigit() for p in (tmp_path / "w" / "checkpoints").iterdir())
+    assert (tmp_path / "w" / "opt_state").is_dir() and (tmp_path / "w" / "config.json").is_file()
+
+
+def test_weighted_selection_without_weights_is_refused_or_warned(tmp_path, caplog):
+    records = [{"id": f"r{i}", "messages": []} for i in range(3)]
+    sel = tmp_path / "sel.jsonl"
+    sel.write_text("".join(json.dumps({"index": i, "id": f"r{i}"}) + "\n" for i in range(2)))
+    with pytest.raises(ValueError, match="no row has a 'weight' field"):
+        T.read_selection(sel, records, weighted=True)
+    assert T.read_selection(sel, records, weighted=False)[1] is None  # unweighted: weights are not read
+    sel.write_text(json.dumps({"index": 0, "id": "r0", "weight": 0.5}) + "\n" + json.dumps({"index": 1, "id": "r1"}))
+    with caplog.at_level("WARNING", logger="idjax.train"):
+        _, w = T.read_selection(sel, records, weighted=True)
+    assert w == [0.5, 1.0] and "1 of 2 rows have no 'weight' field" in caplog.text
