@@ -85,10 +85,13 @@ def _normalize(row, file: str, stem: str, line: int) -> dict:
 
 
 def _decode(raw: bytes, name: str, line: int) -> str:
+    encoding = "utf-8-sig" if line == 1 else "utf-8"
     try:
-        return raw.decode("utf-8-sig" if line == 1 else "utf-8")
+        return raw.decode(encoding)
     except UnicodeDecodeError as e:
-        raise _err(name, line, "<row>", f"not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+        # Columns count characters, as json's own colno and editors do; e.start counts bytes.
+        column = len(e.object[:e.start].decode(encoding)) + 1
+        raise _err(name, line, "<row>", f"not UTF-8 text (byte {e.object[e.start]:#04x} at column {column}); "
                                         "is this a binary file?") from None
 
 

@@ -345,3 +345,19 @@ def test_empty_and_missing_sources(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(DataError, match="someone/pool: path does not exist and the hub was unreachable"):
         read_records("someone/pool")
+
+
+@pytest.mark.parametrize("first_line", [False, True])
+def test_bad_bytes_and_bad_json_report_the_character_column(tmp_path, first_line):
+    """Columns count characters after any BOM, the way an editor shows them, not UTF-8 bytes."""
+    good = json.dumps({"id": "ok", **GOOD}) + "\n"
+    prefix = '{"id": "é€", "x": "'  # 3 + 2 non-ASCII bytes before the error
+    column = len(prefix) + 1
+    lead = b"\xef\xbb\xbf" if first_line else good.encode()
+    f = tmp_path / "pool.jsonl"
+    f.write_bytes(lead + prefix.encode() + b"\xff" + b'"}\n')
+    with pytest.raises(DataError, match=rf"pool\.jsonl:{1 if first_line else 2}: .*byte 0xff at column {column}\)"):
+        read_records(f)
+    f.write_bytes(lead + (prefix + '"}, }\n').encode())  # extra data at the comma
+    with pytest.raises(DataError, match=rf"malformed JSON: .* \(column {column + 2}\)"):
+        read_records(f)
