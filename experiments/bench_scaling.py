@@ -5,7 +5,7 @@ For N = 1e4 ... 1e6 synthetic embeddings (float32, e dims, on disk) and l = 4096
   - apply:    p_hat = C p_L, streaming E in row chunks (C is never built: N * l * 4 bytes = 16 GB at 1e6)
   - apply_t:  C^T w, the other half of the second-order product Q_hat w = C (Q_L (C^T w))
   - top-k:    the k = N / 100 best rows, on the host (select.top_k, a float64 sort) and on the device
-              (distributed.top_k: lax.top_k per device, merge, exact float64 refinement)
+              (sharding.top_k: lax.top_k per device, merge, exact float64 refinement)
 and the peak resident memory of the process. Each N runs in its own subprocess, so its peak RSS is its
 own. E is read through plain file reads (no memory map), so resident memory is what idjax holds: the
 landmark system, one row chunk and its kernel block, and N-long output vectors.
@@ -68,8 +68,8 @@ def rss_mb() -> float:
 def run_one(n: int, l: int, e: int, chunk_rows: int, workdir: Path) -> dict:
     import jax
 
-    from idjax import distributed as dist
-    from idjax.landmarks import Propagator
+    from idjax import sharding as shd
+    from idjax.propagation import Propagator
     from idjax.select import top_k
 
     path = workdir / f"E-{n}-{e}.f32"
@@ -84,8 +84,8 @@ def run_one(n: int, l: int, e: int, chunk_rows: int, workdir: Path) -> dict:
     base = rss_mb()
 
     t = time.perf_counter()
-    prop = Propagator.fit(x, landmarks, kind="krr", chunk_rows=chunk_rows, cache_bytes=0, mesh=dist.make_mesh(1, 1))
-    jax.block_until_ready(prop._chol)
+    prop = Propagator.fit(x, landmarks, kind="krr", chunk_rows=chunk_rows, cache_bytes=0, mesh=shd.make_mesh(1, 1))
+    jax.block_until_ready(prop.state.chol)
     fit_s = time.perf_counter() - t
     times = {}
     for name, fn in (("apply", lambda: prop.apply(p_l, progress=False)),
@@ -101,10 +101,10 @@ def run_one(n: int, l: int, e: int, chunk_rows: int, workdir: Path) -> dict:
     t = time.perf_counter()
     host = top_k(p, k)
     host_s = time.perf_counter() - t
-    mesh = dist.make_mesh()
-    dev = dist.top_k(p, k, mesh)  # compile
+    mesh = shd.make_mesh()
+    dev = shd.top_k(p, k, mesh)  # compile
     t = time.perf_counter()
-    dev = dist.top_k(p, k, mesh)
+    dev = shd.top_k(p, k, mesh)
     dev_s = time.perf_counter() - t
     assert np.array_equal(host, dev), "device top-k differs from the host top-k"
     del out

@@ -64,23 +64,24 @@ def _load(max_length):
 
 def exact_stage(args) -> None:
     from idjax import data, pipeline
-    from idjax.grads import GradientConfig, target_direction
+    from idjax.grads import GradientConfig
+    from idjax.hessian import target_direction
     from idjax.sketch import Projector
 
     model, tok, records, pool = _load(args.max_length)
     n = len(pool)
     projector = Projector("srht", GRAD_FP["proj_dim"], seed=0)
     gcfg = GradientConfig(params=GRAD_FP["params"], normalize=True, microbatch=8)
-    fp = {"kind": "gradients", "model": pipeline.model_fingerprint(model), "data": pipeline.examples_fingerprint(pool),
+    fp = {"kind": "gradients", "model": pipeline.model_fingerprint(model), "data": data.examples_fingerprint(pool),
           "rows": "all", "update": "gd", "params": GRAD_FP["params"], "keep": None, "normalize": True,
           "projection": ["srht", GRAD_FP["proj_dim"], 0]}
-    gstore, _ = pipeline._gradients(model, pool, np.arange(n), projector, gcfg, None, STORE, fp, 8, 256)
+    gstore, _ = pipeline.gradient_store(model, pool, np.arange(n), projector, gcfg, None, STORE, fp, 8, 256)
     g = gstore.to_array().astype(np.float64)
     scores, vs = [], []
     for task in TASKS:
         trecs = data.read_records(DEMO / "targets" / f"{task}.jsonl")
         targets, _ = data.tokenize(trecs, tok, max_length=args.max_length, source=task)
-        batches = data.make_batches(targets, 4, pipeline._buckets(targets), pad_id=0)
+        batches = data.make_batches(targets, 4, data.example_buckets(targets, tight=True), pad_id=0)
         # One batch of 4 per call (sum weighted by real samples = the mean over the target set)
         # and rematerialised layers: all batches in one differentiated call kept > 6 GB alive.
         model.remat = True
@@ -202,7 +203,7 @@ def _per_row(call, batches, n: int) -> tuple[dict[str, np.ndarray], float]:
 
 
 def features_stage(args) -> None:
-    from idjax import data, pipeline
+    from idjax import data
     from idjax.embed import random_tangents
 
     model, tok, records, pool = _load(args.max_length)
@@ -211,7 +212,8 @@ def features_stage(args) -> None:
         raise SystemExit("--depths must be <= --blocks")
     fn, params, tail = _multi_depth_fn(model, args.blocks, depths, not args.no_tail)
     tangents = random_tangents(params, args.tangents, args.seed)
-    batches = data.make_batches(pool, args.batch_size, pipeline._buckets(pool), pad_id=model.config.pad_token_id or 0)
+    batches = data.make_batches(pool, args.batch_size, data.example_buckets(pool, tight=True),
+                                pad_id=model.config.pad_token_id or 0)
     out, secs = _per_row(lambda ids, mask, labels: fn(params, tail, tangents, ids, mask, labels), batches, len(pool))
     path = STORE / f"study-feat-{args.name}.npz"
     np.savez(path, seconds=secs, blocks=args.blocks, tangents=args.tangents, depths=np.array(depths), **out)
@@ -300,11 +302,12 @@ def _tail_gradient_fn(model, tail_layers: int, r_in: int, r_out: int, seed: int)
 
 
 def tail_stage(args) -> None:
-    from idjax import data, pipeline
+    from idjax import data
 
     model, tok, records, pool = _load(args.max_length)
     fn, head, tail, embed = _tail_gradient_fn(model, args.tail_layers, args.rank, args.rank, args.seed)
-    batches = data.make_batches(pool, args.batch_size, pipeline._buckets(pool), pad_id=model.config.pad_token_id or 0)
+    batches = data.make_batches(pool, args.batch_size, data.example_buckets(pool, tight=True),
+                                pad_id=model.config.pad_token_id or 0)
     if args.limit:
         batches = batches[: args.limit]
     out, secs = _per_row(lambda ids, mask, labels: fn(head, tail, embed, ids, mask, labels), batches, len(pool))
@@ -360,14 +363,14 @@ def timing_stage(args) -> None:
     sequentially, so the numbers are comparable with each other (not with other days' runs)."""
     import resource
 
-    from idjax import data, pipeline
+    from idjax import data
     from idjax.embed import EmbedConfig, JVPEmbedder, random_tangents
     from idjax.grads import GradientConfig, PerExampleGradients
     from idjax.sketch import Projector
 
     model, tok, records, pool = _load(args.max_length)
     n = len(pool)
-    buckets = pipeline._buckets(pool)
+    buckets = data.example_buckets(pool, tight=True)
     batches = data.make_batches(pool, args.batch_size, buckets, pad_id=0, shuffle=True, seed=0)
     # the most common bucket, so one compilation serves the warm-up and every timed call
     common = max(set(b.bucket for b in batches), key=lambda c: sum(b.bucket == c for b in batches))
@@ -460,7 +463,8 @@ def evaluate(emb, exact, *, fraction=0.25, seeds=3, kind="krr", delta=1e-2, bw_s
         exact_in = exact * scale
     else:
         exact_in = exact
-    from idjax.landmarks import Propagator, choose_landmarks, spearman
+    from idjax.landmarks import choose_landmarks, spearman
+    from idjax.propagation import Propagator
 
     n = exact.shape[0]
     num = round(fraction * n)

@@ -31,8 +31,10 @@ import jax  # noqa: E402
 
 from idjax import data, models, pipeline  # noqa: E402
 from idjax.embed import EmbedConfig  # noqa: E402
-from idjax.grads import GradientConfig, target_direction  # noqa: E402
-from idjax.landmarks import Propagator, choose_landmarks, spearman  # noqa: E402
+from idjax.grads import GradientConfig  # noqa: E402
+from idjax.hessian import target_direction  # noqa: E402
+from idjax.landmarks import choose_landmarks, spearman  # noqa: E402
+from idjax.propagation import Propagator  # noqa: E402
 from idjax.sketch import Projector  # noqa: E402
 
 DEMO = ROOT / "idjax" / "assets" / "demo"
@@ -71,11 +73,12 @@ def main(argv=None) -> int:
 
     projector = Projector("srht", args.proj_dim, seed=0)
     gcfg = GradientConfig(params=args.params, normalize=True, microbatch=1 if args.params is None else 8)
-    fp = {"kind": "gradients", "model": pipeline.model_fingerprint(model), "data": pipeline.examples_fingerprint(pool),
+    fp = {"kind": "gradients", "model": pipeline.model_fingerprint(model), "data": data.examples_fingerprint(pool),
           "rows": "all", "update": "gd", "params": args.params, "keep": None, "normalize": True,
           "projection": ["srht", args.proj_dim, 0]}
     s = time.perf_counter()
-    gstore, _ = pipeline._gradients(model, pool, np.arange(n), projector, gcfg, None, store, fp, args.batch_size, 256)
+    gstore, _ = pipeline.gradient_store(model, pool, np.arange(n), projector, gcfg, None, store, fp, args.batch_size,
+                                        256)
     g = gstore.to_array().astype(np.float64)
     timings["exact gradients"] = time.perf_counter() - s
 
@@ -85,7 +88,7 @@ def main(argv=None) -> int:
     for task in args.tasks.split(","):
         trecs = data.read_records(DEMO / "targets" / f"{task}.jsonl")
         targets, _ = data.tokenize(trecs, tok, max_length=args.max_length, source=task)
-        batches = data.make_batches(targets, args.batch_size, pipeline._buckets(targets), pad_id=0)
+        batches = data.make_batches(targets, args.batch_size, data.example_buckets(targets, tight=True), pad_id=0)
         v, _ = target_direction(model, batches, args.params)
         exact = g @ np.asarray(projector.project(v), np.float64)
         top = set(np.argsort(-exact)[:k].tolist())

@@ -77,7 +77,7 @@ class Results:
         return self.items[key]
 
     def put(self, key, value):
-        from idjax.store import atomic_write
+        from idjax.io import atomic_write
 
         self.items[key] = value
         atomic_write(self.path, lambda f: f.write(json.dumps(self.items, indent=1).encode()))
@@ -107,13 +107,13 @@ class Study:
             self.targets[task], _ = data.tokenize(t, self.tok, max_length=args.max_length, source=f"{task} targets")
             self.evals[task], _ = data.tokenize(e, self.tok, max_length=args.max_length, source=f"{task} eval")
         t0 = time.perf_counter()
-        demo._warmup(self.out, self.pool_records, self.tok, fraction=0.05, steps=args.warmup_steps, lr=5e-5,
-                     batch_size=8, seed=0, max_length=args.max_length)
+        demo.warmup(self.out, self.pool_records, self.tok, fraction=0.05, steps=args.warmup_steps, lr=5e-5,
+                    batch_size=8, seed=0, max_length=args.max_length)
         self.warmup_s = time.perf_counter() - t0
         self.model, _ = models.load(self.out / "warmup", tokenizer=False)
         spec, opt_state = load_optimizer_state(self.out / "warmup", self.model)
         self.update = update_model(spec, opt_state, nnx.state(self.model, nnx.Param))
-        self.domains = [demo._domain(self.pool_records[e.index]) for e in self.pool]
+        self.domains = [demo.domain(self.pool_records[e.index]) for e in self.pool]
 
     # -- selection
 

@@ -76,7 +76,7 @@ log = logging.getLogger("torch_compare")
 
 
 class StageClock(logging.Handler):
-    """Follows pipeline._stage's "stage NAME ..." log lines and charges every JAX tracing /
+    """Follows pipeline.timed_stage's "stage NAME ..." log lines and charges every JAX tracing /
     lowering / XLA compile duration to the stage that is running."""
 
     EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",

@@ -2,7 +2,7 @@
 
 Why here: a comparison is only fair when every method sees the same pool, budget, tokenization and
 store, and writes the same selection file that `idjax train` reads. `select_baseline` returns the
-pipeline's `Selection`, so `pipeline.write_selection` and the training recipe are shared.
+pipeline's `Selection`, so `selection_file.write_selection` and the training recipe are shared.
 
     random   k rows drawn uniformly with the seed (the paper's floor)
     rds      RDS+ (Ivison et al. 2025): final-layer hidden states of the whole sequence, mean-pooled
@@ -32,7 +32,7 @@ from flax import nnx
 
 from idjax import data as D
 from idjax import pipeline as P
-from idjax.grads import token_losses
+from idjax.grads import mean_response_loss
 from idjax.select import round_robin
 
 log = logging.getLogger(__name__)
@@ -51,8 +51,7 @@ def _features(graphdef, state, ids, mask, labels, what: str):
         w = jnp.cumsum(m, axis=-1) * m                      # 1, 2, ..., n on real tokens, 0 on padding
         w = w / jnp.maximum(w.sum(axis=-1, keepdims=True), 1.0)
         return jnp.einsum("bl,bld->bd", w, hidden.astype(jnp.float32))
-    loss, tmask = token_losses(model.logits(hidden), labels)
-    return (loss.sum(axis=-1) / jnp.maximum(tmask.sum(axis=-1), 1))[:, None].astype(jnp.float32)
+    return mean_response_loss(model.logits(hidden), labels)[:, None]
 
 
 def sample_features(model, examples: Sequence[D.Example], what: str, *, batch_size: int = 8,
@@ -64,7 +63,7 @@ def sample_features(model, examples: Sequence[D.Example], what: str, *, batch_si
     if not examples:
         raise D.DataError("no examples")
     graphdef, state = nnx.split(model)
-    buckets, pad = P._buckets(examples), model.config.pad_token_id or 0
+    buckets, pad = D.example_buckets(examples, tight=True), model.config.pad_token_id or 0
     dim = model.config.hidden_size if what == "rds" else 1
 
     def chunk(start, stop):
@@ -74,9 +73,9 @@ def sample_features(model, examples: Sequence[D.Example], what: str, *, batch_si
 
     if store_dir is None:
         return chunk(0, len(examples))
-    fp = {"kind": f"baseline-{what}", "model": P.model_fingerprint(model), "data": P.examples_fingerprint(examples)}
-    store = P._open(Path(store_dir), f"baseline-{what}", (len(examples), dim), chunk_rows, fp)
-    P._fill(store, chunk, f"{what} features")
+    fp = {"kind": f"baseline-{what}", "model": P.model_fingerprint(model), "data": D.examples_fingerprint(examples)}
+    store = P.open_store(Path(store_dir), f"baseline-{what}", (len(examples), dim), chunk_rows, fp)
+    P.fill_store(store, chunk, f"{what} features")
     return store.to_array()
 
 
@@ -123,17 +122,17 @@ def select_baseline(method: str, model, pool: Sequence[D.Example], targets: Sequ
     elif method == "rds":
         if not targets:
             raise D.DataError("the target set is empty")
-        with P._stage("rds embeddings", timings):
+        with P.timed_stage("rds embeddings", timings):
             pool_emb = sample_features(model, pool, "rds", batch_size=batch_size, store_dir=store_dir,
                                        chunk_rows=chunk_rows)
             target_emb = sample_features(model, targets, "rds", batch_size=batch_size)
-        with P._stage("select", timings):
+        with P.timed_stage("select", timings):
             cols = rds_columns(pool_emb, target_emb)
             rows, owner_cols = round_robin(cols, k, seed=seed, return_owner=True)
             owners = [targets[int(j)].id for j in owner_cols]
             scores = cols.max(axis=1).astype(np.float32)
     else:  # mid-ppl
-        with P._stage("losses", timings):
+        with P.timed_stage("losses", timings):
             losses = sample_features(model, pool, "loss", batch_size=batch_size, store_dir=store_dir,
                                      chunk_rows=chunk_rows)[:, 0]
         rank = np.empty(n, np.int64)

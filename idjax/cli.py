@@ -104,17 +104,19 @@ def _train_config(args, examples, lora=None):
 
 def cmd_train(args) -> int:
     from idjax import data, models, train
+    from idjax.lora import LoraConfig
+    from idjax.selection_file import read_selection
 
     if args.weighted and not args.selection:
         return _usage("train", "--weighted needs --selection FILE (the weights come from the selection)")
     lora = None
     if args.lora_rank:
-        lora = train.LoraConfig(args.lora_rank, args.lora_alpha)
+        lora = LoraConfig(args.lora_rank, args.lora_alpha)
     _start_distributed(args, spmd=True)
     records = data.read_records(args.data)
     weights = None
     if args.selection:
-        records, weights = train.read_selection(args.selection, records, args.weighted)
+        records, weights = read_selection(args.selection, records, args.weighted)
     model, tok = models.load(args.model, dtype=args.dtype)
     examples, _ = data.tokenize(records, tok, max_length=args.max_length, source=str(args.data))
     if not examples:
@@ -283,7 +285,7 @@ def cmd_select(args) -> int:
 def _write_selection(args, selection, pool, stats, tstats, out, store, t0, load_s) -> int:
     import time
 
-    from idjax import pipeline
+    from idjax.selection_file import write_selection
 
     selection.info["timings_s"] = {"load": round(load_s, 3), **selection.info["timings_s"]}
     extra = {"command": {"model": str(args.model), "train": str(args.train), "target": args.target,
@@ -294,7 +296,7 @@ def _write_selection(args, selection, pool, stats, tstats, out, store, t0, load_
                             "skipped_no_response": stats.skipped_no_response[:100]},
              "target_stats": {"records": tstats.n_records, "kept": tstats.n_kept,
                               "skipped_no_response": tstats.skipped_no_response[:100]}}
-    meta = pipeline.write_selection(selection, pool, out, extra)
+    meta = write_selection(selection, pool, out, extra)
     print(json.dumps({"out": str(out), "meta": str(meta), "selected": len(selection.rows),
                       "pool": len(pool), "landmarks": int(len(selection.landmarks)),
                       "seconds": round(time.perf_counter() - t0, 1)}))
@@ -374,11 +376,11 @@ def _start_distributed(args, *, spmd: bool = False):
     spmd: the command runs collectives across processes (training), so the mesh spans every process's
     devices and a dead process aborts the others; otherwise each process uses its own devices and the
     others report a dead process at their next barrier (selection, embeddings)."""
-    from idjax import distributed
+    from idjax import distributed, sharding
 
     distributed.initialize(args.coordinator, args.num_processes, args.process_id,
                            heartbeat_timeout_s=args.heartbeat_timeout, fault_tolerant=not spmd)
-    distributed.set_mesh(distributed.mesh_from_spec(args.mesh, global_devices=spmd))
+    sharding.set_mesh(sharding.mesh_from_spec(args.mesh, global_devices=spmd))
 
 
 def _add_pool(p: argparse.ArgumentParser):
@@ -588,15 +590,14 @@ def _check_outputs(args) -> str | None:
 
     Checked before any model is loaded, so that a long run neither destroys its own input nor fails
     at its very end."""
-    from pathlib import Path
-
     from idjax.outputs import check_outputs
+    from idjax.selection_file import meta_path
 
     inputs = {f"--{name.replace('_', '-')}": getattr(args, name, None)
               for name in ("model", "train", "target", "data", "selection", "optimizer_state")}
     files, dirs = {}, {}
     if args.command == "select":
-        files = {"--out": args.out, "--out's sidecar": Path(args.out).with_suffix(".meta.json")}
+        files = {"--out": args.out, "--out's sidecar": meta_path(args.out)}
     elif args.command in ("convert", "train", "warmup", "demo"):
         dirs = {"--out": args.out}
     store = _store_dir(args)

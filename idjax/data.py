@@ -16,6 +16,8 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from idjax.io import fingerprint
+
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # label of tokens that carry no loss (PyTorch / HF convention)
@@ -208,6 +210,12 @@ class Example:
     truncated: bool
 
 
+def examples_fingerprint(examples: Sequence[Example]) -> str:
+    """A hash of ids and tokens (labels included): stores, caches and checkpoints made from other data
+    must never be reused."""
+    return fingerprint([(e.id, fingerprint(e.input_ids), fingerprint(e.labels)) for e in examples])
+
+
 @dataclass
 class TokenizeStats:
     """What tokenize() dropped or cut, so callers can report it instead of silently losing data."""
@@ -324,6 +332,17 @@ def default_buckets(max_length: int, min_length: int = 64) -> tuple[int, ...]:
         out.append(b)
         b *= 2
     return (*out, max_length)
+
+
+def example_buckets(examples: Sequence[Example], *, tight: bool = False) -> tuple[int, ...]:
+    """Length buckets that hold every example: powers of two from 64 up to the power of two that holds
+    the longest (training and evaluation: the same shapes across runs and datasets, so compilations
+    are reused). tight=True (the selection stages): the last bucket is the longest example's length
+    and the first min(64, longest), so no row is padded past the longest sample of the set."""
+    longest = max(len(e.input_ids) for e in examples)
+    if tight:
+        return default_buckets(max(longest, 1), min_length=min(64, longest))
+    return default_buckets(max(64, 1 << (longest - 1).bit_length()))
 
 
 def bucket_for(length: int, buckets: Iterable[int]) -> int:

@@ -55,8 +55,8 @@ each stage (`_release_memory`) and freed heap after each long compilation (`_tri
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import shutil
@@ -67,7 +67,7 @@ from typing import Any
 
 import numpy as np
 
-from idjax.store import atomic_write
+from idjax.io import atomic_write, write_text
 
 log = logging.getLogger(__name__)
 
@@ -96,18 +96,8 @@ _CACHE = "demo-cache.json"
 _WARMUP_DONE = "demo-warmup.json"
 
 
-@contextlib.contextmanager
-def _timed(name: str, timings: dict):
-    t0 = time.perf_counter()
-    log.info("demo: %s ...", name)
-    try:
-        yield
-    finally:
-        timings[name] = round(time.perf_counter() - t0, 2)
-        log.info("demo: %s took %.1f s", name, timings[name])
-
-
-def _domain(record: dict) -> str:
+def domain(record: dict) -> str:
+    """The pool domain of a demo record (its "domain", else its "task")."""
     return str(record.get("domain") or record.get("task") or "?")
 
 
@@ -149,10 +139,6 @@ def _trim_after_compile(event: str, duration: float, **_) -> None:
         _trim_heap()
 
 
-def _write_atomic(path: Path, payload: bytes) -> None:
-    atomic_write(path, lambda f: f.write(payload))
-
-
 class _Cache:
     """out_dir/demo-cache.json: finished evaluations keyed by a fingerprint of what they depend on."""
 
@@ -169,15 +155,16 @@ class _Cache:
 
     def put(self, key: str, value) -> None:
         self.items[key] = value
-        _write_atomic(self.path, json.dumps(self.items, indent=1).encode())
+        write_text(self.path, json.dumps(self.items, indent=1))
 
 
-def _warmup(out: Path, pool_records, tok, *, fraction, steps, lr, batch_size, seed, max_length) -> tuple[bool, dict]:
-    """Train (or reuse) the warm-up in out/warmup; (reused, its description)."""
+def warmup(out: Path, pool_records, tok, *, fraction, steps, lr, batch_size, seed, max_length) -> tuple[bool, dict]:
+    """Train the demo's warm-up in out/warmup, or reuse the one there made with the same settings;
+    return (reused, its description)."""
     from idjax import train
     from idjax.models import load
     from idjax.optim import OptimizerSpec
-    from idjax.store import fingerprint
+    from idjax.io import fingerprint
 
     wdir = out / "warmup"
     desc = {"model": MODEL, "pool": fingerprint([r["id"] for r in pool_records]), "fraction": fraction,
@@ -211,7 +198,7 @@ def _warmup(out: Path, pool_records, tok, *, fraction, steps, lr, batch_size, se
     shutil.rmtree(wdir / "checkpoints", ignore_errors=True)
     info = {"settings": desc, "samples": len(examples), "steps": int(result.state.step),
             "losses": [round(h["loss"], 4) for h in result.history]}
-    _write_atomic(done, json.dumps(info).encode())
+    write_text(done, json.dumps(info))
     return False, info
 
 
@@ -239,9 +226,11 @@ def run_demo(out_dir="idjax-demo", *, task: str = "definitions", pool_limit: int
     from idjax import data, evaluate, models, pipeline, train
     from idjax.embed import EmbedConfig
     from idjax.grads import restrict, split_params
+    from idjax.io import fingerprint
     from idjax.optim import OptimizerSpec, load_optimizer_state, update_model
-    from idjax.store import fingerprint
+    from idjax.selection_file import write_selection
 
+    timed = functools.partial(pipeline.timed_stage, label="demo:", digits=2)
     if task not in TASKS:
         raise ValueError(f"unknown demo task {task!r}: choose one of {', '.join(TASKS)}")
     if not 0 < k_fraction <= 1:
@@ -263,7 +252,7 @@ def run_demo(out_dir="idjax-demo", *, task: str = "definitions", pool_limit: int
     t_start = time.perf_counter()
 
     # 1. data and tokenizer
-    with _timed("load", timings):
+    with timed("load", timings):
         tok = models.load_tokenizer(models.resolve(MODEL))
         pool_records = data.read_records(DATA_DIR / "pool.jsonl", limit=pool_limit)
         target_records = data.read_records(DATA_DIR / "targets" / f"{task}.jsonl", limit=target_limit)
@@ -277,7 +266,7 @@ def run_demo(out_dir="idjax-demo", *, task: str = "definitions", pool_limit: int
         pad = tok.pad_token_id or 0
         k = max(1, min(len(pool), round(k_fraction * len(pool))))
     bar.update()
-    domains = sorted({_domain(r) for r in pool_records})
+    domains = sorted({domain(r) for r in pool_records})
 
     def load_warm():
         # Always the saved model, so the store's model fingerprint is the same on every run.
@@ -286,9 +275,9 @@ def run_demo(out_dir="idjax-demo", *, task: str = "definitions", pool_limit: int
         return m
 
     # 2. warm-up
-    with _timed("warmup", timings):
-        reused["warmup"], warm_info = _warmup(out, pool_records, tok, fraction=warmup_fraction, steps=warmup_steps,
-                                              lr=warmup_lr, batch_size=batch_size, seed=seed, max_length=max_length)
+    with timed("warmup", timings):
+        reused["warmup"], warm_info = warmup(out, pool_records, tok, fraction=warmup_fraction, steps=warmup_steps,
+                                             lr=warmup_lr, batch_size=batch_size, seed=seed, max_length=max_length)
         _release_memory()
         model = load_warm()
         spec, opt_state = load_optimizer_state(out / "warmup", model)
@@ -303,7 +292,7 @@ def run_demo(out_dir="idjax-demo", *, task: str = "definitions", pool_limit: int
     bar.update()
 
     # 3. selection
-    with _timed("select", timings):
+    with timed("select", timings):
         config = pipeline.SelectConfig(
             k=k, landmarks=landmarks, params=params, proj_dim=proj_dim, seed=seed, batch_size=batch_size,
             # 2 per-example gradients at a time, not auto_microbatch's 8: each one holds ~300 MB of
@@ -311,8 +300,8 @@ def run_demo(out_dir="idjax-demo", *, task: str = "definitions", pool_limit: int
             microbatch=2,
             embed=EmbedConfig(num_blocks=embed_blocks, num_tangents=2, dim=embed_dim, seed=seed))
         selection = pipeline.select_samples(model, pool, targets, config, update=update, store_dir=out / "store")
-        pipeline.write_selection(selection, pool, out / "selection.jsonl",
-                                 {"demo": settings, "command": "idjax demo", "model": MODEL})
+        write_selection(selection, pool, out / "selection.jsonl",
+                        {"demo": settings, "command": "idjax demo", "model": MODEL})
         del update  # not needed by the fine-tuning stages
         _release_memory()
     bar.update()
@@ -322,7 +311,7 @@ def run_demo(out_dir="idjax-demo", *, task: str = "definitions", pool_limit: int
 
     # 4. fine-tune and evaluate
     model_fp = selection.info["fingerprints"]["model"]
-    eval_fp = pipeline.examples_fingerprint(evals)
+    eval_fp = data.examples_fingerprint(evals)
     recipe = train.TrainConfig(optimizer=OptimizerSpec("adamw", lr, clip_norm=1.0), batch_size=batch_size,
                                steps=train_steps, seed=seed, remat=_REMAT)
 
@@ -352,23 +341,23 @@ def run_demo(out_dir="idjax-demo", *, task: str = "definitions", pool_limit: int
         _release_memory()
         return value
 
-    with _timed("evaluate_before", timings):
+    with timed("evaluate_before", timings):
         before = stage("before", None, model)
     del model  # each fine-tuning loads its own copy
     bar.update()
-    with _timed("train_selected", timings):
+    with timed("train_selected", timings):
         selected = stage("selected", sel_rows)
     bar.update()
-    with _timed("train_random", timings):
+    with timed("train_random", timings):
         random_ = stage("random", rand_rows)
     bar.update()
     bar.close()
 
     # 5. report
     def composition(rows):
-        return _share(Counter(_domain(pool_records[pool[r].index]) for r in rows), len(rows), domains)
+        return _share(Counter(domain(pool_records[pool[r].index]) for r in rows), len(rows), domains)
 
-    pool_comp = _share(Counter(_domain(pool_records[e.index]) for e in pool), len(pool), domains)
+    pool_comp = _share(Counter(domain(pool_records[e.index]) for e in pool), len(pool), domains)
     sel_info = selection.info
     report = {
         "task": task, "model": MODEL_TITLE, "device": str(jax.devices()[0].platform),
@@ -395,10 +384,10 @@ def run_demo(out_dir="idjax-demo", *, task: str = "definitions", pool_limit: int
     }
     report["win"] = report["loss"]["random"] - report["loss"]["selected"]
     if plot:
-        with _timed("plot", timings):
+        with timed("plot", timings):
             save_plot(report, out / "demo.png")
     timings["total"] = round(time.perf_counter() - t_start, 2)
-    _write_atomic(out / "demo.json", json.dumps(report, indent=2).encode())
+    write_text(out / "demo.json", json.dumps(report, indent=2))
     log.info("demo: done in %.1f s; results in %s", timings["total"], out / "demo.json")
     return report
 
@@ -439,9 +428,7 @@ def save_plot(report: dict, path) -> Path:
                  fontsize=11)
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png")
-    tmp.replace(path)
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
     return path
 
 

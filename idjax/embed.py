@@ -1,5 +1,8 @@
 """JVP embeddings (docs/method.md 5): cheap per-sample features that landmarks propagate along.
 
+jvp_embeddings is the pure core (arrays in, arrays out, usable in a caller's jit); JVPEmbedder is its
+shell over host batches and a device mesh.
+
 The model is truncated to its first B decoder blocks plus the final norm; f(x; theta) is the
 hidden vector at the last non-pad token (EmbedConfig.pooling="last", the default; "mean" averages
 the hidden states over the non-pad tokens, "response" over the positions that predict a response
@@ -20,7 +23,8 @@ import numpy as np
 from flax import nnx
 
 from idjax import data as D
-from idjax import distributed as dist
+from idjax import sharding as shd
+from idjax.grads import split_params
 from idjax.models import CausalLM
 
 
@@ -98,36 +102,53 @@ def random_tangents(params, num: int, seed: int):
     return jax.tree.unflatten(treedef, out)
 
 
-def _embed(graphdef, pooling, params, rest, tangents, projection, ids, mask, labels):
-    """[B, e] JVP embeddings of one batch (the compiled body of JVPEmbedder)."""
-    def f(p):
-        return pooled_features(nnx.merge(graphdef, p, rest), ids, mask, labels, pooling)
+def jvp_embeddings(model, input_ids, attention_mask, labels=None, *, tangents, params=None, projection=None,
+                   pooling: str = "last"):
+    """JVP embeddings float32 [B, e] (docs/method.md 5): [j_1(x) .. j_K(x)] @ projection, where
 
-    # vmap over tangents of a jvp whose primal is unbatched: the forward pass runs once.
-    jv = jax.vmap(lambda v: jax.jvp(f, (params,), (v,))[1])(tangents)  # [K, B, D]
-    out = jnp.moveaxis(jv, 0, 1).reshape(ids.shape[0], -1)            # [B, K*D]
+        j_k(x) = d/de f(x; theta + e v_k) at e = 0      (forward mode, jax.jvp)
+
+    and f = pooled_features(model, ..., pooling). model: the (truncated) nnx model, or a (graphdef, state,
+    ...) tuple; params: which parameters the tangents move (grads.split_params; None: every Param).
+    tangents: a pytree like those params with a leading axis of K (random_tangents). projection:
+    [K * D, e] or None (e = K * D). The primal pass runs once for all K tangents (vmap over tangents of
+    one jvp). Pure: jit / vmap / shard_map it.
+    """
+    graphdef, selected, rest = split_params(model, params)
+
+    def f(p):
+        return pooled_features(nnx.merge(graphdef, p, rest), input_ids, attention_mask, labels, pooling)
+
+    jv = jax.vmap(lambda v: jax.jvp(f, (selected,), (v,))[1])(tangents)  # [K, B, D]
+    out = jnp.moveaxis(jv, 0, 1).reshape(input_ids.shape[0], -1)          # [B, K*D]
     return out if projection is None else out @ projection
+
+
+def _embed(graphdef, pooling, params, rest, tangents, projection, ids, mask, labels):
+    """The compiled body of JVPEmbedder: jvp_embeddings with the embedder's settings."""
+    return jvp_embeddings((graphdef, rest), ids, mask, labels, tangents=tangents, params=params,
+                          projection=projection, pooling=pooling)
 
 
 def _embed_jit(graphdef, pooling: str, out_sharding):
     """One jitted _embed per (model structure, pooling, output sharding), shared by every JVPEmbedder:
     a second embedder of the same model (another call of select_samples, another target set) reuses
     the compilations of the first instead of compiling every length bucket again."""
-    return dist.jit_once(("embed", graphdef, pooling, out_sharding), functools.partial(_embed, graphdef, pooling),
+    return shd.jit_once(("embed", graphdef, pooling, out_sharding), functools.partial(_embed, graphdef, pooling),
                          out_shardings=out_sharding)
 
 
 class JVPEmbedder:
     """Compute JVP embeddings of data.Batch-es: one compilation per length bucket.
 
-    mesh: a ("data", "fsdp") device mesh (distributed.make_mesh; default distributed.get_mesh(), all
+    mesh: a ("data", "fsdp") device mesh (sharding.make_mesh; default sharding.get_mesh(), all
     local devices): each batch is split over the devices (its size must be a multiple of the mesh
-    size), parameters and tangents are replicated or FSDP-sharded (distributed.RULES).
+    size), parameters and tangents are replicated or FSDP-sharded (sharding.RULES).
     """
 
     def __init__(self, model: CausalLM, config: EmbedConfig = EmbedConfig(), *, mesh=None):
         self.config = config
-        self.mesh = dist.get_mesh() if mesh is None else mesh
+        self.mesh = shd.get_mesh() if mesh is None else mesh
         small = truncate(model, min(config.num_blocks, model.config.num_layers))
         self.graphdef, self.params, self.rest = nnx.split(small, nnx.Param, ...)
         self.tangents = random_tangents(self.params, config.num_tangents, config.seed)
@@ -137,23 +158,23 @@ class JVPEmbedder:
         if self.dim < raw:  # Gaussian JL map, N(0, 1/e): preserves distances in expectation
             key = jax.random.fold_in(jax.random.key(config.seed), 1 << 20)
             self.projection = jax.random.normal(key, (raw, self.dim), jnp.float32) / math.sqrt(self.dim)
-        if dist.active(self.mesh):
-            self.params = dist.shard_params(self.params, self.mesh)
-            self.rest = dist.shard_params(self.rest, self.mesh)
-            self.tangents = dist.shard_params(self.tangents, self.mesh, lead=1)
-            self.projection = dist.put_replicated(self.projection, self.mesh)
-            self._fn = _embed_jit(self.graphdef, config.pooling, dist.row_sharding(self.mesh, 2))
+        if shd.active(self.mesh):
+            self.params = shd.shard_params(self.params, self.mesh)
+            self.rest = shd.shard_params(self.rest, self.mesh)
+            self.tangents = shd.shard_params(self.tangents, self.mesh, lead=1)
+            self.projection = shd.put_replicated(self.projection, self.mesh)
+            self._fn = _embed_jit(self.graphdef, config.pooling, shd.row_sharding(self.mesh, 2))
         else:
             self._fn = _embed_jit(self.graphdef, config.pooling, None)
 
     def __call__(self, batch) -> jax.Array:
         """Embeddings [B, dim] float32 of one batch (padding rows are garbage: mask them)."""
-        if not dist.active(self.mesh):
+        if not shd.active(self.mesh):
             return self._fn(self.params, self.rest, self.tangents, self.projection,
                             jnp.asarray(batch.input_ids), jnp.asarray(batch.attention_mask),
                             jnp.asarray(batch.labels))
         rows = len(batch.input_ids)  # padded to a multiple of the mesh size, the padding cut off again
-        put = lambda x: dist.put_rows(dist.pad_rows(x, self.mesh), self.mesh)  # noqa: E731
+        put = lambda x: shd.put_rows(shd.pad_rows(x, self.mesh), self.mesh)  # noqa: E731
         out = self._fn(self.params, self.rest, self.tangents, self.projection, put(batch.input_ids),
                        put(batch.attention_mask), put(batch.labels))
         return out if out.shape[0] == rows else out[:rows]

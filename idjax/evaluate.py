@@ -20,7 +20,8 @@ import numpy as np
 from flax import nnx
 
 from idjax import data as D
-from idjax.grads import token_losses
+from idjax.grads import response_loss_sums
+from idjax.tasks import Task, gsm8k_answer
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +32,7 @@ log = logging.getLogger(__name__)
 @partial(jax.jit, static_argnums=0)
 def _loss_sums(graphdef, state, ids, mask, labels):
     """Per-row summed response-token loss and token count (float32)."""
-    model = nnx.merge(graphdef, state)
-    loss, tmask = token_losses(model(ids, mask), labels)
-    return loss.sum(axis=-1), tmask.sum(axis=-1)
+    return response_loss_sums(nnx.merge(graphdef, state)(ids, mask), labels)
 
 
 def token_loss_sums(model, examples: Sequence[D.Example], *, batch_size: int = 8, buckets=None,
@@ -42,8 +41,7 @@ def token_loss_sums(model, examples: Sequence[D.Example], *, batch_size: int = 8
     if not examples:
         raise D.DataError("nothing to evaluate: no examples")
     if buckets is None:
-        longest = max(len(e.input_ids) for e in examples)
-        buckets = D.default_buckets(max(64, 1 << (longest - 1).bit_length()))
+        buckets = D.example_buckets(examples)
     graphdef, state = nnx.split(model)
 
     def sums_counts(b):
@@ -67,31 +65,6 @@ def target_loss(model, examples: Sequence[D.Example], *, batch_size: int = 8, bu
 
 
 # ----------------------------------------------------------------------------- answer extraction and scoring
-
-_NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?|-?\.\d+")
-
-
-def normalize_number(text: str) -> str | None:
-    """'$1,234.50' -> '1234.5', '18.0' -> '18'; None when it is not a number."""
-    t = text.strip().replace(",", "").replace("$", "").rstrip(".")
-    try:
-        v = float(t)
-    except ValueError:
-        return None
-    if not math.isfinite(v):
-        return None
-    return str(int(v)) if v == int(v) else repr(v)
-
-
-def gsm8k_answer(text: str) -> str | None:
-    """The final number of a GSM8k-style answer: the text after the last '####', else the last number."""
-    if "####" in text:
-        tail = text.rsplit("####", 1)[1]
-        nums = _NUMBER.findall(tail)
-        if nums:
-            return normalize_number(nums[0])
-    nums = _NUMBER.findall(text)
-    return normalize_number(nums[-1]) if nums else None
 
 
 def exact_match(predictions: Sequence[str], references: Sequence[str],
@@ -243,3 +216,54 @@ def extract_code(completion: str, prompt: str, entry_point: str) -> str:
         imports = "\n".join(line for line in prompt.splitlines() if line.startswith(("import ", "from ")))
         return imports + "\n" + code
     return prompt + code
+
+
+# ----------------------------------------------------------------------------- task metrics (Task.score)
+
+
+def _score_gsm8k(task: Task, model, tokenizer, *, batch_size=8, max_new_tokens=256, **_) -> dict:
+    preds = generate_answers(model, tokenizer, [it.prompt for it in task.items], max_new_tokens=max_new_tokens,
+                             batch_size=batch_size)
+    hits = [gsm8k_answer(p) == it.reference for p, it in zip(preds, task.items)]
+    return {"exact_match": float(np.mean(hits))}
+
+
+def _score_mmlu(task: Task, model, tokenizer, *, batch_size=8, **_) -> dict:
+    r = multiple_choice_accuracy(model, tokenizer, [it.prompt for it in task.items],
+                                 [it.options for it in task.items], [it.reference for it in task.items],
+                                 batch_size=batch_size)
+    return {"accuracy": r["accuracy"]}
+
+
+def _score_squad(task: Task, model, tokenizer, *, batch_size=8, max_new_tokens=64, **_) -> dict:
+    preds = generate_answers(model, tokenizer, [it.prompt for it in task.items], max_new_tokens=max_new_tokens,
+                             batch_size=batch_size)
+    return squad_scores(preds, [it.reference for it in task.items])
+
+
+def _score_humaneval(task: Task, model, tokenizer, *, batch_size=8, max_new_tokens=512,
+                     allow_code_execution=False, **_) -> dict:
+    if not allow_code_execution:
+        raise ValueError("humaneval's pass@1 runs model-written code on this machine; pass "
+                         "--allow-code-execution (allow_code_execution=True) to accept that")
+    preds = generate_answers(model, tokenizer, [it.prompt for it in task.items], max_new_tokens=max_new_tokens,
+                             batch_size=batch_size)
+    passed = []
+    for p, it in zip(preds, task.items):
+        ref = it.reference
+        program = (extract_code(p, ref["prompt"], ref["entry_point"]) + "\n\n" + ref["test"]
+                   + f"\n\ncheck({ref['entry_point']})\n")
+        passed.append(run_python_tests(program))
+    return {"pass@1": float(np.mean(passed))}
+
+
+_SCORERS: dict[str, Callable[..., dict]] = {"gsm8k": _score_gsm8k, "mmlu": _score_mmlu, "squad": _score_squad,
+                                            "humaneval": _score_humaneval}
+
+
+def score_task(task: Task, model, tokenizer, **kw) -> dict:
+    """The metric(s) of `task` (tasks.load_task) for `model`, e.g. {"exact_match": 0.25}.
+
+    kw: batch_size, max_new_tokens; humaneval also needs allow_code_execution=True (it runs the
+    model's code on this machine)."""
+    return _SCORERS[task.name](task, model, tokenizer, **kw)

@@ -1,8 +1,13 @@
-"""Per-sample losses and gradients of the masked mean token loss, and Hessian-vector products.
+"""Per-sample losses and projected per-example gradients: the pure core, and its batch shell.
 
 docs/method.md 1: l(theta; x) is the token cross-entropy over the response tokens of x (labels != -100),
 averaged over those tokens. A sample with no response token has no loss: it contributes 0 here and
 is reported upstream (data.tokenize skips it), never a NaN.
+
+The core functions take arrays and pytrees, with options as keyword arguments, and run inside a
+caller's jax.jit / jax.vmap / shard_map. A `model` argument is an nnx module or a (graphdef, state, ...)
+tuple from nnx.split; `params` names the differentiated parameters (see split_params). Hessian
+products, curvature and the target direction are in idjax.hessian.
 """
 
 from __future__ import annotations
@@ -10,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +22,9 @@ import numpy as np
 from flax import nnx
 
 from idjax import data as D
-from idjax import distributed as dist
+from idjax import sharding as shd
 from idjax.data import IGNORE_INDEX
+from idjax.sketch import Projector
 
 
 def token_losses(logits, labels):
@@ -35,12 +40,25 @@ def token_losses(logits, labels):
     return jnp.where(mask, logz - picked, 0.0), mask
 
 
+def response_loss_sums(logits, labels):
+    """(sum_t loss_t, n) per row: the summed response-token loss and the response-token count, float32 [B]."""
+    loss, mask = token_losses(logits, labels)
+    return loss.sum(axis=-1), mask.sum(axis=-1).astype(jnp.float32)
+
+
+def mean_response_loss(logits, labels):
+    """l(x) = (1/n) sum_t loss_t over the n response tokens of each row, float32 [B]; 0 when n = 0.
+
+    The one definition of the per-sample loss (docs/method.md 1): the count is clamped to 1, so a
+    row without response tokens (padding) gives 0, never 0/0.
+    """
+    total, count = response_loss_sums(logits, labels)
+    return total / jnp.maximum(count, 1.0)
+
+
 def sample_losses(model, input_ids, attention_mask, labels):
     """Mean response-token loss of every sample: float32 [B]; 0 for samples without responses."""
-    logits = model(input_ids, attention_mask)
-    loss, mask = token_losses(logits, labels)
-    count = mask.sum(axis=-1)
-    return loss.sum(axis=-1) / jnp.maximum(count, 1)
+    return mean_response_loss(model(input_ids, attention_mask), labels)
 
 
 # ----------------------------------------------------------------------------- parameter subsets
@@ -62,12 +80,30 @@ def param_filter(pattern: str | None):
     return selected
 
 
-def split_params(model, pattern: str | None = None):
-    """(graphdef, selected params, everything else): the gradient is taken w.r.t. the selection."""
-    graphdef, selected, rest = nnx.split(model, param_filter(pattern), ...)
+def split_params(model, params=None):
+    """(graphdef, selected, rest): the differentiated parameters and everything else.
+
+    model:  an nnx module, or a (graphdef, state, ...) tuple as nnx.split returns it.
+    params: None (every nnx.Param), a regex over dotted parameter paths (param_filter), any other
+            nnx filter, or an nnx.State already split off the model: then `selected` is that State
+            and `rest` is the model's state without its paths (the model may hold them or not).
+    Pure pytree work, so it runs at trace time inside a caller's jit; nnx.merge(graphdef, selected,
+    rest) rebuilds the model.
+    """
+    if isinstance(model, tuple):
+        graphdef, *states = model
+        state = states[0] if len(states) == 1 else nnx.merge_state(*states)
+    else:
+        graphdef, state = nnx.split(model)
+    if isinstance(params, nnx.State):
+        taken = {path for path, _ in nnx.to_flat_state(params)}
+        rest = nnx.from_flat_state([(p, v) for p, v in nnx.to_flat_state(state) if p not in taken])
+        return graphdef, params, rest
+    chosen = param_filter(params) if params is None or isinstance(params, str) else params
+    selected, rest = nnx.split_state(state, chosen, ...)
     if not jax.tree.leaves(selected):
-        names = [".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))]
-        raise ValueError(f"--params {pattern!r} matches no parameter; names look like {names[:4]}")
+        names = [".".join(map(str, p)) for p, v in nnx.to_flat_state(state) if isinstance(v, nnx.Param)]
+        raise ValueError(f"--params {params!r} matches no parameter; names look like {names[:4]}")
     return graphdef, selected, rest
 
 
@@ -115,7 +151,7 @@ class CoordinateMask:
 # ----------------------------------------------------------------------------- per-example gradients
 
 
-def _sharded_map(one, args, per_step: int, shards: int):
+def map_in_steps(one, args, *, per_step: int, shards: int = 1):
     """vmap(one) over `per_step` samples at a time, lax.map over the steps, so at most per_step
     samples' intermediates (full gradients) are alive at once.
 
@@ -137,17 +173,7 @@ def _sharded_map(one, args, per_step: int, shards: int):
     return jax.tree.map(unfold, out)
 
 
-def _put_batch(batch, mesh):
-    """(input_ids, attention_mask, labels) on the device(s): split over the mesh, padded with empty rows
-    (no tokens, no labels) to a multiple of its size; as they are without a mesh."""
-    if mesh is None:
-        return jnp.asarray(batch.input_ids), jnp.asarray(batch.attention_mask), jnp.asarray(batch.labels)
-    return (dist.put_rows(dist.pad_rows(batch.input_ids, mesh), mesh),
-            dist.put_rows(dist.pad_rows(batch.attention_mask, mesh), mesh),
-            dist.put_rows(dist.pad_rows(batch.labels, mesh, IGNORE_INDEX), mesh))
-
-
-def _local_microbatch(b: int, shards: int, microbatch: int) -> int:
+def local_microbatch(b: int, shards: int, microbatch: int) -> int:
     """Samples per step on each device: the largest divisor of the per-device batch <= microbatch."""
     if b % shards:
         raise ValueError(f"a batch of {b} rows does not split over {shards} devices: use a batch size that is a "
@@ -156,12 +182,73 @@ def _local_microbatch(b: int, shards: int, microbatch: int) -> int:
     return max(m for m in range(1, min(local, max(1, microbatch)) + 1) if local % m == 0)
 
 
-def _one_sample_loss(graphdef, rest):
+def single_sample_loss(graphdef, rest):
+    """loss(selected, input_ids [L], attention_mask [L], labels [L]) -> l(theta; x) for ONE unbatched
+    sample, the function whose gradient is a per-example gradient."""
     def loss(selected, ids, mask, labels):
         model = nnx.merge(graphdef, selected, rest)
         return sample_losses(model, ids[None], mask[None], labels[None])[0]
 
     return loss
+
+
+def per_example_gradients(model, input_ids, attention_mask, labels, *, params=None,
+                          projector: Projector | None = None, precondition=None, offset=None,
+                          normalize: bool = False, microbatch: int | None = None,
+                          mask: CoordinateMask | None = None, shards: int = 1):
+    """Projected per-example gradients P u_i, float32 [B, k] (docs/method.md 4.3 and 6).
+
+        g_i = grad_theta l(theta; x_i)        (mean response-token loss of row i, selected params only)
+        u_i = a (.) (g_i - offset)            (a = precondition, the update model's D_a; offset: eta H_T b)
+        u_i <- u_i / ||u_i||                  (normalize=True; full-space norm, a zero row stays zero)
+        out_i = P M u_i                       (M: the coordinate mask, P: the projector's sketch)
+
+    input_ids, attention_mask, labels: int [B, L] arrays (labels -100 carry no loss). model, params:
+    see split_params. precondition / offset: pytrees like the selected params, or None. projector:
+    a sketch.Projector; None keeps the flattened gradient (k = d). microbatch: vmap over that many
+    samples at a time under a lax.map (must divide B, else all B at once), so only that many full
+    gradients are alive; None: all at once. shards: the batch axis is split in that many contiguous
+    device blocks (a mesh), `microbatch` then counts per device. Pure: jit, vmap and shard_map it.
+    """
+    graphdef, selected, rest = split_params(model, params)
+    projector = Projector("none", 0) if projector is None else projector
+    loss = single_sample_loss(graphdef, rest)
+
+    def one(ids, attn, labels):
+        g = jax.grad(loss)(selected, ids, attn, labels)
+        if offset is not None:
+            g = jax.tree.map(lambda x, o: x - o.astype(x.dtype), g, offset)
+        if precondition is not None:
+            g = jax.tree.map(lambda a, x: (a * x).astype(jnp.float32), precondition, g)
+        if mask is not None:
+            g = mask.apply(g)
+        return projector.project(g, normalize=normalize)
+
+    args = (input_ids, attention_mask, labels)
+    b = input_ids.shape[0]
+    mb = b if microbatch is None else microbatch
+    if shards > 1:  # `mb` samples per device at a time
+        m = local_microbatch(b, shards, mb)
+        if m == b // shards:
+            return jax.vmap(one)(*args)
+        return map_in_steps(one, args, per_step=m * shards, shards=shards)
+    if b <= mb or b % mb:
+        return jax.vmap(one)(*args)
+    # Several microbatches: a scan keeps at most `mb` full gradients alive.
+    return map_in_steps(one, args, per_step=mb)
+
+
+# ----------------------------------------------------------------------------- the shell: host batches, a mesh
+
+
+def batch_arrays(batch, mesh=None):
+    """(input_ids, attention_mask, labels) of a data.Batch on the device(s): split over the mesh, padded
+    with empty rows (no tokens, no labels) to a multiple of its size; as they are without a mesh."""
+    if mesh is None:
+        return jnp.asarray(batch.input_ids), jnp.asarray(batch.attention_mask), jnp.asarray(batch.labels)
+    return (shd.put_rows(shd.pad_rows(batch.input_ids, mesh), mesh),
+            shd.put_rows(shd.pad_rows(batch.attention_mask, mesh), mesh),
+            shd.put_rows(shd.pad_rows(batch.labels, mesh, IGNORE_INDEX), mesh))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,36 +262,17 @@ class GradientConfig:
     seed: int = 0
 
 
-def _per_example_gradients(graphdef, projector, config: GradientConfig, mask, shards: int,
-                           selected, rest, precondition, offset, ids, mask_ids, labels):
-    """[B, k] projected gradients of one batch (the compiled body of PerExampleGradients)."""
-    loss = _one_sample_loss(graphdef, rest)
-    mb = config.microbatch
-
-    def one(ids, attn, labels):
-        g = jax.grad(loss)(selected, ids, attn, labels)
-        if offset is not None:
-            g = jax.tree.map(lambda x, o: x - o.astype(x.dtype), g, offset)
-        if precondition is not None:
-            g = jax.tree.map(lambda a, x: (a * x).astype(jnp.float32), precondition, g)
-        if mask is not None:
-            g = mask.apply(g)
-        return projector.project(g, normalize=config.normalize)
-
-    b = ids.shape[0]
-    if shards > 1:  # `mb` samples per device at a time
-        m = _local_microbatch(b, shards, mb)
-        if m == b // shards:
-            return jax.vmap(one)(ids, mask_ids, labels)
-        return _sharded_map(one, (ids, mask_ids, labels), m * shards, shards)
-    if b <= mb or b % mb:
-        return jax.vmap(one)(ids, mask_ids, labels)
-    # Several microbatches: a scan keeps at most `mb` full gradients alive.
-    return _sharded_map(one, (ids, mask_ids, labels), mb, 1)
+def _gradients(graphdef, projector, config: GradientConfig, mask, shards: int,
+               selected, rest, precondition, offset, ids, attention_mask, labels):
+    """The compiled body of PerExampleGradients: per_example_gradients with the shell's settings."""
+    return per_example_gradients((graphdef, rest), ids, attention_mask, labels, params=selected,
+                                 projector=projector, precondition=precondition, offset=offset,
+                                 normalize=config.normalize, microbatch=config.microbatch, mask=mask,
+                                 shards=shards)
 
 
 class PerExampleGradients:
-    """Projected, optionally preconditioned per-example gradients, one jit per length bucket.
+    """per_example_gradients over host batches: one jit per length bucket, batches split over a mesh.
 
     For a batch, vmap(grad) gives every sample's gradient of its own mean response-token loss
     w.r.t. the selected parameters; each is multiplied by the update model's a (Adam: D_a), masked
@@ -222,24 +290,24 @@ class PerExampleGradients:
         self.offset = offset              # subtracted from each gradient first (targets: eta * H_T b)
         self.mask = CoordinateMask.create(self.selected, config.keep, config.seed) if config.keep else None
         # A device mesh splits each batch over its devices (distributed.get_mesh() by default).
-        self.mesh = dist.get_mesh() if mesh is None else mesh
-        self.shards = self.mesh.size if dist.active(self.mesh) else 1
+        self.mesh = shd.get_mesh() if mesh is None else mesh
+        self.shards = self.mesh.size if shd.active(self.mesh) else 1
         if self.shards > 1:
             self.selected, self.rest, self.precondition, self.offset = (
-                dist.shard_params(t, self.mesh) for t in (self.selected, self.rest, self.precondition, self.offset))
+                shd.shard_params(t, self.mesh) for t in (self.selected, self.rest, self.precondition, self.offset))
         # The coordinate mask is a function of (keep, seed, the selected shapes): all in the key.
-        sharding = dist.row_sharding(self.mesh, 2) if self.shards > 1 else None
+        sharding = shd.row_sharding(self.mesh, 2) if self.shards > 1 else None
         # One compilation per key, shared: a second selection in the same process (another target
         # set, the landmark and target passes) reuses the compiled length buckets.
-        self._fn = dist.jit_once(
+        self._fn = shd.jit_once(
             ("gradients", self.graphdef, projector, config, self.shards, sharding),
-            functools.partial(_per_example_gradients, self.graphdef, projector, config, self.mask, self.shards),
+            functools.partial(_gradients, self.graphdef, projector, config, self.mask, self.shards),
             out_shardings=sharding)
 
     def __call__(self, batch):
         """Projected gradients [B, k] float32 and a validity flag [B] for one data.Batch."""
         out = self._fn(self.selected, self.rest, self.precondition, self.offset,
-                       *_put_batch(batch, self.mesh if self.shards > 1 else None))
+                       *batch_arrays(batch, self.mesh if self.shards > 1 else None))
         if out.shape[0] != len(batch.input_ids):  # rows added to fill the mesh
             out = out[: len(batch.input_ids)]
         has_response = (np.asarray(batch.labels)[:, 1:] != IGNORE_INDEX).any(axis=1)
@@ -253,185 +321,3 @@ class PerExampleGradients:
             return np.where(valid[:, None], np.asarray(g), np.float32(0.0))
 
         return D.collect_rows(batches, rows, desc=desc, progress=progress)
-
-
-# ----------------------------------------------------------------------------- Hessian-vector products
-
-
-def _num_samples(batches) -> int:
-    """Real (non-padding) samples of a target set; an empty one has no loss to take products of."""
-    total = sum(int(np.asarray(b.sample_mask).sum()) for b in batches)
-    if total == 0:
-        raise ValueError("the target set is empty")
-    return total
-
-
-class TargetArrays(NamedTuple):
-    arrays: tuple   # per batch: (input_ids, attention_mask, labels, sample_mask) device arrays
-    total: jax.Array  # number of real samples, float32
-
-
-def target_arrays(batches) -> TargetArrays:
-    """(arrays, total): each batch as device arrays (ids, mask, labels, sample_mask) and the number of
-    real samples. Passed to jitted functions as arguments, so a new target set of the same shapes
-    reuses their compilation (closed over, they would be constants baked into each trace)."""
-    total = _num_samples(batches)
-    arrays = tuple((jnp.asarray(b.input_ids), jnp.asarray(b.attention_mask), jnp.asarray(b.labels),
-                    jnp.asarray(b.sample_mask)) for b in batches)
-    return TargetArrays(arrays, jnp.float32(total))
-
-
-def _mean_loss(graphdef, rest, arrays, total, selected):
-    model = nnx.merge(graphdef, selected, rest)
-    acc = jnp.float32(0.0)
-    for ids, mask, labels, real in arrays:
-        acc = acc + jnp.sum(jnp.where(real, sample_losses(model, ids, mask, labels), 0.0))
-    return acc / total
-
-
-def mean_loss_fn(graphdef, rest, batches):
-    """L_T(selected) = mean over all real samples of their mean response-token loss (docs/method.md 1)."""
-    arrays, total = target_arrays(batches)
-    return functools.partial(_mean_loss, graphdef, rest, arrays, total)
-
-
-def hvp(loss, params, vectors):
-    """Exact Hessian-vector products H v by forward-over-reverse (jvp of grad).
-
-    `vectors` is a pytree like `params` with a leading axis of n vectors; returns the same shape.
-    """
-    grad = jax.grad(loss)
-    return jax.vmap(lambda v: jax.jvp(grad, (params,), (v,))[1])(vectors)
-
-
-def gauss_newton_vp(graphdef, rest, batches, params, vectors):
-    """Gauss-Newton products G v = J^T H_out J v of the mean target loss (always PSD).
-
-    J is the Jacobian of the logits and H_out the softmax cross-entropy Hessian diag(p) - p p^T
-    of each trained token, weighted as in the mean loss.
-    """
-    return _gauss_newton_vp(graphdef, rest, *target_arrays(batches), params, vectors)
-
-
-def _gauss_newton_vp(graphdef, rest, arrays, total, params, vectors):
-    def gv(v):
-        out = jax.tree.map(jnp.zeros_like, params)
-        for ids, mask, labels, real in arrays:
-            def logits_fn(p):
-                return nnx.merge(graphdef, p, rest)(ids, mask)[:, :-1].astype(jnp.float32)
-
-            logits, lin = jax.linearize(logits_fn, params)
-            u = lin(v)
-            prob = jax.nn.softmax(logits, axis=-1)
-            hu = prob * u - prob * jnp.sum(prob * u, axis=-1, keepdims=True)
-            tok = labels[:, 1:] != IGNORE_INDEX
-            weight = tok / jnp.maximum(tok.sum(-1, keepdims=True), 1) * real[:, None] / total
-            (back,) = jax.linear_transpose(lin, params)(hu * weight[..., None])
-            out = jax.tree.map(jnp.add, out, back)
-        return out
-
-    return jax.vmap(gv)(vectors)
-
-
-def hessian_products(graphdef, rest, batches, params, vectors, kind: str = "exact"):
-    """H_T v for a stack of vectors: exact Hessian (jvp of grad) or Gauss-Newton (always PSD).
-    `batches`: data.Batch-es, or target_arrays(batches) (inside a jit: as arguments, not constants)."""
-    arrays, total = batches if isinstance(batches, TargetArrays) else target_arrays(batches)
-    if kind == "exact":
-        return hvp(functools.partial(_mean_loss, graphdef, rest, arrays, total), params, vectors)
-    if kind == "gauss-newton":
-        return _gauss_newton_vp(graphdef, rest, arrays, total, params, vectors)
-    raise ValueError(f"hessian must be 'exact' or 'gauss-newton', got {kind!r}")
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _target_gradient(graphdef, selected, rest, arrays, total):
-    return jax.grad(functools.partial(_mean_loss, graphdef, rest, arrays, total))(selected)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _target_hvp(graphdef, hessian, selected, rest, arrays, total, shift):
-    vectors = jax.tree.map(lambda x: x[None], shift)
-    return hessian_products(graphdef, rest, TargetArrays(arrays, total), selected, vectors, hessian)
-
-
-def target_direction(model, batches, pattern: str | None = None, *, shift=None, eta: float = 1.0,
-                     hessian: str = "exact"):
-    """(v, offset): v = g_T - eta * H_T shift over the selected params, offset = eta * H_T shift (or None).
-
-    docs/method.md 3: p = G D_a (g_T - eta H_T b). `shift` is the update model's b restricted to the
-    selection (None for GD). `offset` is what per-target-sample columns subtract from their own
-    gradient (the mean-target Hessian stands in for each sample's own).
-    """
-    graphdef, selected, rest = split_params(model, pattern)
-    # Weights and data go in as arguments (closed over, they would be constants that XLA folds, and
-    # every new target set would compile again): one compilation per model structure and batch shapes.
-    arrays, total = target_arrays(batches)
-    g = _target_gradient(graphdef, selected, rest, arrays, total)
-    if shift is None:
-        return g, None
-    hb = _target_hvp(graphdef, hessian, selected, rest, arrays, total, shift)
-    offset = jax.tree.map(lambda x: eta * x[0], hb)
-    return jax.tree.map(jnp.subtract, g, offset), offset
-
-
-def _curvature(graphdef, projector, config: GradientConfig, hessian: str, shards: int,
-               selected, rest, precondition, targets: TargetArrays, ids, mask, labels):
-    """(P u, P h) [B, k] of one batch (the compiled body of ProjectedCurvature)."""
-    loss = _one_sample_loss(graphdef, rest)
-
-    def one(args):
-        g = jax.grad(loss)(selected, *args)
-        u = g if precondition is None else jax.tree.map(lambda a, x: (a * x).astype(jnp.float32), precondition, g)
-        if config.normalize:
-            norm = jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(u)))
-            u = jax.tree.map(lambda x: x / jnp.maximum(norm, 1e-30).astype(x.dtype), u)
-        h = hessian_products(graphdef, rest, targets, selected, jax.tree.map(lambda x: x[None], u), hessian)
-        h = jax.tree.map(lambda x: x[0], h)
-        return projector.project(u), projector.project(h)
-
-    if shards > 1:
-        _local_microbatch(ids.shape[0], shards, 1)  # checks the batch splits
-        return _sharded_map(lambda *a: one(a), (ids, mask, labels), shards, shards)
-    return jax.lax.map(one, (ids, mask, labels))
-
-
-class ProjectedCurvature:
-    """Second-order landmark terms (docs/method.md 4.3): for each source sample, u = a * g (L2-normalised
-    when asked, as the first-order scores are) and h = H_T u, both projected with the same sketch,
-    so Q_L[i, j] = <P u_j, P h_i>. One HVP at a time (lax.map) bounds memory to one double pass
-    over the target set; one compilation per length bucket.
-    """
-
-    def __init__(self, model, projector, target_batches, config: GradientConfig = GradientConfig(),
-                 precondition=None, hessian: str = "exact", *, mesh=None):
-        if config.keep:
-            raise ValueError("second-order selection works on whole parameter tensors; drop the coordinate mask "
-                             "(keep) or restrict --params instead")
-        if hessian not in ("exact", "gauss-newton"):
-            raise ValueError(f"hessian must be 'exact' or 'gauss-newton', got {hessian!r}")
-        self.config, self.projector, self.hessian = config, projector, hessian
-        self.targets = target_arrays(target_batches)  # raises on an empty target set
-        self.graphdef, self.selected, self.rest = split_params(model, config.params)
-        self.precondition = precondition
-        self.mesh = dist.get_mesh() if mesh is None else mesh
-        self.shards = self.mesh.size if dist.active(self.mesh) else 1
-        rows = None
-        if self.shards > 1:  # one sample per device at a time
-            self.selected, self.rest, self.precondition = (
-                dist.shard_params(t, self.mesh) for t in (self.selected, self.rest, self.precondition))
-            self.targets = dist.put_replicated(self.targets, self.mesh)
-            rows = dist.row_sharding(self.mesh, 2)
-        # Shared like the gradients' compilation; the target set is an argument, so another target set
-        # of the same batch shapes compiles nothing.
-        self._fn = dist.jit_once(
-            ("curvature", self.graphdef, projector, config, hessian, self.shards, rows),
-            functools.partial(_curvature, self.graphdef, projector, config, hessian, self.shards),
-            out_shardings=None if rows is None else (rows, rows))
-
-    def __call__(self, batch):
-        """(P u [B, k], P h [B, k]) for one data.Batch; padding rows are garbage (mask them)."""
-        u, h = self._fn(self.selected, self.rest, self.precondition, self.targets,
-                        *_put_batch(batch, self.mesh if self.shards > 1 else None))
-        rows = len(batch.input_ids)
-        return (u, h) if u.shape[0] == rows else (u[:rows], h[:rows])

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from idjax.io import write_text
 from idjax.models import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -364,8 +365,8 @@ def save_optimizer_state(out_dir: str | os.PathLike, spec: OptimizerSpec, opt_st
     # reads both layouts.
     with ocp.Checkpointer(ocp.StandardCheckpointHandler(use_ocdbt=False)) as ckptr:
         ckptr.save(target, args=ocp.args.StandardSave(opt_state))
-    (out / "optimizer.json").write_text(json.dumps({"spec": spec.to_dict(), "step": int(step), **(extra or {})},
-                                                   indent=2))
+    write_text(out / "optimizer.json", json.dumps({"spec": spec.to_dict(), "step": int(step), **(extra or {})},
+                                                  indent=2))
     return out
 
 

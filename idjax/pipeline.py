@@ -36,16 +36,19 @@ import numpy as np
 
 from idjax import data as D
 from idjax import distributed as dist
+from idjax import sharding as shd
 from idjax.embed import EmbedConfig, JVPEmbedder
-from idjax.grads import (
-    GradientConfig, PerExampleGradients, ProjectedCurvature, restrict, split_params,
-    target_direction,
-)
-from idjax.landmarks import Propagator, choose_landmarks
+from idjax.grads import GradientConfig, PerExampleGradients, restrict, split_params
+from idjax.hessian import ProjectedCurvature, target_direction
+from idjax.io import atomic_write, fingerprint
+from idjax.landmarks import choose_landmarks
 from idjax.optim import UpdateModel
+from idjax.propagation import Propagator
 from idjax.select import per_task, round_robin, top_k, top_k_lexicographic
-from idjax.sketch import Projector
-from idjax.store import ArrayStore, StoreError, atomic_write, compute_missing, fingerprint
+from idjax.sketch import Projector, global_norm_sq
+from idjax.store import ArrayStore, StoreError, compute_missing
+from idjax.curvature import dense_matvec
+from idjax.scores import cosine_scores, curvature_matrix, influence_scores
 from idjax.weights import default_lam, lam_for_budget, solve_weights
 
 log = logging.getLogger(__name__)
@@ -155,10 +158,6 @@ def model_fingerprint(model) -> str:
                         tree_fingerprint(nnx.state(model, nnx.Param))])
 
 
-def examples_fingerprint(examples: Sequence[D.Example]) -> str:
-    return fingerprint([(e.id, fingerprint(e.input_ids), fingerprint(e.labels)) for e in examples])
-
-
 def update_fingerprint(update: UpdateModel | None) -> str:
     if update is None:
         return "gd"
@@ -178,22 +177,20 @@ def auto_microbatch(selected, batch_size: int, budget_bytes: int = 1 << 30) -> i
 
 
 @contextlib.contextmanager
-def _stage(name: str, timings: dict):
+def timed_stage(name: str, timings: dict, *, label: str = "stage", digits: int = 3):
+    """Log "<label> <name> ..." and, when the block ends (even by an error), its seconds, rounded to
+    `digits`, into timings[name]: the per-stage times a selection's metadata and the demo report."""
     t0 = time.perf_counter()
-    log.info("stage %s ...", name)
+    log.info("%s %s ...", label, name)
     try:
         yield
     finally:
-        timings[name] = round(time.perf_counter() - t0, 3)
-        log.info("stage %s: %.1f s", name, timings[name])
+        timings[name] = round(time.perf_counter() - t0, digits)
+        log.info("%s %s: %.1f s", label, name, timings[name])
 
 
-def _buckets(examples: Sequence[D.Example]) -> tuple[int, ...]:
-    longest = max(len(e.input_ids) for e in examples)
-    return D.default_buckets(max(longest, 1), min_length=min(64, longest))
-
-
-def _open(root: Path, name: str, shape, chunk_rows: int, fp: dict) -> ArrayStore:
+def open_store(root: Path, name: str, shape, chunk_rows: int, fp: dict) -> ArrayStore:
+    """The float32 store `name` under `root`, in a directory named by its fingerprint `fp`."""
     directory = root / f"{name}-{fingerprint(fp)[:12]}"
     return ArrayStore.open(directory, shape=shape, dtype=np.float32, chunk_rows=chunk_rows, fingerprint=fp)
 
@@ -223,7 +220,7 @@ def _load_targets(path: Path, fp: dict):
         return None
 
 
-def _fill(store: ArrayStore, fn, desc: str) -> None:
+def fill_store(store: ArrayStore, fn, desc: str) -> None:
     """Compute the store's missing chunks. With several processes: this process's chunks only (chunk i
     belongs to process i mod P), checking between chunks that no other process failed or died, then a
     barrier; afterwards every chunk must be on disk (the stores live on a shared file system)."""
@@ -249,7 +246,7 @@ def _fill(store: ArrayStore, fn, desc: str) -> None:
 
 
 def _mesh_batch(batch_size: int, mesh) -> int:
-    return dist.fit_batch_size(batch_size, mesh) if dist.active(mesh) else batch_size
+    return shd.fit_batch_size(batch_size, mesh) if shd.active(mesh) else batch_size
 
 
 def embed_pool(model, examples: Sequence[D.Example], config: EmbedConfig, store_dir, *, batch_size: int = 8,
@@ -257,41 +254,41 @@ def embed_pool(model, examples: Sequence[D.Example], config: EmbedConfig, store_
                mesh=None) -> ArrayStore:
     """JVP embeddings of every pool example, in a resumable store: rows follow `examples`.
 
-    mesh: devices each batch is split over (default distributed.get_mesh(): every local device).
+    mesh: devices each batch is split over (default sharding.get_mesh(): every local device).
     With several processes, each computes its own chunks, then all wait for the store to be complete.
     """
     if not examples:
         raise D.DataError("the pool is empty")
-    mesh = dist.get_mesh() if mesh is None else mesh
+    mesh = shd.get_mesh() if mesh is None else mesh
     with dist.failures_published():
         embedder = JVPEmbedder(model, config, mesh=mesh)
         fp = {"kind": "jvp-embeddings", "model": model_fp or model_fingerprint(model),
-              "data": data_fp or examples_fingerprint(examples), "embed": dataclasses.asdict(config)}
-        store = _open(Path(store_dir), "embeddings", (len(examples), embedder.dim), chunk_rows, fp)
-        buckets, pad = _buckets(examples), model.config.pad_token_id or 0
+              "data": data_fp or D.examples_fingerprint(examples), "embed": dataclasses.asdict(config)}
+        store = open_store(Path(store_dir), "embeddings", (len(examples), embedder.dim), chunk_rows, fp)
+        buckets, pad = D.example_buckets(examples, tight=True), model.config.pad_token_id or 0
         batch_size = _mesh_batch(batch_size, mesh)
 
         def chunk(start, stop):
             return embedder.run(D.make_batches(examples[start:stop], batch_size, buckets, pad_id=pad),
                                 progress=False)
 
-        _fill(store, chunk, "embed pool")
+        fill_store(store, chunk, "embed pool")
     return store
 
 
-def _gradients(model, examples, rows, projector, gcfg, precondition, store_dir, fp, batch_size, chunk_rows,
+def gradient_store(model, examples, rows, projector, gcfg, precondition, store_dir, fp, batch_size, chunk_rows,
                mesh=None):
     """Projected gradients of examples[rows] (in that order), through a resumable store."""
     grads = PerExampleGradients(model, projector, gcfg, precondition=precondition, mesh=mesh)
     dim = _out_dim(grads.selected, projector, grads.mask)
-    store = _open(Path(store_dir), "gradients", (len(rows), dim), chunk_rows, fp)
-    buckets, pad = _buckets(examples), model.config.pad_token_id or 0
+    store = open_store(Path(store_dir), "gradients", (len(rows), dim), chunk_rows, fp)
+    buckets, pad = D.example_buckets(examples, tight=True), model.config.pad_token_id or 0
 
     def chunk(start, stop):
         part = [examples[int(r)] for r in rows[start:stop]]
         return grads.run(D.make_batches(part, batch_size, buckets, pad_id=pad), progress=False)
 
-    _fill(store, chunk, "landmark gradients")
+    fill_store(store, chunk, "landmark gradients")
     return store, grads
 
 
@@ -306,15 +303,15 @@ def _curvature(model, examples, rows, projector, gcfg, precondition, target_batc
     curv = ProjectedCurvature(model, projector, target_batches, gcfg, precondition=precondition, hessian=hessian,
                               mesh=mesh)
     dim = _out_dim(curv.selected, projector, None)
-    store = _open(Path(store_dir), "curvature", (len(rows), dim), chunk_rows, fp)
-    buckets, pad = _buckets(examples), model.config.pad_token_id or 0
+    store = open_store(Path(store_dir), "curvature", (len(rows), dim), chunk_rows, fp)
+    buckets, pad = D.example_buckets(examples, tight=True), model.config.pad_token_id or 0
 
     def chunk(start, stop):
         part = [examples[int(r)] for r in rows[start:stop]]
         return D.collect_rows(D.make_batches(part, batch_size, buckets, pad_id=pad), lambda b: curv(b)[1],
                               progress=False)
 
-    _fill(store, chunk, "landmark curvature")
+    fill_store(store, chunk, "landmark curvature")
     return store
 
 
@@ -328,7 +325,7 @@ def select_samples(model, pool: Sequence[D.Example], targets: Sequence[D.Example
     update: the update model read from a warm-up's optimizer state (optim.update_model); None is
     plain GD with step config.learning_rate. store_dir: where resumable arrays live (None: a
     temporary directory, nothing kept). mesh: the devices batches and the N axis are split over
-    (default distributed.get_mesh(): every local device; the selection does not depend on it).
+    (default sharding.get_mesh(): every local device; the selection does not depend on it).
     With several processes (jax.distributed), store_dir must be on a file system every process sees;
     process 0 returns the Selection, the others None.
     """
@@ -348,7 +345,7 @@ def select_samples(model, pool: Sequence[D.Example], targets: Sequence[D.Example
         with tempfile.TemporaryDirectory(prefix="idjax-store-") as tmp:
             return select_samples(model, pool, targets, config, update=update, store_dir=tmp, mesh=mesh)
     with dist.failures_published():
-        return _select(model, pool, targets, config, update, Path(store_dir), dist.get_mesh() if mesh is None else mesh)
+        return _select(model, pool, targets, config, update, Path(store_dir), shd.get_mesh() if mesh is None else mesh)
 
 
 def _select(model, pool, targets, config: SelectConfig, update, store_dir: Path, mesh) -> Selection | None:
@@ -365,18 +362,18 @@ def _select(model, pool, targets, config: SelectConfig, update, store_dir: Path,
     gcfg = GradientConfig(params=config.params, keep=config.keep, normalize=config.normalize,
                           microbatch=config.microbatch or auto_microbatch(selected, config.batch_size),
                           seed=config.seed)
-    model_fp, pool_fp = model_fingerprint(model), examples_fingerprint(pool)
+    model_fp, pool_fp = model_fingerprint(model), D.examples_fingerprint(pool)
     stores = {}
 
     embeddings, estore = None, None
     if not config.exact:
-        with _stage("embed", timings):
+        with timed_stage("embed", timings):
             estore = embed_pool(model, pool, config.embed, store_dir, batch_size=batch_size,
                                 chunk_rows=config.chunk_rows, model_fp=model_fp, data_fp=pool_fp, mesh=mesh)
             embeddings = estore.view()
             stores["embeddings"] = str(estore.path)
 
-    with _stage("landmarks", timings):
+    with timed_stage("landmarks", timings):
         num = config.num_landmarks(n)
         if config.exact or num == n:
             landmarks = np.arange(n)
@@ -388,20 +385,21 @@ def _select(model, pool, targets, config: SelectConfig, update, store_dir: Path,
             landmarks = choose_landmarks(embeddings, num, method=config.landmark_method, seed=config.seed)
     log.info("%d landmarks of %d pool samples", len(landmarks), n)
 
-    with _stage("gradients", timings):
+    with timed_stage("gradients", timings):
         fp = {"kind": "gradients", "model": model_fp, "data": pool_fp, "rows": fingerprint(landmarks),
               "update": update_fingerprint(update), "params": config.params, "keep": config.keep,
               "normalize": config.normalize, "projection": [projector.kind, config.proj_dim, config.seed]}
-        gstore, grads = _gradients(model, pool, landmarks, projector, gcfg, a, store_dir, fp,
+        gstore, grads = gradient_store(model, pool, landmarks, projector, gcfg, a, store_dir, fp,
                                    batch_size, config.chunk_rows, mesh)
         stores["gradients"] = str(gstore.path)
 
-    target_batches = D.make_batches(targets, batch_size, _buckets(targets), pad_id=model.config.pad_token_id or 0)
+    target_batches = D.make_batches(targets, batch_size, D.example_buckets(targets, tight=True),
+                                    pad_id=model.config.pad_token_id or 0)
     h_l = None
     if config.order == 2:
-        with _stage("curvature", timings):
+        with timed_stage("curvature", timings):
             cfp = {**fp, "kind": "curvature", "hessian": config.hessian,
-                   "targets": examples_fingerprint(targets), "eta": eta}
+                   "targets": D.examples_fingerprint(targets), "eta": eta}
             cstore = _curvature(model, pool, landmarks, projector, gcfg, a, target_batches, config.hessian,
                                 store_dir, cfp, batch_size, config.chunk_rows, mesh)
             stores["curvature"] = str(cstore.path)
@@ -415,8 +413,8 @@ def _select(model, pool, targets, config: SelectConfig, update, store_dir: Path,
             h_l = cstore.to_array().astype(np.float64)
         per_task_mode = len({t.task for t in targets if t.task}) > 1
         want_columns = config.aggregate == "round-robin" or per_task_mode
-        with _stage("targets", timings):
-            tfp = {"kind": "targets", "model": model_fp, "targets": examples_fingerprint(targets),
+        with timed_stage("targets", timings):
+            tfp = {"kind": "targets", "model": model_fp, "targets": D.examples_fingerprint(targets),
                    "update": update_fingerprint(update), "eta": eta, "hessian": config.hessian,
                    "params": config.params, "keep": config.keep, "seed": config.seed, "columns": want_columns,
                    "projection": [projector.kind, config.proj_dim]}
@@ -426,8 +424,7 @@ def _select(model, pool, targets, config: SelectConfig, update, store_dir: Path,
                 v, offset = target_direction(model, target_batches, config.params, shift=b, eta=eta,
                                              hessian=config.hessian)
                 v_sel = v if grads.mask is None else grads.mask.apply(v)
-                v_norm = float(jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
-                                            for x in jax.tree.leaves(v_sel))))
+                v_norm = float(jnp.sqrt(global_norm_sq(v_sel)))
                 v_proj = np.asarray(projector.project(v_sel), np.float64)
                 columns = None
                 if want_columns:
@@ -440,10 +437,9 @@ def _select(model, pool, targets, config: SelectConfig, update, store_dir: Path,
             stores["targets"] = str(tpath)
             if not v_norm > 0:
                 raise ValueError("the target gradient is zero: nothing to align with (is the target loss already 0?)")
-        p_l = g_l.astype(np.float64) @ v_proj                        # <u_l, v>
-        cols_l = None if columns is None else g_l.astype(np.float64) @ columns.T
+        p_l, cols_l = influence_scores(g_l.astype(np.float64), v_proj, target_columns=columns)  # <u_l, v>, <u_l, c_j>
 
-    with _stage("propagate", timings):
+    with timed_stage("propagate", timings):
         prop = None
         if not propagate:
             order = np.empty(n, np.int64)
@@ -458,8 +454,8 @@ def _select(model, pool, targets, config: SelectConfig, update, store_dir: Path,
                 values = dist.broadcast("landmark values", values, directory=store_dir)
                 pfp = {"kind": "propagated", "embeddings": estore.fingerprint, "rows": fingerprint(landmarks),
                        "propagation": [config.propagation, config.delta], "values": fingerprint(values)}
-                pstore = _open(store_dir, "propagated", (n, values.shape[1]), config.chunk_rows, pfp)
-                _fill(pstore, lambda lo, hi: prop.apply_rows(values, lo, hi, rows=config.chunk_rows), "propagate")
+                pstore = open_store(store_dir, "propagated", (n, values.shape[1]), config.chunk_rows, pfp)
+                fill_store(pstore, lambda lo, hi: prop.apply_rows(values, lo, hi, rows=config.chunk_rows), "propagate")
                 if not primary:
                     return None
                 stores["propagated"] = str(pstore.path)
@@ -468,21 +464,19 @@ def _select(model, pool, targets, config: SelectConfig, update, store_dir: Path,
             else:
                 p = np.asarray(prop.apply(p_l.astype(np.float32)), np.float64)
                 cols = None if cols_l is None else np.asarray(prop.apply(cols_l.astype(np.float32)), np.float64)
-        scores = p / v_norm
+        scores = cosine_scores(p, v_norm)
 
     solver_info: dict = {"eta": eta}
-    with _stage("weights", timings):
+    with timed_stage("weights", timings):
         if config.order == 1:
             lam = config.lam if config.lam is not None else float(lam_for_budget(p, config.k))
             sol = solve_weights(p, None, eta=eta, lam=lam)
         else:
-            q_l = h_l @ g_l.astype(np.float64).T                      # Q_L[i, j] = <P h_i, P u_j>
-            q_l = 0.5 * (q_l + q_l.T)
+            q_l = curvature_matrix(h_l, g_l.astype(np.float64))     # Q_L[i, j] = <P h_i, P u_j>, symmetrised
             if prop is None:
                 perm = np.empty(n, np.int64)
                 perm[landmarks] = np.arange(n)
-                q = jnp.asarray(q_l[np.ix_(perm, perm)], jnp.float32)
-                matvec = lambda w: q @ w  # noqa: E731
+                matvec = dense_matvec(q_l[np.ix_(perm, perm)])
             else:
                 matvec = prop.low_rank_matvec(np.asarray(q_l, np.float32))
                 if not getattr(matvec, "jittable", False):
@@ -497,7 +491,7 @@ def _select(model, pool, targets, config: SelectConfig, update, store_dir: Path,
                            converged=bool(sol.converged), gap=float(sol.gap),
                            support=int((weights > 0).sum()))
 
-    with _stage("select", timings):
+    with timed_stage("select", timings):
         owners = None
         if per_task_mode:
             rows, owners = per_task(cols, [t.task or "" for t in targets], config.k, aggregate=config.aggregate,
@@ -513,31 +507,9 @@ def _select(model, pool, targets, config: SelectConfig, update, store_dir: Path,
     info = {"config": config.to_dict(), "timings_s": timings, "stores": stores, "solver": solver_info,
             "pool_size": n, "targets": len(targets), "landmarks": int(len(landmarks)),
             "update_model": update.name if update is not None else "gd",
-            "fingerprints": {"model": model_fp, "pool": pool_fp, "targets": examples_fingerprint(targets)},
+            "fingerprints": {"model": model_fp, "pool": pool_fp, "targets": D.examples_fingerprint(targets)},
             "target_norm": v_norm, "gradient_dim": int(g_l.shape[1]), "devices": dist.describe(mesh)}
     if prop is not None:
         info["propagation"] = {"kind": prop.kind, "bandwidth": float(getattr(prop, "bandwidth", math.nan) or 0.0)}
     return Selection(rows=np.asarray(rows, np.int64), scores=scores, weights=weights, owners=owners,
                      landmarks=np.asarray(landmarks), info=info)
-
-
-def write_selection(selection: Selection, pool: Sequence[D.Example], out, extra: dict | None = None) -> Path:
-    """JSONL rows {"index", "id", "score", "weight"} in selection order (+ "by": who took it), and a
-    sidecar <out>.meta.json with the configuration, timings, stores and solver report."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for r, row in enumerate(selection.rows):
-        ex = pool[int(row)]
-        item = {"index": int(ex.index), "id": ex.id, "score": float(selection.scores[row]),
-                "weight": float(selection.weights[row])}
-        if selection.owners is not None:
-            item["by"] = selection.owners[r]
-        lines.append(json.dumps(item))
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    tmp.replace(out)
-    meta = out.with_suffix(".meta.json")
-    meta.write_text(json.dumps({**selection.info, **(extra or {}), "selected": len(selection.rows)}, indent=2,
-                               default=str))
-    return meta

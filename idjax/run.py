@@ -43,7 +43,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from idjax.store import atomic_write
+from idjax.io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -272,6 +272,8 @@ def load_config(path, *, out=None) -> RunConfig:
     """
     import yaml
 
+    from idjax.models import is_embedded
+
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -291,7 +293,7 @@ def load_config(path, *, out=None) -> RunConfig:
     for key in ("pool", "target", "eval"):
         if isinstance(raw.get(key), str):
             raw[key] = str(_under(base, raw[key]))
-    if isinstance(raw.get("model"), str) and not _embedded(raw["model"]):
+    if isinstance(raw.get("model"), str) and not is_embedded(raw["model"]):
         candidate = _under(base, raw["model"])
         if candidate.exists():
             raw["model"] = str(candidate)
@@ -309,12 +311,6 @@ def load_config(path, *, out=None) -> RunConfig:
 def _under(base: Path, value: str) -> Path:
     q = Path(value).expanduser()
     return q if q.is_absolute() else base / q
-
-
-def _embedded(name: str) -> bool:
-    from idjax.models import _EMBEDDED
-
-    return name.lower() in _EMBEDDED
 
 
 def check_inputs(config: RunConfig) -> None:
@@ -363,7 +359,7 @@ def _file_digest(path: Path) -> str:
 
 def path_fingerprint(path) -> str | None:
     """A fingerprint of a file's or a directory's content (not of its name or location)."""
-    from idjax.store import fingerprint
+    from idjax.io import fingerprint
 
     if path is None:
         return None
@@ -441,7 +437,7 @@ class _Runner:
 
     def stage(self, name: str, inputs: dict, compute: Callable[[Path], dict], *, resumable: bool = False) -> dict:
         """Run `compute(stage_dir)` unless the done-marker holds the fingerprint of `inputs`."""
-        from idjax.store import fingerprint
+        from idjax.io import fingerprint
 
         d = self.out / name
         fp = fingerprint(inputs)
@@ -564,7 +560,7 @@ class _Runner:
                                 resumable=True)
 
         # 5. evaluation before / after
-        from idjax.store import fingerprint
+        from idjax.io import fingerprint
 
         before_fp = fingerprint({"data": self.fps["data"], "warmup": self.fps["warmup"], "model": model_fp,
                                  "dtype": c.dtype, "batch_size": c.batch_size})
@@ -670,6 +666,7 @@ class _Runner:
         from idjax import pipeline
         from idjax.embed import EmbedConfig
         from idjax.optim import load_optimizer_state, update_model
+        from idjax.selection_file import write_selection
 
         c = self.config
         model = self.before_model()
@@ -689,8 +686,7 @@ class _Runner:
         # directory per chunk size keeps a change of chunk_rows from failing the run.
         store = self.out / "store" / f"chunk-rows-{c.chunk_rows}"
         selection = pipeline.select_samples(model, pool, targets, config, update=update, store_dir=store)
-        pipeline.write_selection(selection, pool, d / "selection.jsonl",
-                                 {"command": "idjax run", "run": c.to_dict()})
+        write_selection(selection, pool, d / "selection.jsonl", {"command": "idjax run", "run": c.to_dict()})
         info = selection.info
         return {"selected": int(len(selection.rows)), "landmarks": int(info["landmarks"]),
                 "update_model": info["update_model"], "timings_s": info["timings_s"], "stores": info["stores"],
@@ -699,10 +695,11 @@ class _Runner:
     def _train(self, d: Path, resume: bool, pool, pad: int) -> dict:
         from idjax import train
         from idjax.optim import OptimizerSpec
+        from idjax.selection_file import read_selection
 
         c, t = self.config, self.config.train
-        rows, weights = train.read_selection(self.out / "select" / "selection.jsonl",
-                                             [{"id": e.id} for e in pool], t.weighted)
+        rows, weights = read_selection(self.out / "select" / "selection.jsonl", [{"id": e.id} for e in pool],
+                                       t.weighted)
         by_id = {e.id: e for e in pool}
         examples = [dataclasses.replace(by_id[r["id"]], index=j) for j, r in enumerate(rows)]
         base = train.TrainConfig(optimizer=OptimizerSpec(t.optimizer, t.lr), batch_size=t.batch_size or c.batch_size,

@@ -12,6 +12,8 @@ Target-set choices (documented because the paper leaves them open): GSM8k, the f
 problems with their chain-of-thought answers; MMLU, the dev split (5 per subject); SQuAD, the first
 500 train questions with their context; HumanEval (one split only), the first 10 problems with
 their canonical solutions, which are then left out of the evaluation set.
+
+This module only reads and builds tasks; their metrics (Task.score) are evaluate.score_task.
 """
 
 from __future__ import annotations
@@ -19,14 +21,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-
-from idjax import evaluate as E
 from idjax.data import DataError
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,6 @@ class Task:
     metric: str
     target: list[dict]  # chat records {"id", "messages", "task"}
     items: list[EvalItem]
-    scorer: Callable[..., dict] = dataclasses.field(repr=False, default=None)
 
     @property
     def eval_records(self) -> list[dict]:
@@ -142,8 +141,10 @@ class Task:
                  "task": self.name} for it in self.items]
 
     def score(self, model, tokenizer, **kw) -> dict:
-        """The task metric(s) of `model`, e.g. {"exact_match": 0.25}."""
-        return self.scorer(self, model, tokenizer, **kw)
+        """The task metric(s) of `model`, e.g. {"exact_match": 0.25} (evaluate.score_task)."""
+        from idjax.evaluate import score_task  # imported here: evaluation builds on tasks, not the reverse
+
+        return score_task(self, model, tokenizer, **kw)
 
 
 def _take(items: list, n: int | None) -> list:
@@ -152,20 +153,39 @@ def _take(items: list, n: int | None) -> list:
 
 # ----------------------------------------------------------------------------- GSM8k
 
+_NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+
+
+def normalize_number(text: str) -> str | None:
+    """'$1,234.50' -> '1234.5', '18.0' -> '18'; None when it is not a number."""
+    t = text.strip().replace(",", "").replace("$", "").rstrip(".")
+    try:
+        v = float(t)
+    except ValueError:
+        return None
+    if not math.isfinite(v):
+        return None
+    return str(int(v)) if v == int(v) else repr(v)
+
+
+def gsm8k_answer(text: str) -> str | None:
+    """The final number of a GSM8k-style answer: the text after the last '####', else the last number."""
+    if "####" in text:
+        tail = text.rsplit("####", 1)[1]
+        nums = _NUMBER.findall(tail)
+        if nums:
+            return normalize_number(nums[0])
+    nums = _NUMBER.findall(text)
+    return normalize_number(nums[-1]) if nums else None
+
+
 
 def _gsm8k_item(where: str, row: dict, id_: str) -> EvalItem:
     row = _need(where, row, {"question": str, "answer": str})
     if "####" not in row["answer"]:
         raise _field_error(where, "answer", "has no '#### <final answer>' line (not the GSM8k format)")
     answer = _CALC.sub("", row["answer"]).strip()
-    return EvalItem(id_, [{"role": "user", "content": row["question"].strip()}], answer, E.gsm8k_answer(answer))
-
-
-def _score_gsm8k(task: Task, model, tokenizer, *, batch_size=8, max_new_tokens=256, **_) -> dict:
-    preds = E.generate_answers(model, tokenizer, [it.prompt for it in task.items], max_new_tokens=max_new_tokens,
-                               batch_size=batch_size)
-    hits = [E.gsm8k_answer(p) == it.reference for p, it in zip(preds, task.items)]
-    return {"exact_match": float(np.mean(hits))}
+    return EvalItem(id_, [{"role": "user", "content": row["question"].strip()}], answer, gsm8k_answer(answer))
 
 
 # ----------------------------------------------------------------------------- MMLU
@@ -189,13 +209,6 @@ def _mmlu_item(where: str, row: dict, id_: str) -> EvalItem:
     return EvalItem(id_, [{"role": "user", "content": text}], letters[idx], idx, list(letters))
 
 
-def _score_mmlu(task: Task, model, tokenizer, *, batch_size=8, **_) -> dict:
-    r = E.multiple_choice_accuracy(model, tokenizer, [it.prompt for it in task.items],
-                                   [it.options for it in task.items], [it.reference for it in task.items],
-                                   batch_size=batch_size)
-    return {"accuracy": r["accuracy"]}
-
-
 # ----------------------------------------------------------------------------- SQuAD
 
 
@@ -207,12 +220,6 @@ def _squad_item(where: str, row: dict, id_: str) -> EvalItem:
     text = (f"{row['context'].strip()}\n\nAnswer the question with a short span from the passage above.\n"
             f"Question: {row['question'].strip()}")
     return EvalItem(f"squad-{row['id']}", [{"role": "user", "content": text}], texts[0], list(texts))
-
-
-def _score_squad(task: Task, model, tokenizer, *, batch_size=8, max_new_tokens=64, **_) -> dict:
-    preds = E.generate_answers(model, tokenizer, [it.prompt for it in task.items], max_new_tokens=max_new_tokens,
-                               batch_size=batch_size)
-    return E.squad_scores(preds, [it.reference for it in task.items])
 
 
 # ----------------------------------------------------------------------------- HumanEval
@@ -227,22 +234,6 @@ def _humaneval_item(where: str, row: dict, id_: str) -> EvalItem:
     return EvalItem(row["task_id"], [{"role": "user", "content": user}], answer, ref)
 
 
-def _score_humaneval(task: Task, model, tokenizer, *, batch_size=8, max_new_tokens=512,
-                     allow_code_execution=False, **_) -> dict:
-    if not allow_code_execution:
-        raise ValueError("humaneval's pass@1 runs model-written code on this machine; pass "
-                         "--allow-code-execution (allow_code_execution=True) to accept that")
-    preds = E.generate_answers(model, tokenizer, [it.prompt for it in task.items], max_new_tokens=max_new_tokens,
-                               batch_size=batch_size)
-    passed = []
-    for p, it in zip(preds, task.items):
-        ref = it.reference
-        program = (E.extract_code(p, ref["prompt"], ref["entry_point"]) + "\n\n" + ref["test"]
-                   + f"\n\ncheck({ref['entry_point']})\n")
-        passed.append(E.run_python_tests(program))
-    return {"pass@1": float(np.mean(passed))}
-
-
 # ----------------------------------------------------------------------------- registry
 
 
@@ -254,15 +245,13 @@ class Recipe:
     n_target: int | None  # None: the whole target split
     metric: str
     item: Callable[[str, dict, str], EvalItem]
-    scorer: Callable[..., dict]
 
 
 RECIPES: dict[str, Recipe] = {
-    "gsm8k": Recipe(("openai/gsm8k", "main"), "train", "test", 8, "exact_match", _gsm8k_item, _score_gsm8k),
-    "mmlu": Recipe(("cais/mmlu", "all"), "dev", "test", None, "accuracy", _mmlu_item, _score_mmlu),
-    "squad": Recipe(("rajpurkar/squad", None), "train", "validation", 500, "f1", _squad_item, _score_squad),
-    "humaneval": Recipe(("openai/openai_humaneval", None), None, "test", 10, "pass@1", _humaneval_item,
-                        _score_humaneval),
+    "gsm8k": Recipe(("openai/gsm8k", "main"), "train", "test", 8, "exact_match", _gsm8k_item),
+    "mmlu": Recipe(("cais/mmlu", "all"), "dev", "test", None, "accuracy", _mmlu_item),
+    "squad": Recipe(("rajpurkar/squad", None), "train", "validation", 500, "f1", _squad_item),
+    "humaneval": Recipe(("openai/openai_humaneval", None), None, "test", 10, "pass@1", _humaneval_item),
 }
 TASKS = tuple(RECIPES)
 
@@ -302,7 +291,7 @@ def load_task(name: str, data: str | os.PathLike | None = None, *, target: str |
         items = items if limit is None else items[:limit]
         if not items:
             raise DataError(f"task {key}: empty evaluation set")
-        return Task(key, rec.metric, [], items, rec.scorer)
+        return Task(key, rec.metric, [], items)
 
     target_rows = None
     if target is not None:
@@ -328,7 +317,7 @@ def load_task(name: str, data: str | os.PathLike | None = None, *, target: str |
         raise DataError(f"task {key}: empty {'target' if not target_items else 'evaluation'} set")
     target_records = [{"id": it.id, "messages": it.prompt + [{"role": "assistant", "content": it.answer}],
                        "task": key} for it in target_items]
-    return Task(key, rec.metric, target_records, items, rec.scorer)
+    return Task(key, rec.metric, target_records, items)
 
 
 def write_jsonl(path: str | os.PathLike, records: list[dict]) -> Path:

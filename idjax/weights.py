@@ -29,7 +29,7 @@ restart (O'Donoghue & Candes 2015), inside one jitted `lax.while_loop`:
     For convex f the gap bounds f(w) - f*, so it is a certificate however the loop ended.
 
 Curvature only matters along directions that stay on the simplex, the sum-zero subspace
-{d : sum d = 0}. `estimate_spectrum` therefore runs Lanczos on P Q P (P = I - 11^T/N): f is
+{d : sum d = 0}. `lanczos_spectrum` therefore runs Lanczos on P Q P (P = I - 11^T/N): f is
 convex on the simplex iff lam + eta * lambda_min(PQP) >= 0 (a weaker and exact version of
 "eta*Q + lam*I is PSD"), and lambda_max(PQP) is the Lipschitz constant FISTA needs. With an
 exact Hessian Q may be indefinite; `solve_weights` then refuses a lam that leaves the problem
@@ -39,6 +39,14 @@ Pass Q as `low_rank_matvec(C, Q_L)` (Q w = C (Q_L (C^T w)), docs/method.md secti
 jax.tree_util.Partial: its arrays are then traced arguments of the compiled solver rather than
 constants baked into it, and the compiled solver is reused across calls. A plain function works
 too (its closed-over arrays become constants, and a new function means a new compilation).
+
+Two layers. The core is pure and jittable (keys instead of seeds, diagnostics as arrays, usable
+inside a caller's jit / vmap): `project_simplex`, `first_order_weights`, `lam_for_budget`,
+`convexity_lam`, `second_order_lam`, `fista_weights`, `second_order_weights`. The host shell
+checks values, raises on a non-convex problem, logs, and returns floats: `default_lam`,
+`solve_weights` (the same compiled core, so the same numbers). The operator Q and its spectrum
+(`low_rank_matvec`, `dense_matvec`, `lanczos_spectrum`, `estimate_spectrum`) are in
+idjax/curvature.py; the scores p in idjax/scores.py.
 """
 
 from __future__ import annotations
@@ -47,16 +55,18 @@ import functools
 import logging
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from idjax.curvature import (LANCZOS_STEPS, Matvec, apply_operator, as_operator, estimate_spectrum,
+                             lanczos_spectrum, seed_key)
+
 logger = logging.getLogger(__name__)
 
-Matvec = Callable[[jax.Array], jax.Array]
 
 # Lanczos Ritz values lie inside the spectrum, so lambda_max is under-estimated, slightly after
 # 32 steps; 10% more keeps the 1/L step safe at the cost of 10% more iterations at worst.
@@ -66,7 +76,6 @@ CONVEX_MARGIN = 0.1
 # lam + eta*lambda_min counts as >= 0 when above -CONVEX_RTOL * (curvature scale): float32
 # products of a PSD (e.g. low-rank Gauss-Newton) Q give lambda_min ~ -1e-7 * lambda_max.
 CONVEX_RTOL = 1e-4
-LANCZOS_STEPS = 32
 _HIGHEST = lax.Precision.HIGHEST
 
 
@@ -203,141 +212,76 @@ def lam_for_budget(p: jax.Array, k: int) -> jax.Array:
 
 
 # ---------------------------------------------------------------------------------------------
-# The curvature operator
+# The ridge
 
 
-def _low_rank_product(c: jax.Array, q_l: jax.Array, w: jax.Array) -> jax.Array:
-    t = jnp.matmul(c.T, w, precision=_HIGHEST)
-    return jnp.matmul(c, jnp.matmul(q_l, t, precision=_HIGHEST), precision=_HIGHEST)
+def convexity_lam(lambda_min, eta):
+    """(1 + CONVEX_MARGIN) * max(0, -eta * lambda_min): the smallest ridge keeping f convex on the
+    simplex (lam + eta*lambda_min >= 0), with a 10% margin. 0 for a PSD Q (Gauss-Newton)."""
+    return (1.0 + CONVEX_MARGIN) * jnp.maximum(0.0, -jnp.asarray(eta, jnp.float32) * lambda_min)
 
 
-def low_rank_matvec(c: jax.Array, q_l: jax.Array) -> jax.tree_util.Partial:
-    """w -> C (Q_L (C^T w)) in O(N l) (docs/method.md 4): C (N, l) propagation, Q_L (l, l) landmarks."""
-    c = jnp.asarray(c, jnp.float32)
-    q_l = jnp.asarray(q_l, jnp.float32)
-    if c.ndim != 2 or q_l.shape != (c.shape[1], c.shape[1]):
-        raise ValueError(f"need C (N, l) and Q_L (l, l), got {c.shape} and {q_l.shape}")
-    return jax.tree_util.Partial(_low_rank_product, c, q_l)
+def second_order_lam(p: jax.Array, matvec: Matvec, *, eta, k: int, key: jax.Array,
+                     lanczos_steps: int = LANCZOS_STEPS) -> jax.Array:
+    """max(lam_for_budget(p, k), convexity_lam(lambda_min(Q), eta)), jittable (k, steps static).
 
-
-def _dense_product(q: jax.Array, w: jax.Array) -> jax.Array:
-    return jnp.matmul(q, w, precision=_HIGHEST)
-
-
-def dense_matvec(q: jax.Array) -> jax.tree_util.Partial:
-    """w -> Q w for an explicit (small) symmetric Q, as a Partial the compiled solver reuses."""
-    q = jnp.asarray(q, jnp.float32)
-    if q.ndim != 2 or q.shape[0] != q.shape[1]:
-        raise ValueError(f"Q must be square, got shape {q.shape}")
-    return jax.tree_util.Partial(_dense_product, q)
-
-
-def _as_partial(matvec: Matvec) -> jax.tree_util.Partial:
-    return matvec if isinstance(matvec, jax.tree_util.Partial) else jax.tree_util.Partial(matvec)
-
-
-@functools.partial(jax.jit, static_argnames=("n", "steps"))
-def _lanczos(matvec, key, n: int, steps: int):
-    """Lanczos with full reorthogonalisation on P Q P restricted to the sum-zero subspace.
-
-    Full reorthogonalisation keeps the basis V orthonormal, so the tridiagonal T is V^T (PQP) V
-    and its eigenvalues (Ritz values) lie inside [lambda_min, lambda_max] whatever the round-off.
-    When the Krylov space is exhausted (beta ~ 0: every distinct eigenvalue already found) the
-    remaining steps produce zeros; the extra Ritz values 0 can only move the estimates towards 0,
-    which neither raises a false non-convexity error nor lowers L below lam + eta*max(lmax, 0).
+    The budget term makes the first-order optimum pick the top-k; the convexity term uses the
+    Lanczos estimate `second_order_weights` uses with the same key, so it passes its check.
     """
-
-    def op(x):
-        y = jnp.asarray(matvec(x), jnp.float32)
-        if y.shape != (n,):
-            raise ValueError(f"matvec must map shape ({n},) to ({n},), got {y.shape}")
-        return y - jnp.mean(y)
-
-    def orthogonalise(w, basis):
-        for _ in range(2):  # twice is enough (Kahan-Parlett)
-            w = w - jnp.matmul(basis.T, jnp.matmul(basis, w, precision=_HIGHEST), precision=_HIGHEST)
-        return w
-
-    v = jax.random.normal(key, (n,), jnp.float32)
-    v = v - jnp.mean(v)
-    v = v / jnp.linalg.norm(v)
-
-    def body(j, carry):
-        basis, v, alphas, betas, scale = carry
-        basis = basis.at[j].set(v)
-        w = op(v)
-        a = jnp.dot(w, v)
-        w = orthogonalise(w, basis)
-        b = jnp.linalg.norm(w)
-        scale = jnp.maximum(scale, jnp.maximum(jnp.abs(a), b))
-        exhausted = b <= 1e-6 * scale
-        b = jnp.where(exhausted, 0.0, b)
-        v_next = jnp.where(exhausted, 0.0, w / jnp.where(exhausted, 1.0, b))
-        return basis, v_next, alphas.at[j].set(a), betas.at[j].set(b), scale
-
-    init = (jnp.zeros((steps, n), jnp.float32), v, jnp.zeros(steps, jnp.float32),
-            jnp.zeros(steps, jnp.float32), jnp.float32(0.0))
-    _, _, alphas, betas, _ = lax.fori_loop(0, steps, body, init)
-    return alphas, betas
+    lmin, _ = lanczos_spectrum(matvec, size=jnp.shape(p)[0], key=key, steps=lanczos_steps)
+    return jnp.maximum(lam_for_budget(p, k), convexity_lam(lmin, eta))
 
 
-def estimate_spectrum(matvec: Matvec, n: int, *, steps: int = LANCZOS_STEPS, seed: int = 0) -> tuple[float, float]:
-    """(lambda_min, lambda_max) of Q on the sum-zero subspace, by `steps` Lanczos iterations.
-
-    Both are inner estimates (lambda_min from above, lambda_max from below), converging fast at
-    the two ends of the spectrum. Costs `steps` products with Q and steps * N floats of memory.
-    Deterministic for a given seed. For N = 1 the subspace is {0}: returns (0, 0).
-    """
-    if n < 2:
-        return 0.0, 0.0
-    steps = min(int(steps), n - 1)
-    alphas, betas = _lanczos(_as_partial(matvec), jax.random.key(seed, impl="threefry2x32"), n=n, steps=steps)
-    alphas = np.asarray(alphas, np.float64)
-    betas = np.asarray(betas, np.float64)
-    t = np.diag(alphas) + np.diag(betas[:-1], 1) + np.diag(betas[:-1], -1)
-    ritz = np.linalg.eigvalsh(t)
-    return float(ritz[0]), float(ritz[-1])
-
-
-def _convex_lam(lmin: float, eta: float) -> float:
-    """Smallest ridge, with CONVEX_MARGIN, for which lam + eta*lambda_min >= 0."""
-    return (1.0 + CONVEX_MARGIN) * max(0.0, -eta * lmin)
+_second_order_lam = jax.jit(second_order_lam, static_argnames=("k", "lanczos_steps"))
 
 
 def default_lam(p: jax.Array, matvec: Matvec | None, eta: float, k: int, *,
                 lanczos_steps: int = LANCZOS_STEPS, seed: int = 0) -> float:
-    """The ridge used when a user asks for k samples: max(lam_for_budget(p, k), convex lam).
-
-    The budget term makes the first-order optimum pick the top-k; the convexity term,
-    (1 + CONVEX_MARGIN) * max(0, -eta * lambda_min(Q)), is the smallest ridge that keeps f convex
-    on the simplex with a 10% margin (0 for a PSD Q such as Gauss-Newton). It uses the same
-    Lanczos estimate as `solve_weights`, so the returned lam always passes its convexity check.
-    """
-    lam = float(lam_for_budget(p, k))
+    """The ridge used when a user asks for k samples, as a host float: `lam_for_budget` without
+    curvature (matvec None or eta 0), else `second_order_lam` with the key of `seed`."""
     if matvec is None or eta == 0:
-        return lam
-    lmin, _ = estimate_spectrum(matvec, int(jnp.shape(p)[0]), steps=lanczos_steps, seed=seed)
-    return max(lam, _convex_lam(lmin, eta))
+        return float(lam_for_budget(p, k))
+    p = _check_vector("p", p)
+    _check_k(k, p.shape[0])
+    return float(_second_order_lam(p, as_operator(matvec), eta=jnp.float32(eta), k=int(k),
+                                   key=seed_key(seed), lanczos_steps=int(lanczos_steps)))
 
 
 # ---------------------------------------------------------------------------------------------
 # The second-order solver
 
 
-@functools.partial(jax.jit, static_argnames=("max_iter",))
-def _fista(p, matvec, eta, lam, step, w0, tol, max_iter: int):
-    """FISTA with gradient restart from w0; returns the best iterate seen.
+class SolverResult(NamedTuple):
+    """Arrays from `fista_weights` / `second_order_weights`: weights (N,) on the simplex, objective
+    f(weights), gap (Frank-Wolfe duality gap at weights, >= f - f* when f is convex), converged
+    (the stopping test was met), iterations."""
 
-    Returns (w, f(w), gap(w), converged, iterations).
+    weights: jax.Array
+    objective: jax.Array
+    gap: jax.Array
+    converged: jax.Array
+    iterations: jax.Array
+
+
+def fista_weights(p: jax.Array, matvec: Matvec, *, eta, lam, lambda_max, w0: jax.Array | None = None,
+                  tol=1e-6, max_iter=10_000) -> SolverResult:
+    """Minimise f(w) = -p^T w + (eta/2) w^T Q w + (lam/2)||w||^2 on the simplex by FISTA.
+
+    Step 1/L with L = lam + L_SAFETY * eta * max(lambda_max, 0); gradient restart; one Q-product
+    per iteration; starts from w0 projected onto the simplex (default: the first-order optimum).
+    Stops when the duality gap is <= tol * (largest term of f), or at the float32 floor
+    eps * L * max(w), or after max_iter iterations; returns the iterate with the smallest gap.
+    Everything may be traced (one lax.while_loop): jittable and vmappable.
     """
+    p = _check_vector("p", p)
+    eta, lam, tol = (jnp.asarray(x, jnp.float32) for x in (eta, lam, tol))
+    step = 1.0 / (lam + L_SAFETY * eta * jnp.maximum(jnp.asarray(lambda_max, jnp.float32), 0.0))
+    w0 = _first_order(p, lam) if w0 is None else _project(_check_vector("w0", w0), jnp.float32(1.0))
     n = p.shape[0]
     ulp_gap = jnp.finfo(jnp.float32).eps / step  # eps * L: gap worth one ulp of a unit weight
 
     def product(x):
-        y = jnp.asarray(matvec(x), jnp.float32)
-        if y.shape != (n,):
-            raise ValueError(f"matvec must map shape ({n},) to ({n},), got {y.shape}")
-        return y
+        return apply_operator(matvec, x, n)
 
     def measure(x, qx):
         """f(x), its duality gap, and the float32 floor of that gap."""
@@ -383,7 +327,24 @@ def _fista(p, matvec, eta, lam, step, w0, tol, max_iter: int):
                 jnp.where(keep, target_new, target))
 
     k, *_, best_x, best_f, best_gap, best_floor, target = lax.while_loop(cond, body, init)
-    return best_x, best_f, best_gap, done(best_gap, target, best_floor), k
+    return SolverResult(best_x, best_f, best_gap, done(best_gap, target, best_floor), k)
+
+
+def second_order_weights(p: jax.Array, matvec: Matvec, *, eta, lam, key: jax.Array,
+                         w0: jax.Array | None = None, tol=1e-6, max_iter=10_000,
+                         lanczos_steps: int = LANCZOS_STEPS) -> SolverResult:
+    """`fista_weights` with lambda_max from `lanczos_spectrum` (key seeds its start vector).
+
+    Jittable (lanczos_steps static). No convexity check happens here: give lam >=
+    `second_order_lam` (or a PSD Q), or use the host `solve_weights`, which refuses a non-convex f.
+    """
+    _, lmax = lanczos_spectrum(matvec, size=jnp.shape(p)[0], key=key, steps=lanczos_steps)
+    return fista_weights(p, matvec, eta=eta, lam=lam, lambda_max=lmax, w0=w0, tol=tol, max_iter=max_iter)
+
+
+_fista = jax.jit(fista_weights)
+
+
 
 
 def _positive_float(name: str, value, *, allow_zero: bool = False) -> float:
@@ -424,32 +385,27 @@ def solve_weights(p: jax.Array, matvec: Matvec | None = None, *, eta: float = 1.
             fx = float(-jnp.dot(p, w) + 0.5 * lam * jnp.dot(w, w))
         return WeightSolution(np.asarray(w), fx, 0, True, 0.0, lam)
 
-    matvec = _as_partial(matvec)
-    lmin, lmax = estimate_spectrum(matvec, n, steps=lanczos_steps, seed=seed)
+    matvec = as_operator(matvec)
+    lmin, lmax = estimate_spectrum(matvec, n, steps=int(lanczos_steps), seed=seed)
     curvature_scale = lam + eta * max(abs(lmin), abs(lmax))
     if lam + eta * lmin < -CONVEX_RTOL * curvature_scale:
-        suggest = _convex_lam(lmin, eta)
+        suggest = float(convexity_lam(lmin, eta))
         raise ValueError(
             f"the second-order weight problem is non-convex: lam + eta*lambda_min(Q) = {lam:.4g} + "
             f"{eta:.4g}*({lmin:.4g}) = {lam + eta * lmin:.4g} < 0 on the simplex (lambda_min by "
             f"Lanczos on the sum-zero subspace), so the solver has no global guarantee. Use "
             f"lam >= {suggest:.4g} (default_lam(p, matvec, eta, k) picks one that also fits the "
             f"budget k), or build Q from the Gauss-Newton Hessian, which is PSD.")
-    step = 1.0 / (lam + L_SAFETY * eta * max(lmax, 0.0))
-
-    if w0 is None:
-        start = first_order_weights(p, lam)
-    else:
+    if w0 is not None:
         w0 = _check_vector("w0", w0)
         if w0.shape != p.shape:
             raise ValueError(f"w0 must have the shape of p, {p.shape}, got {w0.shape}")
-        start = project_simplex(w0)
 
     f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
-    w, fx, gap, converged, iters = _fista(p, matvec, f32(eta), f32(lam), f32(step), start, f32(tol),
-                                          max_iter=int(max_iter))
-    gap, converged, iters = float(gap), bool(converged), int(iters)
+    res = _fista(p, matvec, eta=f32(eta), lam=f32(lam), lambda_max=f32(lmax), w0=w0, tol=f32(tol),
+                 max_iter=jnp.int32(max_iter))
+    gap, converged, iters = float(res.gap), bool(res.converged), int(res.iterations)
     log = logger.info if converged else logger.warning
     log("second-order weights: N=%d, lambda(Q) in [%.4g, %.4g], %d iterations, gap %.3g, %s",
         n, lmin, lmax, iters, gap, "converged" if converged else "NOT converged")
-    return WeightSolution(np.asarray(w), float(fx), iters, converged, gap, lam)
+    return WeightSolution(np.asarray(res.weights), float(res.objective), iters, converged, gap, lam)

@@ -42,3 +42,43 @@ def interruptible_cli():
     code = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
             "runpy.run_module('idjax.cli', run_name='__main__', alter_sys=True)")
     return [sys.executable, "-c", code]
+
+
+# ----------------------------------------------------------------------------- tiny models and examples
+# Plain functions (tests import them: `from conftest import random_examples`), shared by the tests that
+# check the pipeline against a PyTorch reference on a model small enough to differentiate densely.
+
+
+def random_examples(n: int, seed: int, prefix: str, *, vocab: int, lengths=(6, 11, 17)):
+    """n data.Example rows of random token ids in [1, vocab); the first half of each is the prompt."""
+    import numpy as np
+
+    from idjax import data
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        length = int(rng.choice(lengths))
+        ids = rng.integers(1, vocab, length).astype(np.int32)
+        labels = ids.copy()
+        labels[: length // 2] = data.IGNORE_INDEX
+        out.append(data.Example(i, f"{prefix}{i}", None, ids, labels, False))
+    return out
+
+
+def tiny_llama(path, *, vocab: int = 89, seed: int = 0, max_positions: int = 64):
+    """(PyTorch model, path): a 2-layer Llama with GQA and untied embeddings saved at `path`, its
+    weights perturbed away from the initialisation (whose symmetries would hide indexing bugs)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=max_positions, tie_word_embeddings=False)
+    hf = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    hf.save_pretrained(path)
+    return hf, path

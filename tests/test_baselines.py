@@ -3,38 +3,21 @@
 import numpy as np
 import pytest
 import torch
-import transformers
 
 import idjax.models as M
 from idjax import baselines, data
+from conftest import random_examples, tiny_llama
 
 VOCAB = 97
 
 
-def _examples(n, seed, prefix, lengths=(5, 9, 14, 20)):
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        length = int(rng.choice(lengths))
-        ids = rng.integers(1, VOCAB, length).astype(np.int32)
-        labels = ids.copy()
-        labels[: length // 2] = data.IGNORE_INDEX
-        out.append(data.Example(i, f"{prefix}{i}", None, ids, labels, False))
-    return out
+def _examples(n, seed, prefix):
+    return random_examples(n, seed, prefix, vocab=VOCAB, lengths=(5, 9, 14, 20))
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    torch.manual_seed(1)
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                      tie_word_embeddings=False)
-    hf = transformers.AutoModelForCausalLM.from_config(config).float().eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    path = tmp_path_factory.mktemp("tiny") / "llama"
-    hf.save_pretrained(path)
+    hf, path = tiny_llama(tmp_path_factory.mktemp("tiny") / "llama", vocab=VOCAB, seed=1)
     model, _ = M.load(path, tokenizer=False)
     return hf, model
 
@@ -75,11 +58,16 @@ def test_mid_ppl_takes_the_middle_of_the_sorted_losses():
 
 
 def _round_robin_reference(cols, k, seed):
-    """Independent loop: each round visits the targets in a fresh seeded order, each takes its best free row."""
+    """Independent loop: round r visits the targets in the order permutation(fold_in(key(seed), r)), each
+    takes its best free row."""
+    import jax
+
     taken, owner = [], []
-    rng = np.random.default_rng(seed)
+    rnd = 0
     while len(taken) < k:
-        for j in rng.permutation(cols.shape[1]):
+        order = jax.random.permutation(jax.random.fold_in(jax.random.key(seed), rnd), cols.shape[1])
+        rnd += 1
+        for j in np.asarray(order):
             free = [i for i in np.argsort(-cols[:, j], kind="stable") if i not in taken]
             taken.append(int(free[0]))
             owner.append(int(j))

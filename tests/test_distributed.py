@@ -21,6 +21,8 @@ import numpy as np
 import pytest
 
 from idjax import distributed as dist
+from idjax import sharding as shd
+from conftest import tiny_llama
 
 FIX = Path(__file__).parent / "fixtures" / "tasks"
 POOL = FIX / "tulu_v2.jsonl"
@@ -31,16 +33,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_mesh_rules_and_work_split():
-    assert dist.parse_mesh("data=4,fsdp=2") == {"data": 4, "fsdp": 2}
-    assert dist.parse_mesh(None) == {}
+    assert shd.parse_mesh("data=4,fsdp=2") == {"data": 4, "fsdp": 2}
+    assert shd.parse_mesh(None) == {}
     with pytest.raises(ValueError, match="AXIS=SIZE"):
-        dist.parse_mesh("model=2")
+        shd.parse_mesh("model=2")
     # MaxText-style logical axes: the model dimension of every matrix goes over "fsdp"
-    assert dist.logical_axes("layers.mlp.down_proj.kernel", 3) == ("layers", "mlp", "embed")
-    assert dist.logical_axes("embed_tokens.embedding", 2) == ("vocab", "embed")
-    assert dist.logical_axes("0.mu.layers.self_attn.q_proj.kernel", 3) == ("layers", "embed", "heads")
-    assert dist.logical_axes("layers.mlp.up_proj.kernel.a", 3) == ("layers", "embed", "rank")
-    assert dist.logical_axes("something.else", 2) == (None, None)
+    assert shd.logical_axes("layers.mlp.down_proj.kernel", 3) == ("layers", "mlp", "embed")
+    assert shd.logical_axes("embed_tokens.embedding", 2) == ("vocab", "embed")
+    assert shd.logical_axes("0.mu.layers.self_attn.q_proj.kernel", 3) == ("layers", "embed", "heads")
+    assert shd.logical_axes("layers.mlp.up_proj.kernel.a", 3) == ("layers", "embed", "rank")
+    assert shd.logical_axes("something.else", 2) == (None, None)
     # chunks go round-robin over processes, rows in contiguous blocks; both tile everything once
     chunks = [dist.process_chunks(10, i, 3) for i in range(3)]
     assert chunks[0] == [0, 3, 6, 9] and sorted(sum(chunks, [])) == list(range(10))
@@ -57,8 +59,8 @@ def test_mesh_rules_and_work_split():
 FOUR_DEVICES = textwrap.dedent("""
     import json, sys
     import jax, numpy as np
-    from idjax import data, distributed as dist, models as M, select as S
-    from idjax import train as T
+    from idjax import data, models as M, select as S, sharding as shd
+    from idjax import train as T, trainer as TR
     from idjax.embed import EmbedConfig, JVPEmbedder
     from idjax.grads import GradientConfig, PerExampleGradients
     from idjax.landmarks import Propagator
@@ -70,7 +72,7 @@ FOUR_DEVICES = textwrap.dedent("""
     path, tmp = sys.argv[1], sys.argv[2]
     assert jax.device_count() == 4, jax.devices()
     model, _ = M.load(path, tokenizer=False)
-    one, four, fsdp = dist.make_mesh(1, 1), dist.make_mesh(), dist.make_mesh(2, 2)
+    one, four, fsdp = shd.make_mesh(1, 1), shd.make_mesh(), shd.make_mesh(2, 2)
 
     def examples(n, seed, prefix):
         rng = np.random.default_rng(seed)
@@ -154,26 +156,14 @@ FOUR_DEVICES = textwrap.dedent("""
     res["train"]["moved"] = float(np.abs(flat["one"] - np.concatenate(
         [np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(
             __import__("flax").nnx.state(model, __import__("flax").nnx.Param))])).max())
-    res["train"]["compilations"] = T._train_step._cache_size() + sum(
-        f._cache_size() for key, f in dist._JITTED.items() if key[0] == "train step")
+    res["train"]["compilations"] = TR._train_step._cache_size() + sum(
+        f._cache_size() for key, f in shd._JITTED.items() if key[0] == "train step")
     print("RESULT " + json.dumps(res))
 """)
 
 
 def _tiny_llama(path: Path, vocab: int = 89):
-    import torch
-    import transformers
-
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                      tie_word_embeddings=False)
-    hf = transformers.AutoModelForCausalLM.from_config(config).float().eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    hf.save_pretrained(path)
-    return path
+    return tiny_llama(path, vocab=vocab, seed=0, max_positions=256)[1]
 
 
 _CACHE: list[str] = []

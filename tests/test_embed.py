@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from idjax import data
-from idjax.embed import EmbedConfig, JVPEmbedder, last_token_features, truncate
+from idjax.embed import EmbedConfig, JVPEmbedder, jvp_embeddings, last_token_features, random_tangents, truncate
 from idjax.models import CausalLM, ModelConfig
 
 CFG = ModelConfig(
@@ -166,3 +166,24 @@ def test_pooling_differs_and_ignores_padding(model, chat_batch):
     assert not np.allclose(outs["response"][real], outs["mean"][real])
     with pytest.raises(ValueError, match="pooling"):
         EmbedConfig(pooling="max")
+
+
+def test_public_jvp_embeddings_in_a_users_jit_and_vmap(model, chat_batch):
+    """jvp_embeddings on arrays, in a caller's jit with the model as a (graphdef, state) pair, equals the
+    shell; vmapped over tangent sets it equals one call per set (one jvp per tangent)."""
+    small = truncate(model, 2)
+    graphdef, state = nnx.split(small)
+    ids, mask, labels = (jnp.asarray(x) for x in (chat_batch.input_ids, chat_batch.attention_mask, chat_batch.labels))
+    emb = JVPEmbedder(model, EmbedConfig(num_blocks=2, num_tangents=2, dim=8, seed=6, pooling="response"))
+    fn = jax.jit(lambda m, t, p: jvp_embeddings(m, ids, mask, labels, tangents=t, projection=p, pooling="response"))
+    got = fn((graphdef, state), emb.tangents, emb.projection)
+    real = chat_batch.sample_mask
+    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(emb(chat_batch))[real], rtol=1e-5, atol=1e-6)
+    # Only the MLP weights move: tangents over that selection, vmapped over three seeds.
+    _, sel, _ = nnx.split(small, lambda path, v: "mlp" in map(str, path), ...)
+    sets = jax.tree.map(lambda *t: jnp.stack(t), *[random_tangents(sel, 1, seed) for seed in range(3)])
+    together = jax.jit(jax.vmap(lambda t: jvp_embeddings(small, ids, mask, tangents=t, params="mlp")))(sets)
+    for seed in range(3):
+        one = jvp_embeddings(small, ids, mask, tangents=random_tangents(sel, 1, seed), params="mlp")
+        np.testing.assert_allclose(np.asarray(together[seed]), np.asarray(one), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(np.asarray(together[0]), np.asarray(together[1]))

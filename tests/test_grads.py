@@ -1,6 +1,8 @@
 """Per-example gradients and HVPs against independent references (loops, dense Hessians, FD)."""
 
+import contextlib
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +12,12 @@ from flax import nnx
 
 from idjax import data
 from idjax.grads import (
-    GradientConfig, PerExampleGradients, gauss_newton_vp, hvp, mean_loss_fn, sample_losses, split_params,
+    GradientConfig, PerExampleGradients, mean_response_loss, per_example_gradients, response_loss_sums,
+    sample_losses, split_params,
+)
+from idjax.hessian import (
+    ProjectedCurvature, gauss_newton_vp, hessian_products, hvp, landmark_curvature, target_arrays, target_direction,
+    target_gradient, mean_target_loss,
 )
 from idjax.models import CausalLM, ModelConfig
 from idjax.sketch import Projector
@@ -161,7 +168,8 @@ def _unflat(vec, like):
 
 def test_hvp_equals_dense_hessian_and_finite_differences(target):
     graphdef, sel, rest, batches = target
-    loss = mean_loss_fn(graphdef, rest, batches)
+    targets = target_arrays(batches)
+    loss = lambda p: mean_target_loss((graphdef, rest), targets, params=p)  # noqa: E731
     flat0 = _flat(sel)
     assert flat0.size == 2 * 24 * 16
     dense = jax.jit(jax.hessian(lambda v: loss(_unflat(v, sel))))(flat0)
@@ -184,7 +192,8 @@ def test_gauss_newton_equals_dense_jacobian_product(target):
     rng = np.random.default_rng(5)
     flat0 = _flat(sel)
     vecs = jnp.asarray(rng.standard_normal((2, flat0.size)), jnp.float32)
-    gv = jax.jit(lambda vs: gauss_newton_vp(graphdef, rest, batches, sel, vs))
+    targets = target_arrays(batches)
+    gv = jax.jit(lambda vs: gauss_newton_vp((graphdef, rest), targets, vs, params=sel))
     got = jax.vmap(_flat)(gv(jax.vmap(lambda v: _unflat(v, sel))(vecs)))
     # Reference: explicit J (per trained token), explicit softmax Hessian, weights of the mean loss.
     total = sum(int(b.sample_mask.sum()) for b in batches)
@@ -208,12 +217,35 @@ def test_gauss_newton_equals_dense_jacobian_product(target):
     assert np.all(np.sum(np.asarray(got) * np.asarray(vecs), axis=1) >= -1e-7)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _jit_target_gradient(graphdef, sel, rest, targets):
+    return target_gradient((graphdef, rest), targets, params=sel)
+
+
+@contextlib.contextmanager
+def count_compilations():
+    """The names of the XLA compilations made inside the block (jax.log_compiles records)."""
+    names = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            if record.getMessage().startswith("Compiling "):
+                names.append(record.getMessage().split(" with ")[0])
+
+    handler = Collect(level=logging.DEBUG)
+    logger = logging.getLogger("jax")
+    logger.addHandler(handler)
+    try:
+        with jax.log_compiles(True):
+            yield names
+    finally:
+        logger.removeHandler(handler)
+
+
 def test_target_direction_is_the_mean_gradient_and_compiles_once_per_shape(model, target):
     """v + offset = the mean of the per-sample gradients (a loop of jax.grad); offset = eta * H_T b
     (central finite differences of that gradient); a second target set of the same shapes reuses
     the compilations."""
-    from idjax.grads import _target_gradient, _target_hvp, target_arrays, target_direction
-
     graphdef, sel, rest, batches = target
     exs = examples(5, np.random.default_rng(3), lengths=(6, 12))  # the fixture's samples
     pattern = "layers.mlp.down_proj"
@@ -221,31 +253,29 @@ def test_target_direction_is_the_mean_gradient_and_compiles_once_per_shape(model
     shift = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), jnp.float32), sel)
     eta = 0.5
     v, offset = target_direction(model, batches, pattern, shift=shift, eta=eta, hessian="exact")
-    compiled = (_target_gradient._cache_size(), _target_hvp._cache_size())
     g_mean = np.mean([loop_grad(model, ex, pattern) for ex in exs], axis=0)
     np.testing.assert_allclose(_flat(v) + _flat(offset), g_mean, rtol=1e-4, atol=1e-6)
     arrays = target_arrays(batches)
     eps = 1e-2
 
     def grad_at(sign):
-        return _flat(_target_gradient(graphdef, jax.tree.map(lambda x, b: x + sign * eps * b, sel, shift), rest,
-                                      *arrays))
+        return _flat(_jit_target_gradient(graphdef, jax.tree.map(lambda x, b: x + sign * eps * b, sel, shift), rest,
+                                          arrays))
 
     fd = (grad_at(1.0) - grad_at(-1.0)) / (2 * eps)
     assert float(jnp.linalg.norm(_flat(offset) - eta * fd) / jnp.linalg.norm(eta * fd)) < 1e-2
     # Another target set with the same batch shapes: new values, no new compilation.
     other = data.make_batches(examples(5, np.random.default_rng(9), lengths=(6, 12)), 2, (16,), pad_id=0)
     assert [b.input_ids.shape for b in other] == [b.input_ids.shape for b in batches]
-    v2, _ = target_direction(model, other, pattern, shift=shift, eta=eta, hessian="exact")
-    assert (_target_gradient._cache_size(), _target_hvp._cache_size()) == compiled
+    with count_compilations() as compiled:
+        v2, _ = target_direction(model, other, pattern, shift=shift, eta=eta, hessian="exact")
+    assert compiled == [], compiled
     assert not np.allclose(_flat(v2), _flat(v))
 
 
 def test_projected_curvature_against_finite_differences_and_shared_compilation(model, target):
     """ProjectedCurvature gives u = g / |g| and h = H_T u (central differences of the target gradient);
     another target set of the same shapes reuses the compiled function and gives other products."""
-    from idjax.grads import ProjectedCurvature, _target_gradient, target_arrays
-
     graphdef, sel, rest, batches = target
     pattern = "layers.mlp.down_proj"
     sources = examples(2, np.random.default_rng(7), lengths=(9,))
@@ -262,8 +292,8 @@ def test_projected_curvature_against_finite_differences_and_shared_compilation(m
         step = _unflat(jnp.asarray(u[i]), sel)
 
         def grad_at(sign):
-            return _flat(_target_gradient(graphdef, jax.tree.map(lambda x, d: x + sign * eps * d, sel, step), rest,
-                                          *arrays))
+            return _flat(_jit_target_gradient(graphdef, jax.tree.map(lambda x, d: x + sign * eps * d, sel, step),
+                                              rest, arrays))
 
         fd = np.asarray((grad_at(1.0) - grad_at(-1.0)) / (2 * eps))
         assert np.linalg.norm(h[i] - fd) / np.linalg.norm(fd) < 1e-2
@@ -272,3 +302,109 @@ def test_projected_curvature_against_finite_differences_and_shared_compilation(m
     _, h2 = other(batch)
     assert other._fn is curv._fn and curv._fn._cache_size() == compiled
     assert not np.allclose(np.asarray(h2), h)
+
+
+# ----------------------------------------------------------------------------- the public functional core
+
+
+def test_mean_response_loss_equals_a_numpy_loop():
+    rng = np.random.default_rng(10)
+    logits = rng.standard_normal((3, 7, 11)).astype(np.float32)
+    labels = rng.integers(0, 11, (3, 7))
+    labels[0, :4] = -100
+    labels[2, :] = -100  # no response token: loss 0, never NaN
+    got = np.asarray(mean_response_loss(jnp.asarray(logits), jnp.asarray(labels)))
+    sums, counts = (np.asarray(x) for x in response_loss_sums(jnp.asarray(logits), jnp.asarray(labels)))
+    for b in range(3):
+        terms = []
+        for t in range(6):
+            if labels[b, t + 1] != -100:
+                z = logits[b, t].astype(np.float64)
+                terms.append(np.log(np.exp(z - z.max()).sum()) + z.max() - z[labels[b, t + 1]])
+        ref = np.mean(terms) if terms else 0.0
+        np.testing.assert_allclose(got[b], ref, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(sums[b], np.sum(terms), rtol=1e-5, atol=1e-6)
+        assert counts[b] == len(terms)
+
+
+def _arrays(batch):
+    return jnp.asarray(batch.input_ids), jnp.asarray(batch.attention_mask), jnp.asarray(batch.labels)
+
+
+def test_per_example_gradients_in_a_users_jit_vmap_and_shard_map(model):
+    """The public function with keyword arguments: in a caller's jit (model as a module or as a
+    (graphdef, state) pair; params as a regex or an already-split State), vmapped over two models,
+    and under shard_map, always equal to a loop of jax.grad."""
+    exs = examples(6, np.random.default_rng(11), lengths=(7, 12))
+    (batch,) = data.make_batches(exs, 6, (16,), pad_id=0)
+    ids, mask, labels = _arrays(batch)
+    pattern = "mlp.down_proj"
+    ref = np.stack([loop_grad(model, ex, pattern) for ex in exs])
+    jitted = jax.jit(functools.partial(per_example_gradients, params=pattern, microbatch=2))
+    np.testing.assert_allclose(jitted(model, ids, mask, labels), ref, atol=2e-6, rtol=1e-4)
+    graphdef, state = nnx.split(model)
+    np.testing.assert_allclose(jitted((graphdef, state), ids, mask, labels), ref, atol=2e-6, rtol=1e-4)
+    _, sel, rest = split_params(model, pattern)
+
+    @jax.jit
+    def with_selection(sel, rest):
+        return per_example_gradients((graphdef, rest), ids, mask, labels, params=sel, microbatch=3)
+
+    np.testing.assert_allclose(with_selection(sel, rest), ref, atol=2e-6, rtol=1e-4)
+    # vmap over a stack of two selections (the model's and a scaled one).
+    other = jax.tree.map(lambda x: 1.5 * x, sel)
+    stacked = jax.tree.map(lambda a, b: jnp.stack([a, b]), sel, other)
+    both = jax.vmap(with_selection, in_axes=(0, None))(stacked, rest)
+    scaled = nnx.merge(graphdef, other, rest)
+    np.testing.assert_allclose(both[0], ref, atol=2e-6, rtol=1e-4)
+    ref_scaled = np.stack([loop_grad(scaled, ex, pattern) for ex in exs])
+    np.testing.assert_allclose(both[1], ref_scaled, atol=2e-6, rtol=1e-4)
+    # shard_map: rows split over the local devices, parameters replicated.
+    from jax.sharding import Mesh, PartitionSpec as P
+
+    n = jax.local_device_count() if 6 % jax.local_device_count() == 0 else 1
+    mesh = Mesh(np.array(jax.local_devices()[:n]), ("data",))
+    body = functools.partial(per_example_gradients, (graphdef, state), params=pattern)
+    sharded = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("data"),) * 3, out_specs=P("data")))
+    np.testing.assert_allclose(sharded(ids, mask, labels), ref, atol=2e-6, rtol=1e-4)
+
+
+def test_per_example_gradients_with_offset_precondition_and_sketch(model):
+    """u_i = a * (g_i - offset), normalised, then sketched: against the loop reference and the projector."""
+    exs = examples(4, np.random.default_rng(12), lengths=(9,))
+    (batch,) = data.make_batches(exs, 4, (16,), pad_id=0)
+    _, sel, _ = split_params(model, "layers.mlp")
+    rng = np.random.default_rng(13)
+    a = jax.tree.map(lambda x: jnp.asarray(rng.uniform(0.5, 2.0, x.shape), jnp.float32), sel)
+    off = jax.tree.map(lambda x: jnp.asarray(1e-2 * rng.standard_normal(x.shape), jnp.float32), sel)
+    proj = Projector("srht", 32, seed=4)
+    got = per_example_gradients(model, *_arrays(batch), params="layers.mlp", projector=proj, precondition=a,
+                                offset=off, normalize=True)
+    for i, ex in enumerate(exs):
+        u = np.asarray(_flat(a)) * (loop_grad(model, ex, "layers.mlp") - np.asarray(_flat(off)))
+        ref = proj.project(_unflat(jnp.asarray(u / np.linalg.norm(u)), sel))
+        np.testing.assert_allclose(got[i], ref, atol=1e-5)
+
+
+def test_landmark_curvature_and_hessian_products_on_arrays(model, target):
+    """landmark_curvature on one target batch of arrays in a user's jit equals the shell, and h is the
+    exact Hessian product (hessian_products) of u."""
+    graphdef, sel, rest, batches = target
+    pattern = "layers.mlp.down_proj"
+    sources = examples(2, np.random.default_rng(14), lengths=(9,))
+    (batch,) = data.make_batches(sources, 2, (16,), pad_id=0)
+    (tb,) = data.make_batches(examples(3, np.random.default_rng(15), lengths=(6, 12)), 3, (16,), pad_id=0)
+    one_batch = (*_arrays(tb), jnp.asarray(tb.sample_mask))
+    fn = jax.jit(lambda ids, m, l, t: landmark_curvature(model, ids, m, l, targets=t, params=pattern,
+                                                         normalize=True, hessian="gauss-newton"))
+    u, h = fn(*_arrays(batch), one_batch)
+    shell = ProjectedCurvature(model, Projector("none", 0), [tb], GradientConfig(params=pattern, normalize=True),
+                               hessian="gauss-newton")
+    su, sh = shell(batch)
+    np.testing.assert_allclose(u, su, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(h, sh, rtol=1e-4, atol=1e-7)
+    vecs = jax.vmap(lambda x: _unflat(x, sel))(u)
+    ref = jax.vmap(_flat)(hessian_products(model, one_batch, vecs, params=pattern, kind="gauss-newton"))
+    np.testing.assert_allclose(h, ref, rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="hessian"):
+        landmark_curvature(model, *_arrays(batch), targets=one_batch, hessian="fisher")

@@ -7,7 +7,8 @@ import scipy.linalg
 import scipy.spatial.distance
 import scipy.stats
 
-from idjax.landmarks import Propagator, choose_landmarks, spearman
+from idjax.landmarks import choose_landmarks, spearman
+from idjax.propagation import Propagator
 
 N, L, E = 200, 20, 8
 CHUNK = 64  # < N and does not divide it: 4 chunks, the last one padded

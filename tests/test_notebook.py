@@ -27,7 +27,7 @@ print("NOTEBOOK-RESULT " + json.dumps({
     "executable": sys.executable, "k": K, "pool": len(pool), "rows": [int(r) for r in selection.rows],
     "landmarks": len(selection.landmarks), "scores_finite": bool(np.isfinite(selection.scores).all()),
     "weight_sum": float(selection.weights.sum()), "table": TOP_TABLE, "composition": COMPOSITION,
-    "kept": KEPT, "store": str(STORE),
+    "kept": KEPT, "store": str(STORE), "online": ONLINE,
 }))
 """
 
@@ -85,6 +85,10 @@ def test_quickstart_notebook(tmp_path, monkeypatch):
     assert sum(p for p, _ in result["composition"].values()) == n
     assert sum(s for _, s in result["composition"].values()) == k
     assert 0.0 <= result["kept"] <= 1.0
+    # The online-selection step: one compilation for all its steps, and the target loss went down.
+    online = result["online"]
+    assert online["compilations"] == 1 and online["steps"] == 3
+    assert online["after"] < online["before"]
 
     table = result["table"]
     assert [t["rank"] for t in table] == list(range(1, min(10, k) + 1))

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import scipy.optimize
 import torch
-import transformers
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
@@ -19,35 +18,18 @@ from idjax.embed import EmbedConfig
 from idjax.grads import sample_losses, split_params
 from idjax.optim import OptimizerSpec, update_model
 from idjax.pipeline import SelectConfig, select_samples
+from conftest import random_examples, tiny_llama
 
 VOCAB = 89
 
 
-def _examples(n, seed, prefix, lengths=(6, 11, 17)):
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        length = int(rng.choice(lengths))
-        ids = rng.integers(1, VOCAB, length).astype(np.int32)
-        labels = ids.copy()
-        labels[: length // 2] = data.IGNORE_INDEX
-        out.append(data.Example(i, f"{prefix}{i}", None, ids, labels, False))
-    return out
+def _examples(n, seed, prefix):
+    return random_examples(n, seed, prefix, vocab=VOCAB)
 
 
 @pytest.fixture(scope="module")
 def tiny_hf(tmp_path_factory):
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                      tie_word_embeddings=False)
-    hf = transformers.AutoModelForCausalLM.from_config(config).float().eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    path = tmp_path_factory.mktemp("tiny") / "llama"
-    hf.save_pretrained(path)
-    return hf, path
+    return tiny_llama(tmp_path_factory.mktemp("tiny") / "llama", vocab=VOCAB, seed=0)
 
 
 def _torch_grad(hf, examples):

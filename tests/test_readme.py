@@ -24,6 +24,13 @@ rows = [int(r) for r in sel.rows]
 assert len(rows) == len(set(rows)) == 10
 chosen = [pool[r] for r in rows]
 assert all(records[e.index]["id"] == e.id for e in chosen) and not skipped & {e.id for e in chosen}
+# the jitted selection equals the host shells on each landmark draw
+assert rows.shape == (4, 5) and len({tuple(np.asarray(l)) for l in landmarks}) > 1
+for i in range(4):
+    lm = np.asarray(landmarks[i])
+    p_host = idjax.Propagator.fit(emb, lm, kind="krr", delta=1e-2).apply(G[lm] @ np.asarray(v), progress=False)
+    np.testing.assert_array_equal(np.asarray(rows[i]), idjax.top_k(p_host, 5))
+    np.testing.assert_allclose(float(np.asarray(weights[i]).sum()), 1.0, rtol=1e-5)
 print("README-OK")
 """
 

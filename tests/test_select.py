@@ -1,18 +1,27 @@
 """idjax.select against straightforward reference implementations."""
 
+import jax
 import numpy as np
 import pytest
 
 from idjax.select import per_task, round_robin, task_budgets, top_k, top_k_lexicographic
 
 
+def _permutations(key, t):
+    """Round r's order of the t targets: jax.random.permutation(fold_in(key, r), t), r = 0, 1, ..."""
+    r = 0
+    while True:
+        yield np.asarray(jax.random.permutation(jax.random.fold_in(key, r), t))
+        r += 1
+
+
 def _naive_round_robin(cols, k, seed, allowed):
     """The definition, with a full sort of every column."""
-    rng = np.random.default_rng(seed)
     taken, out = ~allowed.copy(), []
     orders = [sorted(range(len(cols)), key=lambda r: (-cols[r, j], r)) for j in range(cols.shape[1])]
+    rounds = _permutations(jax.random.key(seed), cols.shape[1])
     while len(out) < k:
-        for j in rng.permutation(cols.shape[1]):
+        for j in next(rounds):
             row = next(r for r in orders[j] if not taken[r])
             taken[row] = True
             out.append(row)
@@ -52,6 +61,17 @@ def test_round_robin_matches_definition(n, t, k):
     # each column's picks are in its own order, and owners take turns
     counts = np.bincount(owner, minlength=t)
     assert counts.max() - counts.min() <= 1
+
+
+@pytest.mark.parametrize("t", [1, 2])
+def test_round_robin_ties_at_the_depth_cut_go_to_lower_rows(t):
+    """Each column ranks only its top k rows; rows tied with the k-th must be cut by row position."""
+    rng = np.random.default_rng(t)
+    for _ in range(5):
+        cols = rng.normal(size=(120, t)).round(0)  # a few values, many ties at the cut
+        allowed = rng.random(120) > 0.2
+        got = round_robin(cols, 30, seed=2, candidates=allowed)
+        np.testing.assert_array_equal(got, _naive_round_robin(cols, 30, 2, allowed))
 
 
 def test_round_robin_visits_targets_in_a_seeded_random_order():

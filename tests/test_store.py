@@ -15,7 +15,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from idjax.store import ArrayStore, FillStats, StoreError, compute_missing, fingerprint
+from idjax.io import fingerprint
+from idjax.store import ArrayStore, FillStats, StoreError, compute_missing
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -457,9 +458,31 @@ def test_view_indexes_like_numpy(tmp_path):
 
 def test_manifest_creation_race_keeps_the_first(tmp_path):
     """Two processes creating one store at once: the loser adopts the winner's manifest."""
-    from idjax.store import _publish_manifest
+    from idjax.store_format import publish_manifest
 
     path = tmp_path / "manifest.json"
-    assert _publish_manifest(path, {"who": "first"}) is True
-    assert _publish_manifest(path, {"who": "second"}) is False
+    assert publish_manifest(path, {"who": "first"}) is True
+    assert publish_manifest(path, {"who": "second"}) is False
     assert json.loads(path.read_text()) == {"who": "first"} and _temp_files(tmp_path) == []
+
+
+def test_atomic_writes_leave_no_temp_files(tmp_path):
+    """idjax.io: a failed write keeps the old file; a directory is published whole or not at all."""
+    from idjax.io import atomic_directory, atomic_write, write_text
+
+    f = tmp_path / "a.json"
+    write_text(f, "old")
+
+    def fail(out):
+        out.write(b"half")
+        raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(f, fail)
+    assert f.read_text() == "old" and _temp_files(tmp_path) == []
+    d = tmp_path / "cache"
+    atomic_directory(d, lambda tmp: (tmp.mkdir(), (tmp / "x").write_text("1")))
+    assert (d / "x").read_text() == "1"
+    with pytest.raises(OSError):  # another writer published it first: theirs is kept
+        atomic_directory(d, lambda tmp: (tmp.mkdir(), (tmp / "y").write_text("2")))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "cache"] and not (d / "y").exists()

@@ -14,10 +14,14 @@ from flax import nnx
 
 from idjax import data as D
 from idjax import train as T
+from idjax.checkpoint import restore_checkpoint
 from idjax.grads import sample_losses
+from idjax.lora import LoraConfig
 from idjax.models import CausalLM, CheckpointError, ModelConfig
 from idjax.models.modeling import abstract_model
 from idjax.optim import OptimizerSpec, load_optimizer_state, update_model
+from idjax.selection_file import read_selection
+from idjax.sharding import param_name
 
 TASKS = Path(__file__).parent / "fixtures" / "tasks"
 CFG = ModelConfig(model_type="llama", vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=1,
@@ -138,7 +142,7 @@ def test_lora_base_untouched_and_zero_b_is_the_base_model(tmp_path):
     batch = first_batch(exs, 4)
     full = T.Trainer(model, T.TrainConfig(SPEC, batch_size=4))  # its step reports the base model's loss
     base_loss = float(full.step(full.init_state(), batch)[1]["loss"])
-    config = T.TrainConfig(SPEC, batch_size=4, steps=4, buckets=B64, lora=T.LoraConfig(rank=4, alpha=8.0))
+    config = T.TrainConfig(SPEC, batch_size=4, steps=4, buckets=B64, lora=LoraConfig(rank=4, alpha=8.0))
     trainer = T.Trainer(model, config)
     state = trainer.init_state()
     assert set(state.trainable) == {f"layers.{m}.{p}.kernel" for m, ps in
@@ -150,8 +154,8 @@ def test_lora_base_untouched_and_zero_b_is_the_base_model(tmp_path):
     result = T.train(model, exs, config, out_dir=tmp_path / "run", progress=False)
     for x, y in zip(jax.tree.leaves(base), jax.tree.leaves(result.trainer.base)):
         np.testing.assert_array_equal(x, np.asarray(y))  # frozen base, bit for bit
-    merged = {T.param_name(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(params_of(result.model))}
-    flat_base = {T.param_name(p): v for p, v in jax.tree_util.tree_leaves_with_path(base)}
+    merged = {param_name(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(params_of(result.model))}
+    flat_base = {param_name(p): v for p, v in jax.tree_util.tree_leaves_with_path(base)}
     changed = {k for k in merged if not np.array_equal(merged[k], flat_base[k])}
     assert changed == set(result.state.trainable)  # only the adapted kernels move
     ad = result.state.trainable["layers.mlp.up_proj.kernel"]
@@ -261,8 +265,8 @@ def test_resume_rejects_missing_and_mismatched_checkpoints(tmp_path):
     # and without the fingerprint, Orbax's shape mismatch becomes a CheckpointError too
     template = T.Trainer(other, config).abstract_state()
     with pytest.raises(CheckpointError, match="does not match"):
-        T.restore_checkpoint(tmp_path / "a", template)
-    state, meta = T.restore_checkpoint(tmp_path / "a", T.Trainer(tiny(), config).abstract_state())
+        restore_checkpoint(tmp_path / "a", template)
+    state, meta = restore_checkpoint(tmp_path / "a", T.Trainer(tiny(), config).abstract_state())
     assert int(state.step) == 2 and meta["epoch"] == 1 and meta["position"] == 0
 
 
@@ -427,9 +431,9 @@ def test_weighted_selection_without_weights_is_refused_or_warned(tmp_path, caplo
     sel = tmp_path / "sel.jsonl"
     sel.write_text("".join(json.dumps({"index": i, "id": f"r{i}"}) + "\n" for i in range(2)))
     with pytest.raises(ValueError, match="no row has a 'weight' field"):
-        T.read_selection(sel, records, weighted=True)
-    assert T.read_selection(sel, records, weighted=False)[1] is None  # unweighted: weights are not read
+        read_selection(sel, records, weighted=True)
+    assert read_selection(sel, records, weighted=False)[1] is None  # unweighted: weights are not read
     sel.write_text(json.dumps({"index": 0, "id": "r0", "weight": 0.5}) + "\n" + json.dumps({"index": 1, "id": "r1"}))
     with caplog.at_level("WARNING", logger="idjax.train"):
-        _, w = T.read_selection(sel, records, weighted=True)
+        _, w = read_selection(sel, records, weighted=True)
     assert w == [0.5, 1.0] and "1 of 2 rows have no 'weight' field" in caplog.text

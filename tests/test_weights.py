@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from scipy.optimize import minimize
 
+from idjax import curvature as Op
 from idjax import weights as W
 
 
@@ -231,14 +232,14 @@ def test_estimate_spectrum_matches_numpy():
     n = 30
     A = rng.normal(size=(n, n))
     Q = (A + A.T) / 2 + np.ones((n, n))  # the ones block is invisible on the simplex
-    lmin, lmax = W.estimate_spectrum(W.dense_matvec(Q), n)
+    lmin, lmax = Op.estimate_spectrum(Op.dense_matvec(Q), n)
     eig = tangent_eigs(Q)
     np.testing.assert_allclose([lmin, lmax], [eig[0], eig[-1]], rtol=1e-4, atol=1e-4)
     # a rank-3 PSD operator exhausts its Krylov space after a few steps: no spurious values
     C = rng.normal(size=(n, 3))
     B = rng.normal(size=(3, 3))
     QL = B @ B.T
-    lmin, lmax = W.estimate_spectrum(W.low_rank_matvec(C, QL), n)
+    lmin, lmax = Op.estimate_spectrum(Op.low_rank_matvec(C, QL), n)
     eig = tangent_eigs(C @ QL @ C.T)
     assert abs(lmin) < 1e-4 * eig[-1]
     np.testing.assert_allclose(lmax, eig[-1], rtol=1e-4)
@@ -272,7 +273,7 @@ def test_second_order_psd_matches_scipy(n):
         p = rng.normal(size=n)
         Q = random_psd(rng, n, scale=rng.uniform(0.5, 5.0))
         eta, lam = float(rng.uniform(0.3, 2.0)), float(rng.uniform(0.05, 1.0))
-        sol = W.solve_weights(p.astype(np.float32), W.dense_matvec(Q), eta=eta, lam=lam)
+        sol = W.solve_weights(p.astype(np.float32), Op.dense_matvec(Q), eta=eta, lam=lam)
         check_against_scipy(sol, p, Q, eta, lam, rng)
         assert sol.lam == lam and sol.iterations > 0
         # the curvature changes the answer: it is not the first-order weights
@@ -289,7 +290,7 @@ def test_second_order_indefinite_with_large_lam_matches_scipy():
         assert eig[0] < 0 < eig[-1]
         p, eta = rng.normal(size=n), 0.8
         lam = -1.5 * eta * eig[0] + 0.05
-        sol = W.solve_weights(p.astype(np.float32), W.dense_matvec(Q), eta=eta, lam=lam)
+        sol = W.solve_weights(p.astype(np.float32), Op.dense_matvec(Q), eta=eta, lam=lam)
         check_against_scipy(sol, p, Q, eta, lam, rng)
 
 
@@ -311,9 +312,9 @@ def test_low_rank_matvec_matches_dense():
     QL = B @ B.T
     Q = C @ QL @ C.T
     eta, lam = 0.5, 0.3
-    low = W.solve_weights(p.astype(np.float32), W.low_rank_matvec(C, QL), eta=eta, lam=lam)
+    low = W.solve_weights(p.astype(np.float32), Op.low_rank_matvec(C, QL), eta=eta, lam=lam)
     check_against_scipy(low, p, Q, eta, lam, rng)
-    dense = W.solve_weights(p.astype(np.float32), W.dense_matvec(Q), eta=eta, lam=lam)
+    dense = W.solve_weights(p.astype(np.float32), Op.dense_matvec(Q), eta=eta, lam=lam)
     np.testing.assert_allclose(low.weights, dense.weights, atol=1e-5)
 
 
@@ -324,7 +325,7 @@ def test_nonconvex_raises_and_default_lam_fixes_it():
     Q = (A + A.T) / 2
     lmin_true = tangent_eigs(Q)[0]
     p = rng.normal(size=n).astype(np.float32)
-    mv = W.dense_matvec(Q)
+    mv = Op.dense_matvec(Q)
     lam_k = float(W.lam_for_budget(p, k))
     assert lam_k + eta * lmin_true < 0  # the budget lam alone is non-convex here
     with pytest.raises(ValueError, match=r"non-convex.*lam >= .*Gauss-Newton"):
@@ -335,7 +336,7 @@ def test_nonconvex_raises_and_default_lam_fixes_it():
     sol = W.solve_weights(p, mv, eta=eta, lam=lam)
     check_against_scipy(sol, p.astype(np.float64), Q, eta, lam, rng)
     # a PSD Q needs no extra ridge
-    assert W.default_lam(p, W.dense_matvec(random_psd(rng, n)), eta, k) == pytest.approx(lam_k)
+    assert W.default_lam(p, Op.dense_matvec(random_psd(rng, n)), eta, k) == pytest.approx(lam_k)
     assert W.default_lam(p, None, eta, k) == pytest.approx(lam_k)
 
 
@@ -344,7 +345,7 @@ def test_warm_start_and_iteration_limit():
     n = 25
     p, Q = rng.normal(size=n), random_psd(rng, n, 20.0)
     eta, lam = 1.0, 0.05
-    mv = W.dense_matvec(Q)
+    mv = Op.dense_matvec(Q)
     p32 = p.astype(np.float32)
     # stopped early: not converged, but the gap still bounds the suboptimality
     early = W.solve_weights(p32, mv, eta=eta, lam=lam, max_iter=2)
@@ -364,7 +365,7 @@ def test_warm_start_and_iteration_limit():
 
 def test_solve_weights_validates_inputs():
     p = np.ones(4, np.float32)
-    mv = W.dense_matvec(np.eye(4))
+    mv = Op.dense_matvec(np.eye(4))
     for lam in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="lam"):
             W.solve_weights(p, mv, lam=lam)
@@ -376,7 +377,7 @@ def test_solve_weights_validates_inputs():
         W.solve_weights(np.array([1.0, np.nan], np.float32), lam=1.0)
     with pytest.raises(ValueError, match="matvec must map"):
         W.solve_weights(p, lambda w: jnp.ones(3), lam=1.0)
-    one = W.solve_weights(np.array([0.5], np.float32), W.dense_matvec(np.array([[2.0]])), lam=1.0)
+    one = W.solve_weights(np.array([0.5], np.float32), Op.dense_matvec(np.array([[2.0]])), lam=1.0)
     assert one.weights.tolist() == [1.0] and one.objective == pytest.approx(-0.5 + 1.0 + 0.5)
 
 
@@ -400,7 +401,7 @@ def test_badly_conditioned_problem_stops_at_float32_resolution():
     QL = B @ B.T / l
     Q = C @ QL @ C.T
     eta, lam = 30.0, 0.05
-    sol = W.solve_weights(p.astype(np.float32), W.low_rank_matvec(C, QL), eta=eta, lam=lam,
+    sol = W.solve_weights(p.astype(np.float32), Op.low_rank_matvec(C, QL), eta=eta, lam=lam,
                           max_iter=20_000)
     ref_w, ref_f = slsqp(p, Q, eta, lam, rng, starts=1)
     f = objective(p, Q, eta, lam, sol.weights)

@@ -12,11 +12,11 @@ import importlib.metadata
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import jax.numpy as jnp
 
+from idjax.io import atomic_directory
 from idjax.models.config import ModelConfig, RopeConfig, UnsupportedModelError
 from idjax.models.generate import chat, generate
 from idjax.models.modeling import CausalLM, KVCache
@@ -32,7 +32,7 @@ from idjax.models.params import (
 
 __all__ = [
     "CausalLM", "CheckpointError", "KVCache", "ModelConfig", "RopeConfig", "UnsupportedModelError",
-    "chat", "generate", "gguf_tokenizer", "load", "load_tokenizer", "resolve", "save", "DEFAULT_MODEL",
+    "chat", "generate", "gguf_tokenizer", "is_embedded", "load", "load_tokenizer", "resolve", "save", "DEFAULT_MODEL",
 ]
 
 log = logging.getLogger(__name__)
@@ -45,10 +45,15 @@ _EMBEDDED = {
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "fp32": jnp.float32, "bf16": jnp.bfloat16}
 
 
+def is_embedded(name: str | os.PathLike) -> bool:
+    """Whether `name` names an embedded model (a GGUF inside a PyPI package), not a path."""
+    return str(name).lower() in _EMBEDDED
+
+
 def resolve(path: str | os.PathLike) -> Path:
     """Turn an embedded model name into the file it names; check a path exists."""
     name = str(path)
-    if name.lower() in _EMBEDDED:
+    if is_embedded(name):
         dist_name, fname = _EMBEDDED[name.lower()]
         try:
             dist = importlib.metadata.distribution(dist_name)
@@ -157,12 +162,9 @@ def load_tokenizer(path: str | os.PathLike):
             tok = AutoTokenizer.from_pretrained(str(cached))
         else:
             tok = gguf_tokenizer(p)
-            partial = cached.with_name(f"{cached.name}.tmp{os.getpid()}")
             try:  # written aside, then renamed: an interrupted write leaves no half cache behind
-                tok.save_pretrained(str(partial))
-                partial.rename(cached)
+                atomic_directory(cached, lambda d: tok.save_pretrained(str(d)))
             except OSError as e:  # a read-only home, or another process that cached it first
-                shutil.rmtree(partial, ignore_errors=True)
                 if not cached.exists():
                     log.warning("could not cache the tokenizer in %s: %s", cached, e)
     if tok.pad_token is None:

@@ -1,0 +1,247 @@
+"""Second-order pieces: the target loss L_T, its gradient, Hessian-vector products (exact and
+Gauss-Newton), the projected landmark curvature, and the target direction (docs/method.md 3, 4.3).
+
+Core functions take arrays (a TargetArrays, or one batch as a tuple of arrays) and run inside a
+caller's jit / vmap; `model` and `params` are as in grads.split_params. ProjectedCurvature and
+target_direction are the shells over host batches.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from idjax import sharding as shd
+from idjax.data import IGNORE_INDEX
+from idjax.grads import (
+    GradientConfig, batch_arrays, local_microbatch, map_in_steps, sample_losses, single_sample_loss, split_params,
+)
+from idjax.sketch import Projector, global_norm_sq
+
+HESSIANS = ("exact", "gauss-newton")
+
+
+class TargetArrays(NamedTuple):
+    """A target set as arrays: per batch (input_ids, attention_mask, labels, sample_mask), and the
+    number of real samples (float32), the denominator of L_T."""
+
+    arrays: tuple
+    total: jax.Array
+
+
+def as_targets(targets) -> TargetArrays:
+    """A TargetArrays as it is; one batch (input_ids, attention_mask, labels[, sample_mask]) as a
+    one-batch TargetArrays (every row real when sample_mask is not given). Traceable."""
+    if isinstance(targets, TargetArrays):
+        return targets
+    ids, mask, labels, *real = targets
+    real = jnp.ones(ids.shape[0], bool) if not real else jnp.asarray(real[0], bool)
+    return TargetArrays(((ids, mask, labels, real),), jnp.sum(real).astype(jnp.float32))
+
+
+def target_arrays(batches) -> TargetArrays:
+    """The data.Batch-es of a target set as device arrays, passed to jitted functions as arguments, so a
+    new target set of the same shapes reuses their compilation (closed over, they would be constants
+    baked into each trace). An empty target set has no loss: ValueError."""
+    total = sum(int(np.asarray(b.sample_mask).sum()) for b in batches)
+    if total == 0:
+        raise ValueError("the target set is empty")
+    arrays = tuple((jnp.asarray(b.input_ids), jnp.asarray(b.attention_mask), jnp.asarray(b.labels),
+                    jnp.asarray(b.sample_mask)) for b in batches)
+    return TargetArrays(arrays, jnp.float32(total))
+
+
+def mean_target_loss(model, targets, *, params=None):
+    """L_T = (1/t) sum_j l(theta; z_j): the mean over the t real target samples of their mean
+    response-token loss (docs/method.md 1), as a function of the selected `params`."""
+    graphdef, selected, rest = split_params(model, params)
+    return _mean_target_loss(graphdef, rest, as_targets(targets), selected)
+
+
+def _mean_target_loss(graphdef, rest, targets: TargetArrays, selected):
+    model = nnx.merge(graphdef, selected, rest)
+    acc = jnp.float32(0.0)
+    for ids, mask, labels, real in targets.arrays:
+        acc = acc + jnp.sum(jnp.where(real, sample_losses(model, ids, mask, labels), 0.0))
+    return acc / targets.total
+
+
+def target_gradient(model, targets, *, params=None):
+    """g_T = grad L_T with respect to the selected params: a pytree like them."""
+    graphdef, selected, rest = split_params(model, params)
+    return jax.grad(functools.partial(_mean_target_loss, graphdef, rest, as_targets(targets)))(selected)
+
+
+def hvp(loss, params, vectors):
+    """Exact Hessian-vector products H v of the scalar function `loss` at `params`, forward-over-reverse
+    (jvp of grad): one extra forward-mode pass per vector, no d x d matrix.
+
+    `vectors` is a pytree like `params` with a leading axis of n vectors; returns the same shape.
+    """
+    grad = jax.grad(loss)
+    return jax.vmap(lambda v: jax.jvp(grad, (params,), (v,))[1])(vectors)
+
+
+def gauss_newton_vp(model, targets, vectors, *, params=None):
+    """Gauss-Newton products G v = sum_j w_j J_j^T H_out J_j v of L_T (always PSD), for a stack of vectors.
+
+    J_j is the Jacobian of the logits of trained token j and H_out = diag(p) - p p^T the softmax
+    cross-entropy Hessian there; w_j = 1 / (response tokens of its sample * real samples), the weights
+    of L_T. `vectors`: a pytree like the selected params with a leading axis of n; same shape out.
+    """
+    graphdef, selected, rest = split_params(model, params)
+    targets = as_targets(targets)
+
+    def gv(v):
+        out = jax.tree.map(jnp.zeros_like, selected)
+        for ids, mask, labels, real in targets.arrays:
+            def logits_fn(p):
+                return nnx.merge(graphdef, p, rest)(ids, mask)[:, :-1].astype(jnp.float32)
+
+            logits, lin = jax.linearize(logits_fn, selected)
+            u = lin(v)
+            prob = jax.nn.softmax(logits, axis=-1)
+            hu = prob * u - prob * jnp.sum(prob * u, axis=-1, keepdims=True)
+            tok = labels[:, 1:] != IGNORE_INDEX
+            weight = tok / jnp.maximum(tok.sum(-1, keepdims=True), 1) * real[:, None] / targets.total
+            (back,) = jax.linear_transpose(lin, selected)(hu * weight[..., None])
+            out = jax.tree.map(jnp.add, out, back)
+        return out
+
+    return jax.vmap(gv)(vectors)
+
+
+def hessian_products(model, targets, vectors, *, params=None, kind: str = "exact"):
+    """H_T v for a stack of vectors: kind "exact" (hvp of L_T) or "gauss-newton" (gauss_newton_vp)."""
+    if kind == "exact":
+        graphdef, selected, rest = split_params(model, params)
+        loss = functools.partial(_mean_target_loss, graphdef, rest, as_targets(targets))
+        return hvp(loss, selected, vectors)
+    if kind == "gauss-newton":
+        return gauss_newton_vp(model, targets, vectors, params=params)
+    raise ValueError(f"hessian must be one of {HESSIANS}, got {kind!r}")
+
+
+def landmark_curvature(model, input_ids, attention_mask, labels, *, targets, params=None,
+                       projector: Projector | None = None, precondition=None, normalize: bool = False,
+                       hessian: str = "exact", shards: int = 1):
+    """(P u_i, P h_i), float32 [B, k] each: the second-order landmark terms of docs/method.md 4.3.
+
+        u_i = a (.) g_i   (g_i the per-example gradient, a = precondition), / ||u_i|| when normalize
+        h_i = H_T u_i     (hessian "exact" or "gauss-newton", of the target loss over `targets`)
+
+    both sketched with the same P, so Q_L[i, j] = <P h_i, P u_j>. One sample at a time (lax.map): memory
+    is one double pass over the targets. targets: a TargetArrays or one batch of arrays (as_targets).
+    shards: the batch axis is split over that many devices, one sample per device at a time.
+    """
+    if hessian not in HESSIANS:
+        raise ValueError(f"hessian must be one of {HESSIANS}, got {hessian!r}")
+    graphdef, selected, rest = split_params(model, params)
+    projector = Projector("none", 0) if projector is None else projector
+    targets = as_targets(targets)
+    loss = single_sample_loss(graphdef, rest)
+
+    def one(args):
+        g = jax.grad(loss)(selected, *args)
+        u = g if precondition is None else jax.tree.map(lambda a, x: (a * x).astype(jnp.float32), precondition, g)
+        if normalize:
+            norm = jnp.sqrt(global_norm_sq(u))
+            u = jax.tree.map(lambda x: x / jnp.maximum(norm, 1e-30).astype(x.dtype), u)
+        h = hessian_products((graphdef, rest), targets, jax.tree.map(lambda x: x[None], u), params=selected,
+                             kind=hessian)
+        h = jax.tree.map(lambda x: x[0], h)
+        return projector.project(u), projector.project(h)
+
+    args = (input_ids, attention_mask, labels)
+    if shards > 1:
+        local_microbatch(input_ids.shape[0], shards, 1)  # checks the batch splits
+        return map_in_steps(lambda *a: one(a), args, per_step=shards, shards=shards)
+    return jax.lax.map(one, args)
+
+
+# ----------------------------------------------------------------------------- shells over host batches
+
+
+def _curvature(graphdef, projector, config: GradientConfig, hessian: str, shards: int,
+               selected, rest, precondition, targets: TargetArrays, ids, mask, labels):
+    """The compiled body of ProjectedCurvature: landmark_curvature with the shell's settings."""
+    return landmark_curvature((graphdef, rest), ids, mask, labels, targets=targets, params=selected,
+                              projector=projector, precondition=precondition, normalize=config.normalize,
+                              hessian=hessian, shards=shards)
+
+
+class ProjectedCurvature:
+    """landmark_curvature over host batches: one compilation per length bucket, batches split over a mesh.
+
+    For each source sample, u = a * g (L2-normalised when asked, as the first-order scores are) and
+    h = H_T u, both projected with the same sketch, so Q_L[i, j] = <P u_j, P h_i>.
+    """
+
+    def __init__(self, model, projector, target_batches, config: GradientConfig = GradientConfig(),
+                 precondition=None, hessian: str = "exact", *, mesh=None):
+        if config.keep:
+            raise ValueError("second-order selection works on whole parameter tensors; drop the coordinate mask "
+                             "(keep) or restrict --params instead")
+        if hessian not in HESSIANS:
+            raise ValueError(f"hessian must be one of {HESSIANS}, got {hessian!r}")
+        self.config, self.projector, self.hessian = config, projector, hessian
+        self.targets = target_arrays(target_batches)  # raises on an empty target set
+        self.graphdef, self.selected, self.rest = split_params(model, config.params)
+        self.precondition = precondition
+        self.mesh = shd.get_mesh() if mesh is None else mesh
+        self.shards = self.mesh.size if shd.active(self.mesh) else 1
+        rows = None
+        if self.shards > 1:  # one sample per device at a time
+            self.selected, self.rest, self.precondition = (
+                shd.shard_params(t, self.mesh) for t in (self.selected, self.rest, self.precondition))
+            self.targets = shd.put_replicated(self.targets, self.mesh)
+            rows = shd.row_sharding(self.mesh, 2)
+        # Shared like the gradients' compilation; the target set is an argument, so another target set
+        # of the same batch shapes compiles nothing.
+        self._fn = shd.jit_once(
+            ("curvature", self.graphdef, projector, config, hessian, self.shards, rows),
+            functools.partial(_curvature, self.graphdef, projector, config, hessian, self.shards),
+            out_shardings=None if rows is None else (rows, rows))
+
+    def __call__(self, batch):
+        """(P u [B, k], P h [B, k]) for one data.Batch; padding rows are garbage (mask them)."""
+        u, h = self._fn(self.selected, self.rest, self.precondition, self.targets,
+                        *batch_arrays(batch, self.mesh if self.shards > 1 else None))
+        rows = len(batch.input_ids)
+        return (u, h) if u.shape[0] == rows else (u[:rows], h[:rows])
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _gradient_jit(graphdef, selected, rest, targets):
+    return target_gradient((graphdef, rest), targets, params=selected)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _shift_product_jit(graphdef, hessian, selected, rest, targets, shift):
+    vectors = jax.tree.map(lambda x: x[None], shift)
+    return hessian_products((graphdef, rest), targets, vectors, params=selected, kind=hessian)
+
+
+def target_direction(model, batches, pattern: str | None = None, *, shift=None, eta: float = 1.0,
+                     hessian: str = "exact"):
+    """(v, offset): v = g_T - eta * H_T shift over the selected params, offset = eta * H_T shift (or None).
+
+    docs/method.md 3: p = G D_a (g_T - eta H_T b). `shift` is the update model's b restricted to the
+    selection (None for GD). `offset` is what per-target-sample columns subtract from their own
+    gradient (the mean-target Hessian stands in for each sample's own). `batches`: data.Batch-es.
+    """
+    graphdef, selected, rest = split_params(model, pattern)
+    # Weights and data go in as arguments (closed over, they would be constants that XLA folds, and
+    # every new target set would compile again): one compilation per model structure and batch shapes.
+    targets = target_arrays(batches)
+    g = _gradient_jit(graphdef, selected, rest, targets)
+    if shift is None:
+        return g, None
+    hb = _shift_product_jit(graphdef, hessian, selected, rest, targets, shift)
+    offset = jax.tree.map(lambda x: eta * x[0], hb)
+    return jax.tree.map(jnp.subtract, g, offset), offset

@@ -1,0 +1,225 @@
+"""The training shell: one jitted optimizer step on the split model, on one device or a mesh.
+
+Why functional: `nnx.split` turns the model into (graphdef, params); one jitted step per length
+bucket updates params and the optax state, so the state that selection reads (optim.update_model)
+is exactly the one training produced. Why one step = one jit call: the A microbatches of a step
+share a bucket ([A, B, L] arrays) and are summed inside a `lax.scan`, so accumulation costs no
+host round trips and the accumulated gradient equals the big-batch gradient of
+sum_i w_i l_i / sum_i w_i (l_i: masked mean token loss of sample i, docs/method.md 1).
+
+The loop around it (data order, checkpoints, metrics, export) is idjax.train.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from idjax import data as D
+from idjax import distributed as dist
+from idjax import sharding as shd
+from idjax.grads import sample_losses
+from idjax.lora import LoraConfig, lora_init, lora_merge
+from idjax.models import CausalLM
+from idjax.models.modeling import abstract_model
+from idjax.optim import OptimizerSpec
+
+if TYPE_CHECKING:
+    from idjax.train import TrainConfig
+
+log = logging.getLogger(__name__)
+
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _f32_copy(tree, copy: bool = True):
+    """Float32 master copies (fresh buffers: the jitted step donates them, the caller's model stays valid).
+    copy=False: float32 leaves are taken as they are (the step then donates the caller's arrays).
+
+    Shapes stay shapes: an abstract model (ShapeDtypeStruct leaves) gives an abstract copy.
+    """
+    def cast(x):
+        dtype = jnp.float32 if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, dtype)
+        return jnp.array(x, dtype=dtype, copy=True) if copy else jnp.asarray(x, dtype)
+
+    return jax.tree.map(cast, tree)
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    """Everything a resumed run needs besides the data: trainable params, optax state, step, RNG."""
+
+    trainable: Any
+    opt_state: Any
+    step: jax.Array
+    rng: jax.Array  # raw uint32 key data, so Orbax stores it as a plain array
+
+
+def _microbatch_loss(graphdef, lora: LoraConfig | None, trainable, base, rest, ids, mask, labels, weights,
+                     total_weight):
+    """sum_i w_i l_i / W of one microbatch (W: total weight of the whole step), float32."""
+    params = trainable if lora is None else lora_merge(base, trainable, lora.scale)
+    model = nnx.merge(graphdef, params, rest)
+    losses = sample_losses(model, ids, mask, labels).astype(jnp.float32)
+    return jnp.sum(weights * losses) / total_weight
+
+
+def _train_step_fn(graphdef, spec: OptimizerSpec, lora: LoraConfig | None, state: TrainState, base, rest,
+                   ids, mask, labels, weights):
+    """One optimizer step on [A, B, L] microbatches with per-row weights [A, B] (0 = padding).
+
+    Module-level with hashable static arguments, so every Trainer of the same model and recipe
+    shares one compilation per bucket.
+    """
+    total = jnp.maximum(jnp.sum(weights, dtype=jnp.float32), jnp.finfo(jnp.float32).tiny)
+    grad_fn = jax.value_and_grad(partial(_microbatch_loss, graphdef, lora))
+    if ids.shape[0] == 1:
+        loss, grads = grad_fn(state.trainable, base, rest, ids[0], mask[0], labels[0], weights[0], total)
+    else:
+        def micro(carry, xs):
+            acc_loss, acc_grads = carry
+            loss, g = grad_fn(state.trainable, base, rest, *xs, total)
+            return (acc_loss + loss, jax.tree.map(jnp.add, acc_grads, g)), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.trainable)
+        (loss, grads), _ = jax.lax.scan(micro, (jnp.zeros((), jnp.float32), zeros), (ids, mask, labels, weights))
+    updates, opt_state = spec.build().update(grads, state.opt_state, state.trainable)
+    trainable = optax.apply_updates(state.trainable, updates)
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+    return TrainState(trainable, opt_state, state.step + 1, state.rng), metrics
+
+
+_train_step = jax.jit(_train_step_fn, static_argnums=(0, 1, 2), donate_argnums=(3,))
+
+
+def _sharded_train_step(state_shardings, mesh):
+    """_train_step on a mesh, its output state pinned to the input's shardings: left to itself, XLA may
+    shard the updated state differently from the state it was given, and the next step recompiles.
+    One compilation per (shardings, bucket), shared by every Trainer, like _train_step."""
+    leaves, treedef = jax.tree.flatten(state_shardings)
+    return shd.jit_once(("train step", treedef, tuple(leaves)), _train_step_fn, static_argnums=(0, 1, 2),
+                         donate_argnums=(3,), out_shardings=(state_shardings, shd.replicated(mesh)))
+
+
+class Trainer:
+    """Holds the split model; `step` is a pure function of (state, batch), jitted once per bucket.
+
+    Full fine-tuning: trainable = the float32 Param state of the model. LoRA: trainable = the
+    adapters; the base Param state (float32 copy) is passed to the step, never updated.
+
+    mesh (default sharding.get_mesh(): every local device): data parallel training. Each batch's
+    rows are split over the devices (batch_size must be a multiple of the mesh size) and XLA sums the
+    gradients across them; the state is replicated, or FSDP-sharded by sharding.RULES when the
+    mesh has fsdp > 1. A mesh over several processes' devices (sharding.mesh_from_spec(...,
+    global_devices=True)) trains SPMD across hosts: every process runs the same loop on the same data.
+
+    donate_model (full fine-tuning): train the model's own float32 arrays instead of a copy, one
+    model's worth less memory; the first step donates them, so `model` is unusable afterwards.
+    """
+
+    def __init__(self, model: CausalLM, config: TrainConfig, *, mesh=None, donate_model: bool = False):
+        self.config = config
+        self.donate_model = donate_model
+        self.mesh = shd.get_mesh() if mesh is None else mesh
+        if shd.active(self.mesh) and config.batch_size % self.mesh.size:
+            if mesh is not None or dist.multi_process():
+                raise ValueError(f"batch size {config.batch_size} does not split over {self.mesh.size} devices: "
+                                 f"use a multiple of {self.mesh.size}")
+            log.warning("batch size %d does not split over the %d local devices: training on one device (use a "
+                        "multiple of %d to train data parallel)", config.batch_size, self.mesh.size, self.mesh.size)
+            self.mesh = None
+        self.model_config = model.config
+        self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
+        self.param_dtypes = jax.tree.map(lambda x: x.dtype, params)
+        compute = abstract_model(model.config, dtype=COMPUTE_DTYPES[config.compute_dtype], param_dtype=jnp.float32)
+        compute.remat = config.remat or getattr(model, "remat", False)
+        self.compute_graphdef = nnx.split(compute, nnx.Param, ...)[0]
+        self.optimizer = config.optimizer.build()
+        self.schedule = config.optimizer.lr_schedule()
+        if config.lora is None:
+            self.base = None
+            self._params = params  # copied to float32 in init_state
+        else:
+            self.base = _f32_copy(params)
+            self._params = None
+        self._step = _train_step
+        if shd.active(self.mesh):
+            self.rest, self.base = shd.shard_params(self.rest, self.mesh), shd.shard_params(self.base, self.mesh)
+            self._step = _sharded_train_step(shd.param_shardings(self.abstract_state(), self.mesh), self.mesh)
+
+    def place(self, state: TrainState) -> TrainState:
+        """The state on this trainer's devices: committed to the default device, or on the mesh."""
+        return shd.shard_params(state, self.mesh) if shd.active(self.mesh) else shd.commit(state)
+
+    # -- state
+
+    def _init(self, params) -> TrainState:
+        key = jax.random.key(self.config.seed)
+        if self.config.lora is None:
+            trainable = _f32_copy(params, copy=not self.donate_model)
+        else:
+            key, sub = jax.random.split(key)
+            trainable = lora_init(params, self.config.lora, sub)
+        return TrainState(trainable, self.optimizer.init(trainable), jnp.zeros((), jnp.int32),
+                          jax.random.key_data(key))
+
+    def init_state(self) -> TrainState:
+        """Fresh state: float32 masters (or new LoRA adapters) and the optimizer's initial state."""
+        return self.place(self._init(self._params if self.config.lora is None else self.base))
+
+    def abstract_state(self) -> TrainState:
+        """The shapes and dtypes of init_state(), computing nothing (a restore target)."""
+        return jax.eval_shape(self._init, self._params if self.config.lora is None else self.base)
+
+    def params(self, state: TrainState):
+        """Full float32 parameters of `state` (LoRA merged into the base)."""
+        if self.config.lora is None:
+            return state.trainable
+        return lora_merge(self.base, state.trainable, self.config.lora.scale)
+
+    def model(self, state: TrainState) -> CausalLM:
+        """A new CausalLM with the trained weights in the original storage dtype (LoRA merged)."""
+        params = jax.tree.map(lambda x, dt: jnp.asarray(x, dt), self.params(state), self.param_dtypes)
+        return nnx.merge(self.graphdef, params, self.rest)
+
+    # -- the step
+
+    def step(self, state: TrainState, batch: D.Batch, weights=None) -> tuple[TrainState, dict]:
+        """Apply one optimizer step to a Batch of batch_size * grad_accum rows.
+
+        weights: per-row loss weights [rows] (None: 1 for every real row); padding rows get 0.
+        The input state's arrays are donated: use the returned state.
+        """
+        a = self.config.grad_accum
+        rows, length = batch.input_ids.shape
+        if rows % a:
+            raise ValueError(f"a batch of {rows} rows does not split into grad_accum={a} microbatches")
+        w = np.ones(rows, np.float32) if weights is None else np.asarray(weights, np.float32)
+        w = np.where(batch.sample_mask, w, 0.0).astype(np.float32)
+        shape = (a, rows // a, length)
+        mesh = self.mesh if shd.active(self.mesh) else None
+        put = lambda x: x if mesh is None else shd.put_rows(x, mesh, axis=1)  # noqa: E731 (rows of each microbatch)
+        return self._step(self.compute_graphdef, self.config.optimizer, self.config.lora, state, self.base,
+                           self.rest, put(batch.input_ids.reshape(shape)), put(batch.attention_mask.reshape(shape)),
+                           put(batch.labels.reshape(shape)), put(w.reshape(shape[:2])))
+
+    def lr(self, step: int) -> float:
+        """The learning rate applied at optimizer step `step` (0-based)."""
+        return float(self.schedule(step))
+
+
+__all__ = ["COMPUTE_DTYPES", "TrainState", "Trainer"]
