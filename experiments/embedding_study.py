@@ -63,7 +63,7 @@ def _load(max_length):
 
 
 def exact_stage(args) -> None:
-    from idjax import data, pipeline
+    from idjax import data, passes
     from idjax.grads import GradientConfig
     from idjax.hessian import target_direction
     from idjax.sketch import Projector
@@ -72,10 +72,10 @@ def exact_stage(args) -> None:
     n = len(pool)
     projector = Projector("srht", GRAD_FP["proj_dim"], seed=0)
     gcfg = GradientConfig(params=GRAD_FP["params"], normalize=True, microbatch=8)
-    fp = {"kind": "gradients", "model": pipeline.model_fingerprint(model), "data": data.examples_fingerprint(pool),
+    fp = {"kind": "gradients", "model": passes.model_fingerprint(model), "data": data.examples_fingerprint(pool),
           "rows": "all", "update": "gd", "params": GRAD_FP["params"], "keep": None, "normalize": True,
           "projection": ["srht", GRAD_FP["proj_dim"], 0]}
-    gstore, _ = pipeline.gradient_store(model, pool, np.arange(n), projector, gcfg, None, STORE, fp, 8, 256)
+    gstore, _ = passes.gradient_store(model, pool, np.arange(n), projector, gcfg, None, STORE, fp, 8, 256)
     g = gstore.to_array().astype(np.float64)
     scores, vs = [], []
     for task in TASKS:
@@ -317,15 +317,15 @@ def tail_stage(args) -> None:
 
 
 def library_stage(args) -> None:
-    """Embeddings through idjax.embed.JVPEmbedder (pipeline.embed_pool), timed: the measured cost."""
-    from idjax import pipeline
+    """Embeddings through idjax.embed.JVPEmbedder (passes.embed_pool), timed: the measured cost."""
+    from idjax import passes
     from idjax.embed import EmbedConfig
 
     model, tok, records, pool = _load(args.max_length)
     kw = json.loads(args.config)
     cfg = EmbedConfig(**kw)
     t0 = time.perf_counter()
-    store = pipeline.embed_pool(model, pool, cfg, STORE, batch_size=args.batch_size)
+    store = passes.embed_pool(model, pool, cfg, STORE, batch_size=args.batch_size)
     secs = time.perf_counter() - t0
     np.savez(STORE / f"study-feat-{args.name}.npz", seconds=secs, emb=store.to_array(),
              config=json.dumps(dataclasses.asdict(cfg)), store=str(store.path))

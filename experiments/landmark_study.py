@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 import jax  # noqa: E402
 
-from idjax import data, models, pipeline  # noqa: E402
+from idjax import data, models, passes  # noqa: E402
 from idjax.embed import EmbedConfig  # noqa: E402
 from idjax.grads import GradientConfig  # noqa: E402
 from idjax.hessian import target_direction  # noqa: E402
@@ -67,17 +67,17 @@ def main(argv=None) -> int:
     timings = {}
 
     s = time.perf_counter()
-    emb = pipeline.embed_pool(model, pool, EmbedConfig(num_blocks=args.embed_blocks, dim=args.embed_dim), store,
+    emb = passes.embed_pool(model, pool, EmbedConfig(num_blocks=args.embed_blocks, dim=args.embed_dim), store,
                               batch_size=args.batch_size).view()
     timings["embed"] = time.perf_counter() - s
 
     projector = Projector("srht", args.proj_dim, seed=0)
     gcfg = GradientConfig(params=args.params, normalize=True, microbatch=1 if args.params is None else 8)
-    fp = {"kind": "gradients", "model": pipeline.model_fingerprint(model), "data": data.examples_fingerprint(pool),
+    fp = {"kind": "gradients", "model": passes.model_fingerprint(model), "data": data.examples_fingerprint(pool),
           "rows": "all", "update": "gd", "params": args.params, "keep": None, "normalize": True,
           "projection": ["srht", args.proj_dim, 0]}
     s = time.perf_counter()
-    gstore, _ = pipeline.gradient_store(model, pool, np.arange(n), projector, gcfg, None, store, fp, args.batch_size,
+    gstore, _ = passes.gradient_store(model, pool, np.arange(n), projector, gcfg, None, store, fp, args.batch_size,
                                         256)
     g = gstore.to_array().astype(np.float64)
     timings["exact gradients"] = time.perf_counter() - s

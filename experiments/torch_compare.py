@@ -302,7 +302,7 @@ def main(argv=None) -> int:
     for name in ("idjax", "torch_compare"):
         logging.getLogger(name).setLevel(logging.INFO)
     clock = StageClock()
-    logging.getLogger("idjax.pipeline").addHandler(clock)
+    logging.getLogger("idjax.passes").addHandler(clock)  # timed_stage logs there
 
     import torch
     import transformers

@@ -40,7 +40,8 @@ _EXPORTS = {
                 "WeightSolution"),
     "select": ("top_k_indices", "round_robin_order", "round_robin_indices", "per_task_indices", "task_groups",
                "top_k", "top_k_lexicographic", "round_robin", "per_task", "task_budgets"),
-    "pipeline": ("SelectConfig", "Selection", "select_samples", "embed_pool"),
+    "passes": ("embed_pool",),
+    "pipeline": ("SelectConfig", "Selection", "select_samples"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = list(_WHERE)

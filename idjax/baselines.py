@@ -31,7 +31,8 @@ import numpy as np
 from flax import nnx
 
 from idjax import data as D
-from idjax import pipeline as P
+from idjax import passes as P
+from idjax.pipeline import Selection
 from idjax.grads import mean_response_loss
 from idjax.select import round_robin
 
@@ -100,7 +101,7 @@ def mid_ppl_rows(losses, k: int) -> np.ndarray:
 
 
 def select_baseline(method: str, model, pool: Sequence[D.Example], targets: Sequence[D.Example], k: int, *,
-                    seed: int = 0, batch_size: int = 8, store_dir=None, chunk_rows: int = 256) -> P.Selection:
+                    seed: int = 0, batch_size: int = 8, store_dir=None, chunk_rows: int = 256) -> Selection:
     """Run one baseline; the Selection's scores are what the method ranks by (cosine, -|rank - median|,
     or 0), its weights are uniform over the selected rows."""
     if method not in METHODS:
@@ -144,4 +145,4 @@ def select_baseline(method: str, model, pool: Sequence[D.Example], targets: Sequ
     timings["total"] = round(time.perf_counter() - t0, 3)
     info = {"method": method, "k": int(k), "seed": seed, "pool": n, "targets": len(targets),
             "timings_s": timings}
-    return P.Selection(np.asarray(rows, np.int64), scores, weights, owners, np.zeros(0, np.int64), info)
+    return Selection(np.asarray(rows, np.int64), scores, weights, owners, np.zeros(0, np.int64), info)

@@ -22,7 +22,7 @@ Stages (each timed; every one reuses what an earlier run left in `out_dir`):
    `batch_size`) on the selection and on a seeded random subset of the pool of the same size, and
    the target loss (mean response-token loss, docs/method.md 1) on the eval set is measured for the
    warmed-up model ("before") and both fine-tuned models;
-5. report: a table on stdout (`format_report`), out_dir/demo.json with every number, and
+5. report: a table on stdout (`demo_report.format_report`), out_dir/demo.json with every number, and
    out_dir/demo.png (eval loss of the three models; domain composition of both subsets).
 
 Why these defaults (measured on a shared 2-core CPU). With the defaults (a 300-row pool, k = 30, 75
@@ -55,7 +55,6 @@ each stage (`_release_memory`) and freed heap after each long compilation (`_tri
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import logging
@@ -67,7 +66,8 @@ from typing import Any
 
 import numpy as np
 
-from idjax.io import atomic_write, write_text
+from idjax import demo_report
+from idjax.io import write_text
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,6 @@ def run_demo(out_dir="idjax-demo", *, task: str = "definitions", pool_limit: int
     each only when it was made with the same settings. `QUICK` holds the `--quick` overrides.
     """
     import jax
-    from flax import nnx
     from tqdm.auto import tqdm
 
     global _LISTENING
@@ -223,14 +222,13 @@ def run_demo(out_dir="idjax-demo", *, task: str = "definitions", pool_limit: int
         jax.monitoring.register_event_duration_secs_listener(_trim_after_compile)
         _LISTENING = True
 
-    from idjax import data, evaluate, models, pipeline, train
+    from idjax import data, evaluate, models, passes, pipeline, stages, train
     from idjax.embed import EmbedConfig
-    from idjax.grads import restrict, split_params
     from idjax.io import fingerprint
-    from idjax.optim import OptimizerSpec, load_optimizer_state, update_model
+    from idjax.optim import OptimizerSpec
     from idjax.selection_file import write_selection
 
-    timed = functools.partial(pipeline.timed_stage, label="demo:", digits=2)
+    timed = functools.partial(passes.timed_stage, label="demo:", digits=2)
     if task not in TASKS:
         raise ValueError(f"unknown demo task {task!r}: choose one of {', '.join(TASKS)}")
     if not 0 < k_fraction <= 1:
@@ -254,15 +252,12 @@ def run_demo(out_dir="idjax-demo", *, task: str = "definitions", pool_limit: int
     # 1. data and tokenizer
     with timed("load", timings):
         tok = models.load_tokenizer(models.resolve(MODEL))
-        pool_records = data.read_records(DATA_DIR / "pool.jsonl", limit=pool_limit)
-        target_records = data.read_records(DATA_DIR / "targets" / f"{task}.jsonl", limit=target_limit)
-        eval_records = data.read_records(DATA_DIR / "eval" / f"{task}.jsonl", limit=eval_limit)
-        pool, pool_stats = data.tokenize(pool_records, tok, max_length=max_length, source="demo pool")
-        targets, _ = data.tokenize(target_records, tok, max_length=max_length, source=f"{task} targets")
-        evals, _ = data.tokenize(eval_records, tok, max_length=max_length, source=f"{task} eval set")
-        if not pool or not targets or not evals:
-            raise data.DataError(f"max_length={max_length} leaves no response token in the demo pool, "
-                                 f"{task} target set or eval set: raise it")
+        sets = stages.load_sets(tok, pool=DATA_DIR / "pool.jsonl", target=DATA_DIR / "targets" / f"{task}.jsonl",
+                                eval=DATA_DIR / "eval" / f"{task}.jsonl", with_eval=True, max_length=max_length,
+                                pool_limit=pool_limit, target_limit=target_limit, eval_limit=eval_limit,
+                                names={"pool": "demo pool", "targets": f"{task} targets", "eval": f"{task} eval set"})
+        pool_records, pool, targets, evals = sets.pool_records, sets.pool, sets.targets, sets.evals
+        pool_stats = sets.stats["pool"]
         pad = tok.pad_token_id or 0
         k = max(1, min(len(pool), round(k_fraction * len(pool))))
     bar.update()
@@ -280,14 +275,8 @@ def run_demo(out_dir="idjax-demo", *, task: str = "definitions", pool_limit: int
                                              lr=warmup_lr, batch_size=batch_size, seed=seed, max_length=max_length)
         _release_memory()
         model = load_warm()
-        spec, opt_state = load_optimizer_state(out / "warmup", model)
-        update = update_model(spec, opt_state, nnx.state(model, nnx.Param))
-        del opt_state
-        # Selection reads a and b of the gradient parameters only (`params`); the whole-model pair
-        # would hold 1 GB through selection.
-        selected = split_params(model, params)[1]
-        update = dataclasses.replace(update, a=restrict(update.a, selected), b=restrict(update.b, selected))
-        del selected
+        # a and b of the gradient parameters only (`params`): the whole-model pair would hold 1 GB.
+        update = stages.read_update_model(out / "warmup", model, params=params)
         _release_memory()
     bar.update()
 
@@ -385,7 +374,7 @@ def run_demo(out_dir="idjax-demo", *, task: str = "definitions", pool_limit: int
     report["win"] = report["loss"]["random"] - report["loss"]["selected"]
     if plot:
         with timed("plot", timings):
-            save_plot(report, out / "demo.png")
+            demo_report.save_plot(report, out / "demo.png")
     timings["total"] = round(time.perf_counter() - t_start, 2)
     write_text(out / "demo.json", json.dumps(report, indent=2))
     log.info("demo: done in %.1f s; results in %s", timings["total"], out / "demo.json")
@@ -393,97 +382,3 @@ def run_demo(out_dir="idjax-demo", *, task: str = "definitions", pool_limit: int
 
 
 # ----------------------------------------------------------------------------- output
-
-
-def save_plot(report: dict, path) -> Path:
-    """demo.png: target loss of before / random / selected, and the domain mix of both subsets."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(11, 4.2), dpi=100)
-    FigureCanvasAgg(fig)
-    ax1, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 1.6]})
-    names = ["before\n(warmed-up)", f"random {report['k']}", f"selected {report['k']}"]
-    losses = [report["loss"]["before"], report["loss"]["random"], report["loss"]["selected"]]
-    bars = ax1.bar(names, losses, color=["#9e9e9e", "#f4a259", "#3c7dc4"])
-    for b, v in zip(bars, losses):
-        ax1.annotate(f"{v:.3f}", (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=9)
-    ax1.set_ylim(0, 1.12 * max(losses))
-    ax1.set_ylabel("target loss (eval set, lower is better)")
-    ax1.set_title(f"{report['task']}: eval loss after {report['settings']['train_steps']} steps")
-
-    domains = report["pool"]["domains"]
-    comp = report["composition"]
-    x = np.arange(len(domains))
-    width = 0.27
-    for j, (which, color) in enumerate([("pool", "#9e9e9e"), ("random", "#f4a259"), ("selected", "#3c7dc4")]):
-        vals = [100 * comp[which][d]["fraction"] for d in domains]
-        ax2.bar(x + (j - 1) * width, vals, width, label=which, color=color)
-    ax2.set_xticks(x, domains, fontsize=9)
-    ax2.set_ylabel("% of the subset")
-    ax2.set_ylim(0, 100)
-    ax2.set_title(f"domain mix: k = {report['k']} of {report['pool']['examples']} pool samples")
-    ax2.legend(fontsize=9)
-    fig.suptitle(f"idjax demo: Influence Distillation on {report['model']} ({report['landmarks']} landmarks)",
-                 fontsize=11)
-    fig.tight_layout()
-    path = Path(path)
-    atomic_write(path, lambda f: fig.savefig(f, format="png"))
-    return path
-
-
-def _row(cells, widths, aligns) -> str:
-    return "| " + " | ".join(c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(cells, widths, aligns)) + " |"
-
-
-def _table(header, rows, aligns) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    sep = "|" + "|".join(("-" * (w + 1) + ":") if a == "r" else ("-" * (w + 2)) for w, a in zip(widths, aligns)) + "|"
-    return "\n".join([_row(header, widths, aligns), sep, *(_row([str(c) for c in r], widths, aligns) for r in rows)])
-
-
-def format_report(report: dict) -> str:
-    """The demo's summary as markdown tables (pastes into a README)."""
-    s, t, st = report["settings"], report["timings_s"], report["selection_timings_s"]
-    reused = report["reused"]
-
-    def secs(name, flag=None):
-        v = t.get(name)
-        text = "-" if v is None else f"{v:.1f}"
-        return text + (" (reused)" if flag and reused.get(flag) else "")
-
-    n = report["pool"]["examples"]
-    head = (f"idjax demo: task `{report['task']}`, {report['model']} on {report['device']}; pool {n} samples "
-            f"({len(report['pool']['domains'])} domains), k = {report['k']} ({100 * report['k'] / n:.0f}%), "
-            f"{report['landmarks']} random landmarks, warm-up {report['warmup']['steps']} AdamW steps on "
-            f"{report['warmup']['samples']} samples, fine-tuning {s['train_steps']} AdamW steps of "
-            f"{s['batch_size']} (lr {s['lr']:g}), max {s['max_length']} tokens")
-    sub = ", ".join(f"{k} {v:.1f}" for k, v in st.items())
-    stages = [
-        ["load tokenizer + data", secs("load")],
-        ["warm-up", secs("warmup", "warmup")],
-        [f"selection ({sub})", secs("select")],
-        ["evaluate warmed-up model", secs("evaluate_before", "before")],
-        ["fine-tune on selection + evaluate", secs("train_selected", "selected")],
-        ["fine-tune on random subset + evaluate", secs("train_random", "random")],
-        ["total", secs("total")],
-    ]
-    loss = report["loss"]
-    b = loss["before"]
-    losses = [["warmed-up (before)", f"{b:.4f}", ""],
-              [f"fine-tuned on random {report['k']}", f"{loss['random']:.4f}", f"{loss['random'] - b:+.4f}"],
-              [f"fine-tuned on selected {report['k']}", f"{loss['selected']:.4f}", f"{loss['selected'] - b:+.4f}"]]
-    comp = report["composition"]
-    mix = [[d] + [f"{100 * comp[w][d]['fraction']:.0f}% ({comp[w][d]['count']})"
-                  for w in ("pool", "selected", "random")] for d in report["pool"]["domains"]]
-    verdict = (f"selection beats random by {report['win']:.4f} nats of {report['task']} target loss"
-               if report["win"] > 0 else
-               f"selection does NOT beat random: random is better by {-report['win']:.4f} nats of "
-               f"{report['task']} target loss")
-    return "\n\n".join([
-        head,
-        _table(["stage", "seconds"], stages, "lr"),
-        _table(["model", f"{report['task']} eval loss ({report['eval_samples']} samples)", "vs before"], losses, "lrr"),
-        _table(["pool domain", "pool", "selected", "random"], mix, "lrrr"),
-        verdict + f"; files in {Path(report['files']['json']).parent}/ (demo.json, demo.png, selection.jsonl)",
-    ])

@@ -19,34 +19,32 @@ solver sees the same u_i but the unnormalised v, so p and Q keep the scale of th
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import logging
 import math
 import tempfile
-import time
-import zipfile
 from pathlib import Path
 from typing import Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from idjax import data as D
 from idjax import distributed as dist
 from idjax import sharding as shd
-from idjax.embed import EmbedConfig, JVPEmbedder
+from idjax.embed import EmbedConfig
 from idjax.grads import GradientConfig, PerExampleGradients, restrict, split_params
-from idjax.hessian import ProjectedCurvature, target_direction
-from idjax.io import atomic_write, fingerprint
+from idjax.hessian import target_direction
+from idjax.io import fingerprint
 from idjax.landmarks import choose_landmarks
 from idjax.optim import UpdateModel
+from idjax.passes import (
+    auto_microbatch, curvature_store, embed_pool, fill_store, gradient_store, load_targets, mesh_batch,
+    model_fingerprint, open_store, save_targets, timed_stage, update_fingerprint,
+)
 from idjax.propagation import Propagator
 from idjax.select import per_task, round_robin, top_k, top_k_lexicographic
 from idjax.sketch import Projector, global_norm_sq
-from idjax.store import ArrayStore, StoreError, compute_missing
 from idjax.curvature import dense_matvec
 from idjax.scores import cosine_scores, curvature_matrix, influence_scores
 from idjax.weights import default_lam, lam_for_budget, solve_weights
@@ -131,190 +129,6 @@ class Selection:
     info: dict                # configuration, timings per stage, stores, solver report
 
 
-# ----------------------------------------------------------------------------- fingerprints
-
-
-def tree_fingerprint(tree) -> str:
-    """A cheap, stable fingerprint of a pytree of arrays: shapes, dtypes, sums and a strided sample.
-
-    Hashing every byte of an 8B-parameter model would take minutes; a strided sample of each leaf
-    plus its sum changes whenever the weights do (fine-tuning moves every coordinate).
-    """
-    parts = []
-    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-        x = np.asarray(jax.device_get(leaf))
-        flat = x.reshape(-1)
-        step = max(1, flat.size // 4096)
-        sample = flat[::step][:4096].astype(np.float32)
-        parts.append([jax.tree_util.keystr(path), list(x.shape), str(x.dtype),
-                      float(np.sum(flat, dtype=np.float64)), fingerprint(sample)])
-    return fingerprint(parts)
-
-
-def model_fingerprint(model) -> str:
-    from flax import nnx
-
-    return fingerprint([dataclasses.asdict(model.config) | {"rope": str(model.config.rope)},
-                        tree_fingerprint(nnx.state(model, nnx.Param))])
-
-
-def update_fingerprint(update: UpdateModel | None) -> str:
-    if update is None:
-        return "gd"
-    return fingerprint([update.name, update.eta, tree_fingerprint(update.a), tree_fingerprint(update.b)])
-
-
-# ----------------------------------------------------------------------------- stages
-
-
-def auto_microbatch(selected, batch_size: int, budget_bytes: int = 1 << 30) -> int:
-    """Samples per vmapped gradient: a microbatch holds that many full float32 gradients at once,
-    so all 135M parameters of SmolLM2 get 1 and a down_proj subset gets 8. A divisor of batch_size,
-    because PerExampleGradients only splits batches into equal microbatches."""
-    size = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(selected))
-    cap = max(1, budget_bytes // max(1, 4 * size))
-    return max(m for m in range(1, batch_size + 1) if batch_size % m == 0 and m <= cap)
-
-
-@contextlib.contextmanager
-def timed_stage(name: str, timings: dict, *, label: str = "stage", digits: int = 3):
-    """Log "<label> <name> ..." and, when the block ends (even by an error), its seconds, rounded to
-    `digits`, into timings[name]: the per-stage times a selection's metadata and the demo report."""
-    t0 = time.perf_counter()
-    log.info("%s %s ...", label, name)
-    try:
-        yield
-    finally:
-        timings[name] = round(time.perf_counter() - t0, digits)
-        log.info("%s %s: %.1f s", label, name, timings[name])
-
-
-def open_store(root: Path, name: str, shape, chunk_rows: int, fp: dict) -> ArrayStore:
-    """The float32 store `name` under `root`, in a directory named by its fingerprint `fp`."""
-    directory = root / f"{name}-{fingerprint(fp)[:12]}"
-    return ArrayStore.open(directory, shape=shape, dtype=np.float32, chunk_rows=chunk_rows, fingerprint=fp)
-
-
-def _save_targets(path: Path, fp: dict, v_proj, v_norm: float, columns) -> None:
-    """The projected target direction (and per-target columns) next to the stores: every later
-    selection with the same model, targets, update model and sketch (another k, lam, order or
-    ranking rule) skips the target gradient and HVP."""
-    arrays = {"fingerprint": np.frombuffer(json.dumps(fp, sort_keys=True).encode(), np.uint8),
-              "v_proj": v_proj, "v_norm": np.float64(v_norm)}
-    if columns is not None:
-        arrays["columns"] = columns
-    atomic_write(path, lambda f: np.savez(f, **arrays))
-
-
-def _load_targets(path: Path, fp: dict):
-    """(v_proj, v_norm, columns) from a file written by _save_targets, or None to recompute."""
-    if not path.exists():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            if json.loads(z["fingerprint"].tobytes()) != json.loads(json.dumps(fp, sort_keys=True)):
-                raise ValueError("fingerprint mismatch")
-            return z["v_proj"], float(z["v_norm"]), (z["columns"] if "columns" in z else None)
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:  # cut short, overwritten
-        log.warning("recomputing the target direction: %s is unreadable (%s)", path, exc)
-        return None
-
-
-def fill_store(store: ArrayStore, fn, desc: str) -> None:
-    """Compute the store's missing chunks. With several processes: this process's chunks only (chunk i
-    belongs to process i mod P), checking between chunks that no other process failed or died, then a
-    barrier; afterwards every chunk must be on disk (the stores live on a shared file system)."""
-    if not dist.multi_process():
-        compute_missing(store, fn, desc=desc)
-        return
-    last = [time.monotonic()]
-
-    def checked(start, stop):
-        if time.monotonic() - last[0] > 2.0:  # cheap, but not for every chunk
-            dist.check_peers()
-            last[0] = time.monotonic()
-        return fn(start, stop)
-
-    dist.set_note(f"the finished chunks are kept in {store.path.parent}; re-run the same command to resume")
-    compute_missing(store, checked, desc=f"{desc} (process {dist.process_index()})",
-                    chunks=dist.process_chunks(store.num_chunks))
-    dist.barrier(desc)
-    missing = store.missing()
-    if missing:
-        raise StoreError(f"{len(missing)} chunks of {store.path} (e.g. {missing[:5]}) are missing after every "
-                         "process finished its part: do all processes see the same --store directory?")
-
-
-def _mesh_batch(batch_size: int, mesh) -> int:
-    return shd.fit_batch_size(batch_size, mesh) if shd.active(mesh) else batch_size
-
-
-def embed_pool(model, examples: Sequence[D.Example], config: EmbedConfig, store_dir, *, batch_size: int = 8,
-               chunk_rows: int = 256, model_fp: str | None = None, data_fp: str | None = None,
-               mesh=None) -> ArrayStore:
-    """JVP embeddings of every pool example, in a resumable store: rows follow `examples`.
-
-    mesh: devices each batch is split over (default sharding.get_mesh(): every local device).
-    With several processes, each computes its own chunks, then all wait for the store to be complete.
-    """
-    if not examples:
-        raise D.DataError("the pool is empty")
-    mesh = shd.get_mesh() if mesh is None else mesh
-    with dist.failures_published():
-        embedder = JVPEmbedder(model, config, mesh=mesh)
-        fp = {"kind": "jvp-embeddings", "model": model_fp or model_fingerprint(model),
-              "data": data_fp or D.examples_fingerprint(examples), "embed": dataclasses.asdict(config)}
-        store = open_store(Path(store_dir), "embeddings", (len(examples), embedder.dim), chunk_rows, fp)
-        buckets, pad = D.example_buckets(examples, tight=True), model.config.pad_token_id or 0
-        batch_size = _mesh_batch(batch_size, mesh)
-
-        def chunk(start, stop):
-            return embedder.run(D.make_batches(examples[start:stop], batch_size, buckets, pad_id=pad),
-                                progress=False)
-
-        fill_store(store, chunk, "embed pool")
-    return store
-
-
-def gradient_store(model, examples, rows, projector, gcfg, precondition, store_dir, fp, batch_size, chunk_rows,
-               mesh=None):
-    """Projected gradients of examples[rows] (in that order), through a resumable store."""
-    grads = PerExampleGradients(model, projector, gcfg, precondition=precondition, mesh=mesh)
-    dim = _out_dim(grads.selected, projector, grads.mask)
-    store = open_store(Path(store_dir), "gradients", (len(rows), dim), chunk_rows, fp)
-    buckets, pad = D.example_buckets(examples, tight=True), model.config.pad_token_id or 0
-
-    def chunk(start, stop):
-        part = [examples[int(r)] for r in rows[start:stop]]
-        return grads.run(D.make_batches(part, batch_size, buckets, pad_id=pad), progress=False)
-
-    fill_store(store, chunk, "landmark gradients")
-    return store, grads
-
-
-def _out_dim(selected, projector, mask) -> int:
-    tree = selected if mask is None else mask.apply(selected)
-    return int(jax.eval_shape(lambda t: projector.project(t), tree).shape[0])
-
-
-def _curvature(model, examples, rows, projector, gcfg, precondition, target_batches, hessian, store_dir, fp,
-               batch_size, chunk_rows, mesh=None):
-    """Projected H_T u_i of the landmarks (u_i as in the gradient store), through a resumable store."""
-    curv = ProjectedCurvature(model, projector, target_batches, gcfg, precondition=precondition, hessian=hessian,
-                              mesh=mesh)
-    dim = _out_dim(curv.selected, projector, None)
-    store = open_store(Path(store_dir), "curvature", (len(rows), dim), chunk_rows, fp)
-    buckets, pad = D.example_buckets(examples, tight=True), model.config.pad_token_id or 0
-
-    def chunk(start, stop):
-        part = [examples[int(r)] for r in rows[start:stop]]
-        return D.collect_rows(D.make_batches(part, batch_size, buckets, pad_id=pad), lambda b: curv(b)[1],
-                              progress=False)
-
-    fill_store(store, chunk, "landmark curvature")
-    return store
-
-
 # ----------------------------------------------------------------------------- the whole selection
 
 
@@ -353,7 +167,7 @@ def _select(model, pool, targets, config: SelectConfig, update, store_dir: Path,
     multi, primary = dist.multi_process(), dist.is_primary()
     store_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
-    batch_size = _mesh_batch(config.batch_size, mesh)
+    batch_size = mesh_batch(config.batch_size, mesh)
     eta = update.eta if update is not None else config.learning_rate
     _, selected, _ = split_params(model, config.params)
     a = restrict(update.a, selected) if update is not None else None
@@ -400,7 +214,7 @@ def _select(model, pool, targets, config: SelectConfig, update, store_dir: Path,
         with timed_stage("curvature", timings):
             cfp = {**fp, "kind": "curvature", "hessian": config.hessian,
                    "targets": D.examples_fingerprint(targets), "eta": eta}
-            cstore = _curvature(model, pool, landmarks, projector, gcfg, a, target_batches, config.hessian,
+            cstore = curvature_store(model, pool, landmarks, projector, gcfg, a, target_batches, config.hessian,
                                 store_dir, cfp, batch_size, config.chunk_rows, mesh)
             stores["curvature"] = str(cstore.path)
     propagate = len(landmarks) < n
@@ -419,7 +233,7 @@ def _select(model, pool, targets, config: SelectConfig, update, store_dir: Path,
                    "params": config.params, "keep": config.keep, "seed": config.seed, "columns": want_columns,
                    "projection": [projector.kind, config.proj_dim]}
             tpath = store_dir / f"targets-{fingerprint(tfp)[:12]}.npz"
-            cached = _load_targets(tpath, tfp)
+            cached = load_targets(tpath, tfp)
             if cached is None:
                 v, offset = target_direction(model, target_batches, config.params, shift=b, eta=eta,
                                              hessian=config.hessian)
@@ -431,7 +245,7 @@ def _select(model, pool, targets, config: SelectConfig, update, store_dir: Path,
                     tg = PerExampleGradients(model, projector, dataclasses.replace(gcfg, normalize=True),
                                              offset=offset, mesh=mesh)
                     columns = tg.run(target_batches, progress=False).astype(np.float64)  # [t, k]
-                _save_targets(tpath, tfp, v_proj, v_norm, columns)
+                save_targets(tpath, tfp, v_proj, v_norm, columns)
             else:
                 v_proj, v_norm, columns = cached
             stores["targets"] = str(tpath)

@@ -9,6 +9,24 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _no_log_handler_on_a_closed_stream():
+    """A logging handler created during a test (idjax.cli.main's basicConfig, transformers' own
+    library handler) writes to the stderr of that moment: pytest's capture, closed after the test.
+    Pointed back at the real stderr afterwards, so the test order does not decide which test fails."""
+    import logging
+    import sys
+
+    yield
+    loggers = [logging.getLogger()] + [lg for lg in logging.root.manager.loggerDict.values()
+                                       if isinstance(lg, logging.Logger)]
+    for logger in loggers:
+        for handler in logger.handlers:
+            if isinstance(handler, logging.StreamHandler) and getattr(handler.stream, "closed", False):
+                handler.stream = sys.__stderr__  # not setStream: it would flush the closed one
+                handler.__dict__.pop("flush", None)  # transformers binds flush to the stderr of its day
+
+
 @pytest.fixture(scope="session")
 def smollm2_path():
     from idjax.models import resolve

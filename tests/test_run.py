@@ -86,11 +86,11 @@ def run_cli(capsys, *argv):
 @pytest.fixture(scope="module")
 def first_run(tiny_model, tmp_path_factory):
     """One full run shared by the caching tests (they copy its out dir before changing anything)."""
-    from idjax import run
+    from idjax import run, run_config
 
     directory = tmp_path_factory.mktemp("run")
     cfg = make_run(directory, tiny_model)
-    result = run.run(run.load_config(cfg))
+    result = run.run(run_config.load_config(cfg))
     return cfg, directory / "out", result
 
 

@@ -1,0 +1,154 @@
+"""The stages every front end runs (docs/design.md, layer 3): read and tokenize the sets, read an
+update model from a warm-up directory, build a fine-tuning recipe, select and write the selection.
+
+`idjax select / embed / train / warmup / eval`, `idjax run` and `idjax demo` call these, so each
+step is written once: the same data checks and messages, the same update model, the same recipe
+from the same flags or YAML keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from idjax import data as D
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def tokenized(records: Sequence[dict], tokenizer, *, max_length: int, source: str,
+              what: str = "sample") -> tuple[list[D.Example], D.TokenizeStats]:
+    """data.tokenize, refusing a set left with no sample to use (a DataError naming `source`)."""
+    examples, stats = D.tokenize(records, tokenizer, max_length=max_length, source=source)
+    if not examples:
+        raise D.DataError(f"{source}: no {what} has a response token ({len(stats.skipped_no_response)} "
+                          f"skipped at max_length={max_length})")
+    return examples, stats
+
+
+def target_records(target=None, target_task: str | None = None, *, limit: int | None = None):
+    """(records, source name, Task or None) of a target set: a chat file, or a task recipe's target
+    split (`target`, if given, is then that split's file in the task's own format)."""
+    if target_task:
+        from idjax import tasks
+
+        task = tasks.load_task(target_task, target)
+        return task.target[:limit], f"{target_task} target set", task
+    if target is None:
+        raise ValueError("give a target set: a chat JSONL file, or a target task")
+    return D.read_records(target, limit=limit), str(target), None
+
+
+@dataclasses.dataclass
+class Sets:
+    """Tokenized pool, target and evaluation sets (None where not asked for), their tokenize()
+    statistics and source names; `pool_records` are the pool's rows as read (before tokenizing)."""
+
+    pool: list[D.Example]
+    pool_records: list[dict]
+    targets: list[D.Example] | None = None
+    evals: list[D.Example] | None = None
+    stats: dict[str, D.TokenizeStats] = dataclasses.field(default_factory=dict)
+    sources: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def summary(self) -> dict:
+        """Per set: source, records, kept, truncated, skipped (the run's data stage result)."""
+        return {name: {"source": self.sources[name], "records": s.n_records, "kept": s.n_kept,
+                       "truncated": s.n_truncated, "skipped_no_response": len(s.skipped_no_response)}
+                for name, s in self.stats.items()}
+
+
+def load_sets(tokenizer, *, pool: str | os.PathLike, target=None, target_task: str | None = None,
+              eval=None, with_eval: bool = False, max_length: int = 1024, pool_limit: int | None = None,
+              target_limit: int | None = None, eval_limit: int | None = None,
+              names: dict[str, str] | None = None) -> Sets:
+    """Read and tokenize the pool, the target set (when `target` or `target_task` is given) and, with
+    `with_eval`, the evaluation set: `eval`, else the task's evaluation split, else the target set
+    itself (with a warning: selection saw those samples). Every set must keep at least one sample.
+
+    names: display names of the sets in messages (e.g. {"pool": "demo pool"}); file paths otherwise.
+    """
+    names = names or {}
+    pool_records = D.read_records(pool, limit=pool_limit)
+    pool_source = names.get("pool", str(pool))
+    examples, stats = tokenized(pool_records, tokenizer, max_length=max_length, source=pool_source)
+    sets = Sets(examples, pool_records, stats={"pool": stats}, sources={"pool": pool_source})
+    task = None
+    if target is not None or target_task:
+        records, source, task = target_records(target, target_task, limit=target_limit)
+        source = names.get("targets", source)
+        sets.targets, sets.stats["targets"] = tokenized(records, tokenizer, max_length=max_length, source=source,
+                                                        what="target sample")
+        sets.sources["targets"] = source
+    if with_eval:
+        if eval is not None:
+            records, source = D.read_records(eval, limit=eval_limit), str(eval)
+        elif task is not None:
+            records, source = task.eval_records[:eval_limit], f"{target_task} evaluation set"
+        elif sets.targets is not None:
+            log.warning("no evaluation set: the target loss is measured on the target set, which selection "
+                        "also saw")
+            records, source = target_records(target, limit=eval_limit)[0], f"{target} (no eval set given)"
+        else:
+            raise ValueError("give an evaluation set, a target set or a target task")
+        source = names.get("eval", source)
+        sets.evals, sets.stats["eval"] = tokenized(records, tokenizer, max_length=max_length, source=source,
+                                                   what="sample to evaluate")
+        sets.sources["eval"] = source
+    return sets
+
+
+# ----------------------------------------------------------------------------- update model
+
+
+def read_update_model(directory: str | os.PathLike, model, *, params: str | None = None):
+    """The update model (a, b, eta; docs/method.md 2) of the optimizer state a warm-up saved in
+    `directory`, restricted to the parameters selection differentiates (`params`, a regex): the
+    whole-model a and b would hold two model-sized trees through selection for nothing."""
+    from flax import nnx
+
+    from idjax.grads import restrict, split_params
+    from idjax.optim import load_optimizer_state, update_model
+
+    spec, state = load_optimizer_state(Path(directory), model)
+    update = update_model(spec, state, nnx.state(model, nnx.Param))
+    del state
+    selected = split_params(model, params)[1]
+    return dataclasses.replace(update, a=restrict(update.a, selected), b=restrict(update.b, selected))
+
+
+# ----------------------------------------------------------------------------- fine-tuning recipe
+
+
+def finetune_config(examples: Sequence[D.Example], *, optimizer: str = "adamw", lr: float = 2e-5,
+                    schedule: str = "constant", warmup_steps: int | None = None, warmup_ratio: float = 0.0,
+                    weight_decay: float = 0.0, momentum: float = 0.0, clip_norm: float | None = None,
+                    batch_size: int = 8, grad_accum: int = 1, steps: int | None = None,
+                    epochs: float | None = None, seed: int = 0, **train_options):
+    """The TrainConfig of a run over `examples`: its length decides the schedule's total steps, and
+    the learning-rate warm-up is `warmup_steps`, else `warmup_ratio` of them, cut (with a warning) to
+    leave at least one step after it.
+
+    train_options: the other TrainConfig fields (compute_dtype, lora, remat, checkpoint_every, ...).
+    """
+    from idjax import train
+    from idjax.optim import OptimizerSpec
+
+    base = train.TrainConfig(optimizer=OptimizerSpec(optimizer, lr), batch_size=batch_size,
+                             grad_accum=grad_accum, steps=steps, epochs=epochs, seed=seed, **train_options)
+    total = train.total_steps(examples, base)
+    warm = warmup_steps if warmup_steps is not None else round(warmup_ratio * total)
+    if warm > total - 1:
+        log.warning("a learning-rate warm-up of %d steps in a run of %d steps: it is cut to %d", warm, total,
+                    max(0, total - 1))
+        warm = max(0, total - 1)
+    spec = OptimizerSpec(name=optimizer, learning_rate=lr, schedule=schedule, warmup_steps=warm,
+                         total_steps=total if schedule != "constant" else 0, weight_decay=weight_decay,
+                         momentum=momentum if optimizer == "sgd" else 0.0, clip_norm=clip_norm or None)
+    return dataclasses.replace(base, optimizer=spec)
