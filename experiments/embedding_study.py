@@ -110,7 +110,7 @@ def _multi_depth_fn(model, blocks: int, depths: tuple[int, ...], with_tail: bool
     """
     from flax import nnx
 
-    from idjax.grads import token_losses
+    from idjax.grads import mean_response_loss, response_loss_sums
     from idjax.models.config import rope_inverse_frequencies
 
     cfg = model.config
@@ -172,9 +172,7 @@ def _multi_depth_fn(model, blocks: int, depths: tuple[int, ...], with_tail: bool
         if not cfg.tie_word_embeddings:
             raise NotImplementedError("untied lm_head")
         logits = jnp.einsum("bld,vd->blv", final, p["embed"], preferred_element_type=jnp.float32)
-        tl, tm = token_losses(logits, labels)
-        loss = tl.sum(-1) / jnp.maximum(tm.sum(-1), 1)
-        out.update(loss=loss, nresp=tm.sum(-1))
+        out.update(loss=mean_response_loss(logits, labels), nresp=response_loss_sums(logits, labels)[1])
         for name, x in pools(final, mask_b, resp).items():
             out[f"hidfinal_{name}"] = x
         return out
@@ -236,7 +234,7 @@ def _tail_gradient_fn(model, tail_layers: int, r_in: int, r_out: int, seed: int)
     """
     from flax import nnx
 
-    from idjax.grads import token_losses
+    from idjax.grads import mean_response_loss, response_loss_sums
     from idjax.models.config import rope_inverse_frequencies
 
     cfg = model.config
@@ -275,9 +273,8 @@ def _tail_gradient_fn(model, tail_layers: int, r_in: int, r_out: int, seed: int)
             h, acts = jax.lax.scan(tbody, x, (tail, z))
             final = norm(h + z_out)
             logits = jnp.einsum("bld,vd->blv", final, embed, preferred_element_type=jnp.float32)
-            tl, tm = token_losses(logits, labels)
-            per = tl.sum(-1) / jnp.maximum(tm.sum(-1), 1)
-            return per.sum(), (per, acts, final, tm.sum(-1))
+            per = mean_response_loss(logits, labels)
+            return per.sum(), (per, acts, final, response_loss_sums(logits, labels)[1])
 
         b, l = ids.shape
         z = jnp.zeros((tail_layers, b, l, cfg.hidden_size), jnp.float32)
