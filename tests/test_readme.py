@@ -20,10 +20,10 @@ for i in (0, len(examples) // 2, len(examples) - 1):   # row i is example i, com
     (one,) = data.make_batches([examples[i]], 8, data.default_buckets(128), pad_id=tok.pad_token_id)
     np.testing.assert_allclose(G[i], np.asarray(grads(one)[0])[0], rtol=1e-4, atol=1e-6)
     assert records[examples[i].index]["id"] == examples[i].id
-rows = [int(r) for r in sel.rows]
-assert len(rows) == len(set(rows)) == 10
-chosen = [pool[r] for r in rows]
-assert all(records[e.index]["id"] == e.id for e in chosen) and not skipped & {e.id for e in chosen}
+sel_rows = [int(r) for r in sel.rows]
+assert len(sel_rows) == len(set(sel_rows)) == 10
+sel_examples = [pool[r] for r in sel_rows]
+assert all(records[e.index]["id"] == e.id for e in sel_examples) and not skipped & {e.id for e in sel_examples}
 # the jitted selection equals the host shells on each landmark draw
 assert rows.shape == (4, 5) and len({tuple(np.asarray(l)) for l in landmarks}) > 1
 for i in range(4):
