@@ -100,3 +100,24 @@ def tiny_llama(path, *, vocab: int = 89, seed: int = 0, max_positions: int = 64)
             p.add_(0.05 * torch.randn_like(p))
     hf.save_pretrained(path)
     return hf, path
+
+
+def reference_propagation(emb, lm, kind, delta=1e-2):
+    """(C, KRR bandwidth or None): docs/method.md 4.4 in float64 with scipy, landmark rows set to unit
+    vectors; the independent reference of the propagation tests."""
+    import numpy as np
+    import scipy.linalg
+    import scipy.spatial.distance
+
+    x = emb.astype(np.float64)
+    xl = x[lm]
+    if kind == "krr":
+        s = np.median(scipy.spatial.distance.pdist(xl))
+        k = np.exp(-scipy.spatial.distance.cdist(x, xl, "sqeuclidean") / (2 * s**2))
+    else:
+        s = None
+        k = x @ xl.T
+    a = k[lm] + delta * np.mean(np.diag(k[lm])) * np.eye(len(lm))
+    c = scipy.linalg.solve(a, k.T, assume_a="pos").T
+    c[lm] = np.eye(len(lm))
+    return c, s

@@ -26,7 +26,7 @@ from idjax import weights as W
 from idjax.embed import EmbedConfig
 from idjax.pipeline import SelectConfig, select_samples
 from idjax.store import ArrayStore
-from conftest import random_examples
+from conftest import random_examples, reference_propagation
 
 VOCAB = 89
 
@@ -60,21 +60,6 @@ def _loop_round_robin(cols, k, key, allowed):
                 break
         r += 1
     return np.asarray(out), np.asarray(owner)
-
-
-def _reference_c(emb, lm, kind, delta=1e-2):
-    """docs/method.md 4.4 in float64 with scipy, landmark rows set to unit vectors."""
-    x = emb.astype(np.float64)
-    xl = x[lm]
-    if kind == "krr":
-        s = np.median(scipy.spatial.distance.pdist(xl))
-        k = np.exp(-scipy.spatial.distance.cdist(x, xl, "sqeuclidean") / (2 * s**2))
-    else:
-        k = x @ xl.T
-    a = k[lm] + delta * np.mean(np.diag(k[lm])) * np.eye(len(lm))
-    c = scipy.linalg.solve(a, k.T, assume_a="pos").T
-    c[lm] = np.eye(len(lm))
-    return c
 
 
 def _slsqp(p, q, eta, lam):
@@ -161,7 +146,7 @@ def test_propagation_core_matches_scipy(kind):
     n, l, e = 120, 15, 6
     emb = rng.standard_normal((n, e)).astype(np.float32)
     lm = np.sort(rng.choice(n, l, replace=False))
-    ref = _reference_c(emb, lm, kind)
+    ref, _ = reference_propagation(emb, lm, kind)
     fit = PR.krr_fit if kind == "krr" else PR.ridge_fit
     v, w, q = rng.standard_normal((l, 3)), rng.standard_normal(n), rng.standard_normal((l, l))
 

@@ -9,6 +9,7 @@ import scipy.stats
 
 from idjax.landmarks import choose_landmarks, spearman
 from idjax.propagation import Propagator
+from conftest import reference_propagation
 
 N, L, E = 200, 20, 8
 CHUNK = 64  # < N and does not divide it: 4 chunks, the last one padded
@@ -20,22 +21,6 @@ def data():
     emb = rng.standard_normal((N, E)).astype(np.float32)
     lm = np.sort(rng.choice(N, size=L, replace=False))
     return emb, lm
-
-
-def _reference_c(emb, lm, kind, delta=1e-2):
-    """The formula of docs/method.md 4.4 in float64 with scipy, landmark rows set to unit vectors."""
-    x = emb.astype(np.float64)
-    xl = x[lm]
-    if kind == "krr":
-        s = np.median(scipy.spatial.distance.pdist(xl))
-        k = np.exp(-scipy.spatial.distance.cdist(x, xl, "sqeuclidean") / (2 * s**2))
-    else:
-        s = None
-        k = x @ xl.T
-    a = k[lm] + delta * np.mean(np.diag(k[lm])) * np.eye(len(lm))
-    c = scipy.linalg.solve(a, k.T, assume_a="pos").T
-    c[lm] = np.eye(len(lm))
-    return c, s
 
 
 class RowsOnly:
@@ -60,7 +45,7 @@ class RowsOnly:
 @pytest.mark.parametrize("cache_bytes", [0, 1 << 30], ids=["streamed", "cached"])
 def test_c_matches_dense_reference(data, kind, cache_bytes):
     emb, lm = data
-    ref, s = _reference_c(emb, lm, kind)
+    ref, s = reference_propagation(emb, lm, kind)
     prop = Propagator.fit(emb, lm, kind, chunk_rows=CHUNK, cache_bytes=cache_bytes)
     assert prop.kind == kind and prop.num_rows == N and prop.num_landmarks == L
     np.testing.assert_array_equal(prop.landmarks, lm)
