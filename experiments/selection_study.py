@@ -42,6 +42,7 @@ with the next unfinished fine-tune.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -87,7 +88,7 @@ class Study:
     def __init__(self, args):
         from flax import nnx
 
-        from idjax import data, demo, models
+        from idjax import data, demo, models, stages, train
         from idjax.optim import load_optimizer_state, update_model
 
         self.args = args
@@ -107,8 +108,14 @@ class Study:
             self.targets[task], _ = data.tokenize(t, self.tok, max_length=args.max_length, source=f"{task} targets")
             self.evals[task], _ = data.tokenize(e, self.tok, max_length=args.max_length, source=f"{task} eval")
         t0 = time.perf_counter()
-        demo.warmup(self.out, self.pool_records, self.tok, fraction=0.05, steps=args.warmup_steps, lr=5e-5,
-                    batch_size=8, seed=0, max_length=args.max_length)
+        wdir = self.out / "warmup"
+        if not (wdir / "optimizer.json").exists():  # trained once per study directory (its settings are fixed)
+            recipe = demo.DemoConfig(warmup_steps=args.warmup_steps, max_length=args.max_length).warmup_recipe()
+            examples = train.warmup_examples(self.pool_records, self.tok, fraction=recipe.fraction, seed=0,
+                                             max_length=args.max_length)
+            base, _ = models.load(demo.MODEL, tokenizer=False)
+            stages.warm_up(base, examples, self.tok, dataclasses.replace(recipe, remat=True), wdir,
+                           pool_size=len(self.pool_records), final_checkpoint=False, donate_model=True)
         self.warmup_s = time.perf_counter() - t0
         self.model, _ = models.load(self.out / "warmup", tokenizer=False)
         spec, opt_state = load_optimizer_state(self.out / "warmup", self.model)

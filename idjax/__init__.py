@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 
 # module -> the names it exports, in the order data flows through the method
 _EXPORTS = {
+    "configs": ("EmbedConfig", "SelectConfig", "TrainRecipe", "WarmupRecipe"),
     "data": ("read_records", "tokenize", "make_batches", "Example", "Batch", "DataError"),
     "models": ("load",),
     "sketch": ("Projector", "project_tree", "global_norm_sq"),
@@ -28,7 +29,7 @@ _EXPORTS = {
     "hessian": ("TargetArrays", "as_targets", "target_arrays", "mean_target_loss", "target_gradient", "hvp",
                 "gauss_newton_vp", "hessian_products", "landmark_curvature", "target_direction",
                 "ProjectedCurvature"),
-    "embed": ("jvp_embeddings", "pooled_features", "random_tangents", "EmbedConfig", "JVPEmbedder"),
+    "embed": ("jvp_embeddings", "pooled_features", "random_tangents", "JVPEmbedder"),
     "optim": ("OptimizerSpec", "UpdateModel", "update_model"),
     "scores": ("InfluenceScores", "influence_scores", "cosine_scores", "curvature_matrix"),
     "landmarks": ("choose_landmarks",),
@@ -41,7 +42,7 @@ _EXPORTS = {
     "select": ("top_k_indices", "round_robin_order", "round_robin_indices", "per_task_indices", "task_groups",
                "top_k", "top_k_lexicographic", "round_robin", "per_task", "task_budgets"),
     "passes": ("embed_pool",),
-    "pipeline": ("SelectConfig", "Selection", "select_samples"),
+    "pipeline": ("Selection", "select_samples"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = list(_WHERE)

@@ -70,20 +70,9 @@ def _usage(command: str, msg: str) -> int:
     return 2
 
 
-def _train_config(args, examples, lora=None):
-    """The TrainConfig of the parsed training flags (stages.finetune_config)."""
-    from idjax import stages
-
-    return stages.finetune_config(
-        examples, optimizer=args.optimizer, lr=args.lr, schedule=args.schedule, warmup_steps=args.warmup_steps,
-        warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay, momentum=args.momentum,
-        clip_norm=args.clip_norm, batch_size=args.batch_size, grad_accum=args.grad_accum, steps=args.steps,
-        epochs=args.epochs, seed=args.seed, compute_dtype=args.compute_dtype, lora=lora,
-        checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints, remat=args.remat)
-
-
 def cmd_train(args) -> int:
-    from idjax import data, models, stages, train
+    from idjax import data, models, options, stages, train
+    from idjax.configs import TrainRecipe
     from idjax.lora import LoraConfig
     from idjax.selection_file import read_selection
 
@@ -99,7 +88,7 @@ def cmd_train(args) -> int:
         records, weights = read_selection(args.selection, records, args.weighted)
     model, tok = models.load(args.model, dtype=args.dtype)
     examples, _ = stages.tokenized(records, tok, max_length=args.max_length, source=str(args.data))
-    config = _train_config(args, examples, lora)
+    config = stages.finetune_config(examples, options.from_args(TrainRecipe, args), seed=args.seed, lora=lora)
     result = train.train(model, examples, config, weights=weights, out_dir=args.out, resume=args.resume,
                          tokenizer=tok)
     hist = result.history
@@ -110,18 +99,20 @@ def cmd_train(args) -> int:
 
 
 def cmd_warmup(args) -> int:
-    from idjax import data, models, train
+    from idjax import data, models, options, stages, train
+    from idjax.configs import WarmupRecipe
 
+    recipe = options.from_args(WarmupRecipe, args)
     _start_distributed(args, spmd=True)
     records = data.read_records(args.data)
     model, tok = models.load(args.model, dtype=args.dtype)
-    examples = train.warmup_examples(records, tok, fraction=args.fraction, seed=args.seed,
+    examples = train.warmup_examples(records, tok, fraction=recipe.fraction, seed=args.seed,
                                      max_length=args.max_length)
-    config = _train_config(args, examples)
-    result = train.warmup(model, examples, tok, config, args.out, pool_size=len(records), fraction=args.fraction)
+    result = stages.warm_up(model, examples, tok, recipe, args.out, pool_size=len(records), seed=args.seed,
+                            keep_checkpoints=True)
     hist = result.history
     print(json.dumps({"out": str(args.out), "steps": int(result.state.step), "samples": len(examples),
-                      "pool": len(records), "optimizer": config.optimizer.name,
+                      "pool": len(records), "optimizer": recipe.optimizer,
                       "last_loss": hist[-1]["loss"] if hist else None}))
     return 0
 
@@ -161,10 +152,10 @@ def cmd_eval(args) -> int:
 
 
 def _embed_config(args):
-    from idjax.embed import EmbedConfig
+    from idjax import options
+    from idjax.configs import EmbedConfig
 
-    return EmbedConfig(num_blocks=args.embed_blocks, num_tangents=args.embed_tangents, dim=args.embed_dim,
-                       seed=args.seed)
+    return options.from_args(EmbedConfig, args, seed=args.seed)
 
 
 def cmd_embed(args) -> int:
@@ -185,12 +176,10 @@ def cmd_select(args) -> int:
     import time
     from pathlib import Path
 
-    from idjax import models, pipeline, stages
+    from idjax import distributed, models, options, stages
+    from idjax.configs import SelectConfig
+    from idjax.selection_file import meta_path
 
-    if args.k < 1:
-        return _usage("select", f"--k must be >= 1, got {args.k}")
-    if pipeline.landmarks_problem(args.landmarks):
-        return _usage("select", f"--landmarks {pipeline.landmarks_problem(args.landmarks)}")
     _start_distributed(args)
     t0 = time.perf_counter()
     if not args.target and not args.target_task:
@@ -199,59 +188,29 @@ def cmd_select(args) -> int:
     tok = models.load_tokenizer(models.resolve(args.model))
     sets = stages.load_sets(tok, pool=args.train, target=args.target, target_task=args.target_task,
                             max_length=args.max_length)
-    pool, stats, targets, tstats = sets.pool, sets.stats["pool"], sets.targets, sets.stats["targets"]
+    pool, stats, tstats = sets.pool, sets.stats["pool"], sets.stats["targets"]
     if args.k > len(pool):
         return _usage("select", f"--k {args.k} is larger than the pool: {args.train} has {len(pool)} samples with "
                                 f"a response token ({len(stats.skipped_no_response)} skipped)")
     model, _ = models.load(args.model, dtype=args.dtype, tokenizer=False)
     out = Path(args.out)
-    store = Path(args.store) if args.store else out.with_suffix(".store")
-    if args.method != "influence":  # docs/method.md 9: the same pool, budget, store and output file
-        from idjax import baselines, distributed
-
-        load_s = time.perf_counter() - t0
-        selection = baselines.select_baseline(args.method, model, pool, targets, args.k, seed=args.seed,
-                                              batch_size=args.batch_size, store_dir=store, chunk_rows=args.chunk_rows)
-        if not distributed.is_primary():
-            return 0
-        return _write_selection(args, selection, pool, stats, tstats, out, store, t0, load_s)
-    update = None
-    if args.optimizer_state:
-        update = stages.read_update_model(args.optimizer_state, model, params=args.params)
-    config = pipeline.SelectConfig(
-        k=args.k, landmarks=args.landmarks, exact=args.exact, landmark_method=args.landmark_method,
-        propagation=args.propagation, order=args.order, hessian=args.hessian, lam=args.lam,
-        learning_rate=args.lr, aggregate=args.aggregate, rank_by=args.rank_by, proj_dim=args.proj_dim,
-        proj_kind=args.proj_kind, params=args.params, microbatch=args.microbatch,
-        normalize=not args.no_normalize, embed=_embed_config(args), seed=args.seed, batch_size=args.batch_size,
-        chunk_rows=args.chunk_rows)
-    load_s = time.perf_counter() - t0
-    selection = pipeline.select_samples(model, pool, targets, config, update=update, store_dir=store)
-    if selection is None:  # another process of a multi-process run: process 0 writes the selection
-        from idjax import distributed
-
+    store = cli_args.store_dir(args)
+    meta = {"command": {"model": str(args.model), "train": str(args.train), "target": args.target,
+                        "target_task": args.target_task, "optimizer_state": args.optimizer_state,
+                        "max_length": args.max_length, "dtype": args.dtype},
+            "pool_stats": {"records": stats.n_records, "kept": stats.n_kept, "truncated": stats.n_truncated,
+                           "skipped_no_response": stats.skipped_no_response[:100]},
+            "target_stats": {"records": tstats.n_records, "kept": tstats.n_kept,
+                             "skipped_no_response": tstats.skipped_no_response[:100]}}
+    config = options.from_args(SelectConfig, args, embed=_embed_config(args))
+    selection = stages.select(model, pool, sets.targets, config, store_dir=store, method=args.method,
+                              optimizer_state=args.optimizer_state, out=out, meta=meta,
+                              timings={"load": round(time.perf_counter() - t0, 3)})
+    if selection is None:  # another process of a multi-process run: process 0 wrote the selection
         print(json.dumps({"process": distributed.process_index(), "processes": distributed.process_count(),
                           "out": str(out), "written_by": 0, "store": str(store)}))
         return 0
-    return _write_selection(args, selection, pool, stats, tstats, out, store, t0, load_s)
-
-
-def _write_selection(args, selection, pool, stats, tstats, out, store, t0, load_s) -> int:
-    import time
-
-    from idjax.selection_file import write_selection
-
-    selection.info["timings_s"] = {"load": round(load_s, 3), **selection.info["timings_s"]}
-    extra = {"command": {"model": str(args.model), "train": str(args.train), "target": args.target,
-                         "target_task": args.target_task,
-                         "optimizer_state": args.optimizer_state, "max_length": args.max_length,
-                         "dtype": args.dtype},
-             "pool_stats": {"records": stats.n_records, "kept": stats.n_kept, "truncated": stats.n_truncated,
-                            "skipped_no_response": stats.skipped_no_response[:100]},
-             "target_stats": {"records": tstats.n_records, "kept": tstats.n_kept,
-                              "skipped_no_response": tstats.skipped_no_response[:100]}}
-    meta = write_selection(selection, pool, out, extra)
-    print(json.dumps({"out": str(out), "meta": str(meta), "selected": len(selection.rows),
+    print(json.dumps({"out": str(out), "meta": str(meta_path(out)), "selected": len(selection.rows),
                       "pool": len(pool), "landmarks": int(len(selection.landmarks)),
                       "seconds": round(time.perf_counter() - t0, 1)}))
     return 0
@@ -260,15 +219,9 @@ def _write_selection(args, selection, pool, stats, tstats, out, store, t0, load_
 def cmd_demo(args) -> int:
     from idjax import demo, demo_report
 
-    if args.k_fraction is not None and not 0 < args.k_fraction <= 1:
-        return _usage("demo", f"--k-fraction must be in (0, 1], got {args.k_fraction}")
-    if args.landmarks is not None and not 0 < args.landmarks <= 1:
-        return _usage("demo", f"--landmarks must be a fraction of the pool in (0, 1], got {args.landmarks}")
-    kwargs = dict(demo.QUICK) if args.quick else {}
-    for name in ("task", "k_fraction", "landmarks", "seed", "pool_limit", "train_steps"):
-        if getattr(args, name) is not None:
-            kwargs[name] = getattr(args, name)
-    report = demo.run_demo(args.out, **kwargs)
+    given = {name: getattr(args, name) for name in cli_args.DEMO_FLAGS if hasattr(args, name)}
+    config = demo.DemoConfig(**{**(demo.QUICK if args.quick else {}), **given})
+    report = demo.run_demo(args.out, config)
     print(demo_report.format_report(report))
     return 0
 

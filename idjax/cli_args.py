@@ -1,4 +1,5 @@
-"""What the `idjax` command accepts: every subcommand's flags, and the checks of their values and
+"""What the `idjax` command accepts: every subcommand's flags (most generated from the stage configs of
+idjax/configs.py, which declare their defaults, choices and ranges), and the checks of their values and
 output paths made before any work starts (a usage error exits 2, an output that would overwrite an
 input or cannot be written exits 1). idjax/cli.py runs the commands.
 """
@@ -8,6 +9,14 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
+from idjax import options as O
+from idjax.configs import EmbedConfig, SelectConfig, TrainRecipe, WarmupRecipe
+from idjax.demo import DemoConfig
+from idjax.options import add_argument, add_flags
+
+#: The settings `idjax demo` takes as flags (the others are its measured recipe: idjax/demo.py).
+DEMO_FLAGS = ("task", "k_fraction", "landmarks", "seed", "pool_limit", "train_steps")
+
 
 def add_model(p: argparse.ArgumentParser):
     p.add_argument("--model", default="smollm2-135m",
@@ -16,30 +25,18 @@ def add_model(p: argparse.ArgumentParser):
                    help="parameter and compute dtype (logits are float32 either way)")
 
 
-def add_training(p: argparse.ArgumentParser, *, lr: float, optimizer: str, schedule: str, batch_size: int):
+def add_max_length(p: argparse.ArgumentParser, default: int = 1024):
+    add_argument(p, "--max-length", type=int, default=default, check=O.AT_LEAST_1,
+                 help=f"truncate samples to this many tokens (default {default})")
+
+
+def add_training(p: argparse.ArgumentParser, recipe):
+    """The flags of a training Recipe (idjax/configs.py) and of the data it trains on."""
     p.add_argument("--data", required=True, help="chat JSONL / Parquet / HF dataset (Tulu V2 format)")
     p.add_argument("--out", required=True, help="output directory (model, optimizer state, checkpoints, metrics)")
-    length = p.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=int, default=None, help="optimizer steps")
-    length.add_argument("--epochs", type=float, default=None, help="passes over the data (default 1)")
-    p.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr})")
-    p.add_argument("--optimizer", default=optimizer, choices=["adamw", "adam", "sgd"])
-    p.add_argument("--schedule", default=schedule, choices=["constant", "linear", "cosine"],
-                   help=f"learning-rate decay after the linear warm-up (default {schedule})")
-    p.add_argument("--warmup-ratio", type=float, default=0.03, help="warm-up steps as a fraction of the run")
-    p.add_argument("--warmup-steps", type=int, default=None, help="warm-up steps (overrides --warmup-ratio)")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (sgd only)")
-    p.add_argument("--clip-norm", type=float, default=1.0, help="global gradient-norm clipping (0: off)")
-    p.add_argument("--batch-size", type=int, default=batch_size, help="samples per microbatch")
-    p.add_argument("--grad-accum", type=int, default=1, help="microbatches per optimizer step")
-    p.add_argument("--max-length", type=int, default=1024, help="truncate samples to this many tokens")
-    p.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="matmul dtype; master weights stay float32")
-    p.add_argument("--remat", action="store_true", help="recompute layer activations (less memory)")
+    add_max_length(p)
     p.add_argument("--seed", type=int, default=0, help="data order, LoRA init and warm-up subset")
-    p.add_argument("--checkpoint-every", type=int, default=0, help="save a checkpoint every N steps (0: at the end)")
-    p.add_argument("--keep-checkpoints", type=int, default=3)
+    add_flags(p, recipe, defaults={"batch_size": 8}, exclusive=("steps", "epochs"))
 
 
 def add_distributed(p: argparse.ArgumentParser):
@@ -58,14 +55,10 @@ def add_distributed(p: argparse.ArgumentParser):
 
 
 def add_pool(p: argparse.ArgumentParser):
+    """The pool and how it is embedded (EmbedConfig); `idjax select` adds SelectConfig's other flags."""
     p.add_argument("--train", required=True, help="the pool: chat JSONL / Parquet / HF dataset (Tulu V2 format)")
-    p.add_argument("--max-length", type=int, default=1024, help="truncate samples to this many tokens")
-    p.add_argument("--batch-size", type=int, default=8, help="samples per compiled batch")
-    p.add_argument("--chunk-rows", type=int, default=256, help="rows per store chunk (the unit of resumption)")
-    p.add_argument("--seed", type=int, default=0, help="landmarks, tangents, sketches, round-robin order")
-    p.add_argument("--embed-blocks", type=int, default=4, help="decoder blocks kept for JVP embeddings")
-    p.add_argument("--embed-tangents", type=int, default=2, help="random tangents per JVP embedding")
-    p.add_argument("--embed-dim", type=int, default=4096, help="embedding size after projection")
+    add_max_length(p)
+    add_flags(p, EmbedConfig, group="JVP embeddings (docs/method.md 6)")
 
 
 def build_parser(commands: dict[str, Callable]) -> argparse.ArgumentParser:
@@ -78,7 +71,7 @@ def build_parser(commands: dict[str, Callable]) -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="greedy answers from a model (checks a checkpoint loads and works)")
     add_model(p)
     p.add_argument("prompt", nargs="+", help="one or more user messages")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    add_argument(p, "--max-new-tokens", type=int, default=64, check=O.AT_LEAST_1)
     p.set_defaults(func=commands["chat"])
 
     p = sub.add_parser("convert", help="write a model (e.g. a GGUF file) as an HF safetensors directory")
@@ -89,15 +82,15 @@ def build_parser(commands: dict[str, Callable]) -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="validate and tokenize a chat JSONL/Parquet/HF dataset; print statistics")
     add_model(p)
     p.add_argument("file", help="JSONL, Parquet, or a local HF datasets directory")
-    p.add_argument("--max-length", type=int, default=1024)
-    p.add_argument("--limit", type=int, default=None, help="read at most this many records")
+    add_max_length(p)
+    add_argument(p, "--limit", type=int, default=None, check=O.AT_LEAST_1, help="read at most this many records")
     p.set_defaults(func=commands["data"])
     p = sub.add_parser("train", help="fine-tune a model on a chat dataset or a selection of it")
     add_model(p)
-    add_training(p, lr=2e-5, optimizer="adamw", schedule="linear", batch_size=8)
+    add_training(p, TrainRecipe)
     p.add_argument("--selection", default=None, help="JSONL from `idjax select`: train on these ids only")
-    p.add_argument("--weighted", action="store_true", help="use the selection's weights as loss weights")
-    p.add_argument("--lora-rank", type=int, default=0, help="train rank-R LoRA adapters instead of every weight")
+    add_argument(p, "--lora-rank", type=int, default=0, check=O.NON_NEGATIVE,
+                 help="train rank-R LoRA adapters instead of every weight")
     p.add_argument("--lora-alpha", type=float, default=16.0)
     p.add_argument("--resume", default=None, help="a run directory to continue from its last checkpoint")
     add_distributed(p)
@@ -105,8 +98,7 @@ def build_parser(commands: dict[str, Callable]) -> argparse.ArgumentParser:
 
     p = sub.add_parser("warmup", help="train briefly on a random fraction of the pool; save optimizer state")
     add_model(p)
-    add_training(p, lr=2e-5, optimizer="adamw", schedule="constant", batch_size=8)
-    p.add_argument("--fraction", type=float, default=0.05, help="fraction of the pool to train on (default 0.05)")
+    add_training(p, WarmupRecipe)
     add_distributed(p)
     p.set_defaults(func=commands["warmup"])
 
@@ -115,10 +107,11 @@ def build_parser(commands: dict[str, Callable]) -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="chat JSONL, or with --task a file in the HF dataset's format")
     p.add_argument("--task", default=None, choices=["gsm8k", "mmlu", "squad", "humaneval"],
                    help="also compute the task metric (data from --data, else the HF hub)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=2048)
-    p.add_argument("--max-new-tokens", type=int, default=256, help="generation length for generated answers")
-    p.add_argument("--limit", type=int, default=None, help="evaluate the first N questions only")
+    add_argument(p, "--batch-size", type=int, default=8, check=O.AT_LEAST_1)
+    add_max_length(p, 2048)
+    add_argument(p, "--max-new-tokens", type=int, default=256, check=O.AT_LEAST_1,
+                 help="generation length for generated answers")
+    add_argument(p, "--limit", type=int, default=None, check=O.AT_LEAST_1, help="evaluate the first N questions only")
     p.add_argument("--allow-code-execution", action="store_true",
                    help="humaneval: run model-written code in a subprocess")
     add_distributed(p)
@@ -127,6 +120,7 @@ def build_parser(commands: dict[str, Callable]) -> argparse.ArgumentParser:
     p = sub.add_parser("embed", help="JVP embeddings of a pool into a resumable store (reused by select)")
     add_model(p)
     add_pool(p)
+    add_flags(p, SelectConfig, only=("batch_size", "chunk_rows", "seed"))
     p.add_argument("--store", required=True, help="store directory (re-running resumes / reuses it)")
     add_distributed(p)
     p.set_defaults(func=commands["embed"])
@@ -139,47 +133,21 @@ def build_parser(commands: dict[str, Callable]) -> argparse.ArgumentParser:
                         "a file in that task's HF format (absent: the HF hub)")
     p.add_argument("--target-task", default=None, choices=["gsm8k", "mmlu", "squad", "humaneval"],
                    help="build the target set with a task recipe (e.g. GSM8k chain-of-thought exemplars)")
-    p.add_argument("--k", type=int, required=True, help="how many samples to select")
     p.add_argument("--out", required=True, help="output JSONL; the configuration goes to OUT.meta.json")
     p.add_argument("--store", default=None, help="store directory (default: OUT with suffix .store)")
     p.add_argument("--method", default="influence", choices=["influence", "random", "rds", "mid-ppl", "full"],
                    help="influence (Influence Distillation; with --exact: LESS-style exact first order) or a "
                         "baseline: random, rds (RDS+), mid-ppl, full (docs/method.md 9); default influence")
-    p.add_argument("--landmarks", type=float, default=0.1,
-                   help="landmarks: a fraction of the pool (< 1) or a count (default 0.1)")
-    p.add_argument("--exact", action="store_true", help="every sample is a landmark (no embeddings; LESS-style)")
-    p.add_argument("--landmark-method", default="random", choices=["random", "kmeans++"])
-    p.add_argument("--propagation", default="krr", choices=["krr", "ridge"])
-    p.add_argument("--order", type=int, default=1, choices=[1, 2], help="2 adds the target Hessian term")
-    p.add_argument("--hessian", default="gauss-newton", choices=["exact", "gauss-newton"], help="for --order 2")
-    p.add_argument("--lam", type=float, default=None,
-                   help="weight regulariser (default: the value whose first-order support is the top k)")
-    p.add_argument("--lr", type=float, default=1e-5, help="step size of the GD update model (no optimizer state)")
     p.add_argument("--optimizer-state", default=None,
                    help="a warm-up/train output directory: model a, b, eta from its optimizer (absent: GD)")
-    p.add_argument("--aggregate", default="mean", choices=["mean", "round-robin"],
-                   help="score against the mean target gradient, or round-robin over target samples")
-    p.add_argument("--rank-by", default=None, choices=["score", "weight"],
-                   help="top-k by score or by optimal weight (default: score for order 1, weight for 2)")
-    p.add_argument("--proj-dim", type=int, default=4096, help="gradient sketch size (0: no projection)")
-    p.add_argument("--proj-kind", default="srht", choices=["srht", "rademacher", "gaussian"])
-    p.add_argument("--params", default=None, help="regex over parameter names (e.g. down_proj); default all")
-    p.add_argument("--microbatch", type=int, default=None,
-                   help="samples per vmapped gradient (default: as many as fit in ~1 GiB, dividing --batch-size)")
-    p.add_argument("--no-normalize", action="store_true", help="inner products instead of cosines")
+    add_flags(p, SelectConfig, group="selection (docs/method.md 3-7)")
     add_distributed(p)
     p.set_defaults(func=commands["select"])
 
     p = sub.add_parser("demo", help="the whole pipeline on the embedded SmolLM2 and bundled data, on a CPU, "
                                     "in minutes: warm-up, selection, fine-tuning vs random, target loss")
     p.add_argument("--out", default="idjax-demo", help="output directory; re-running reuses it (default ./idjax-demo)")
-    p.add_argument("--task", default=None, choices=["code", "definitions", "jargon"],
-                   help="target task of the bundled data (default definitions)")
-    p.add_argument("--k-fraction", type=float, default=None, help="selection budget, a fraction of the pool (0.1)")
-    p.add_argument("--landmarks", type=float, default=None, help="random landmarks, a fraction of the pool (0.25)")
-    p.add_argument("--seed", type=int, default=None, help="warm-up subset, landmarks, sketches, random subset (0)")
-    p.add_argument("--pool-limit", type=int, default=None, help="use the first N pool rows (300; all: 879)")
-    p.add_argument("--train-steps", type=int, default=None, help="fine-tuning steps for both subsets (8)")
+    add_flags(p, DemoConfig, defaults=dict.fromkeys(DEMO_FLAGS, argparse.SUPPRESS), only=DEMO_FLAGS)
     p.add_argument("--quick", action="store_true",
                    help="a tiny run (64 pool rows, 2 fine-tuning steps, 64 tokens) to check the setup")
     p.set_defaults(func=commands["demo"])
@@ -196,37 +164,9 @@ def build_parser(commands: dict[str, Callable]) -> argparse.ArgumentParser:
     return parser
 
 
-# (dests, test, requirement) for flags shared by several subcommands: checked before any work starts.
-_ARG_RULES = (
-    (("batch_size", "grad_accum", "microbatch", "steps", "max_length", "max_new_tokens", "limit", "chunk_rows",
-      "embed_blocks", "embed_tangents", "embed_dim", "keep_checkpoints", "pool_limit", "train_steps"),
-     lambda v: v >= 1, ">= 1"),
-    (("proj_dim", "lora_rank", "warmup_steps", "weight_decay", "clip_norm", "checkpoint_every"),
-     lambda v: v >= 0, ">= 0"),
-    (("epochs",), lambda v: v > 0, "> 0"),
-    (("lr",), lambda v: 0 <= v < float("inf"), "a finite number >= 0"),
-    (("lam",), lambda v: 0 < v < float("inf"), "a finite number > 0"),
-    (("fraction",), lambda v: 0 < v <= 1, "in (0, 1]"),
-    (("warmup_ratio",), lambda v: 0 <= v <= 1, "in [0, 1]"),
-)
-
-
 def check_args(args) -> str | None:
-    """The first flag value no command can work with (a usage error, exit 2), or None."""
-    import re
-
-    for dests, ok, need in _ARG_RULES:
-        for dest in dests:
-            v = getattr(args, dest, None)
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and not ok(v):
-                return f"--{dest.replace('_', '-')} must be {need}, got {v}"
-    pattern = getattr(args, "params", None)
-    if isinstance(pattern, str):
-        try:
-            re.compile(pattern)
-        except re.error as e:
-            return f"--params {pattern!r} is not a regular expression ({e})"
-    return None
+    """The first flag value outside its declared range (a usage error, exit 2), or None."""
+    return O.flag_problem(args)
 
 
 def store_dir(args):

@@ -55,6 +55,7 @@ each stage (`_release_memory`) and freed heap after each long compilation (`_tri
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -67,7 +68,10 @@ from typing import Any
 import numpy as np
 
 from idjax import demo_report
+from idjax import options as O
+from idjax.configs import EmbedConfig, SelectConfig, TrainRecipe, WarmupRecipe
 from idjax.io import write_text
+from idjax.options import like, option
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +79,53 @@ DATA_DIR = Path(__file__).resolve().parent / "assets" / "demo"
 TASKS = ("code", "definitions", "jargon")
 MODEL = "smollm2-135m"
 MODEL_TITLE = "SmolLM2-135M-Instruct"
+
+@dataclasses.dataclass(frozen=True)
+class DemoConfig:
+    """The demo's recipe (module docstring: why these values). `idjax demo` takes the fields
+    cli_args.DEMO_FLAGS as flags; the others are fixed there and free here."""
+
+    task: str = option("definitions", "target task of the bundled data", choices=TASKS)
+    pool_limit: int | None = option(300, "use the first N pool rows (all: 879)", check=O.AT_LEAST_2)
+    k_fraction: float = option(0.1, "selection budget, a fraction of the pool", check=O.FRACTION)
+    landmarks: float = option(0.25, "random landmarks, a fraction of the pool", check=O.FRACTION)
+    warmup_fraction: float = like(WarmupRecipe, "fraction")
+    warmup_steps: int = option(4, check=O.AT_LEAST_1)
+    warmup_lr: float = option(5e-5, check=O.FINITE_NON_NEGATIVE)
+    train_steps: int = option(8, "fine-tuning steps for both subsets", check=O.AT_LEAST_1)
+    lr: float = option(5e-5, check=O.FINITE_NON_NEGATIVE)
+    batch_size: int = like(SelectConfig, "batch_size")
+    seed: int = option(0, "warm-up subset, landmarks, sketches, random subset")
+    max_length: int = option(128, check=O.AT_LEAST_1)
+    params: str = like(SelectConfig, "params", default="down_proj")
+    proj_dim: int = like(SelectConfig, "proj_dim", default=1024)
+    embed_dim: int = like(EmbedConfig, "dim", default=1152)
+    embed_blocks: int = like(EmbedConfig, "num_blocks")
+    target_limit: int | None = option(None, check=O.AT_LEAST_1)
+    eval_limit: int | None = option(None, check=O.AT_LEAST_1)
+
+    def __post_init__(self):
+        O.validate(self)
+
+    def select_config(self, k: int) -> SelectConfig:
+        """First-order selection with random landmarks and KRR, 2 per-example gradients at a time (not
+        auto_microbatch's 8: each holds ~300 MB of temporaries, the gradient, a * g and the padded SRHT
+        input, so 8 at once add 2.4 GB)."""
+        return SelectConfig(k=k, landmarks=self.landmarks, params=self.params, proj_dim=self.proj_dim, seed=self.seed,
+                            batch_size=self.batch_size, microbatch=2,
+                            embed=EmbedConfig(num_blocks=self.embed_blocks, num_tangents=2, dim=self.embed_dim,
+                                              seed=self.seed))
+
+    def warmup_recipe(self) -> WarmupRecipe:
+        """AdamW at a constant rate, clipped at 1, no learning-rate warm-up."""
+        return WarmupRecipe(fraction=self.warmup_fraction, steps=self.warmup_steps, lr=self.warmup_lr,
+                            batch_size=self.batch_size, lr_warmup_steps=0, remat=_REMAT)
+
+    def train_recipe(self) -> TrainRecipe:
+        """The warm-up's recipe (one compiled training step) for `train_steps` steps."""
+        return TrainRecipe(steps=self.train_steps, lr=self.lr, batch_size=self.batch_size, schedule="constant",
+                           lr_warmup_steps=0, remat=_REMAT)
+
 
 #: Settings of `idjax demo --quick` (and of the test): a 64-row pool, one warm-up step, two
 #: fine-tuning steps of 4, 64-token samples (one length bucket, so one compilation per stage),
@@ -158,17 +209,17 @@ class _Cache:
         write_text(self.path, json.dumps(self.items, indent=1))
 
 
-def warmup(out: Path, pool_records, tok, *, fraction, steps, lr, batch_size, seed, max_length) -> tuple[bool, dict]:
+def warmup(out: Path, pool_records, tok, recipe: WarmupRecipe, *, seed: int, max_length: int) -> tuple[bool, dict]:
     """Train the demo's warm-up in out/warmup, or reuse the one there made with the same settings;
     return (reused, its description)."""
-    from idjax import train
-    from idjax.models import load
-    from idjax.optim import OptimizerSpec
+    from idjax import stages, train
     from idjax.io import fingerprint
+    from idjax.models import load
 
     wdir = out / "warmup"
-    desc = {"model": MODEL, "pool": fingerprint([r["id"] for r in pool_records]), "fraction": fraction,
-            "steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed, "max_length": max_length}
+    desc = {"model": MODEL, "pool": fingerprint([r["id"] for r in pool_records]), "fraction": recipe.fraction,
+            "steps": recipe.steps, "lr": recipe.lr, "batch_size": recipe.batch_size, "seed": seed,
+            "max_length": max_length}
     done = wdir / _WARMUP_DONE
     if done.exists() and (wdir / "optimizer.json").exists() and (wdir / "opt_state").is_dir():
         try:
@@ -183,32 +234,23 @@ def warmup(out: Path, pool_records, tok, *, fraction, steps, lr, batch_size, see
         if any(wdir.iterdir()) and not (wdir / "train_config.json").exists():
             raise ValueError(f"{wdir} exists and is not a demo warm-up; choose another --out")
         shutil.rmtree(wdir)
-    examples = train.warmup_examples(pool_records, tok, fraction=fraction, seed=seed, max_length=max_length)
-    # remat: see _REMAT.
-    config = train.TrainConfig(optimizer=OptimizerSpec("adamw", lr, clip_norm=1.0), batch_size=batch_size,
-                               steps=steps, seed=seed, remat=_REMAT)
+    examples = train.warmup_examples(pool_records, tok, fraction=recipe.fraction, seed=seed, max_length=max_length)
     base, _ = load(MODEL, tokenizer=False)
-    # The final model and optimizer state are exported next to it; an Orbax checkpoint (params and
-    # both Adam moments again, ~1.6 GB on disk, ~1 GB more memory to write) is only needed to resume
-    # an unfinished run, and this one is done: none is written.
+    # No Orbax checkpoint: it only serves to resume an unfinished run (params and both Adam moments
+    # again, ~1.6 GB on disk, ~1 GB more memory to write), and this one is done.
     # donate_model: the base model is not used again, so the trainer takes its arrays (no float32 copy).
-    result = train.warmup(base, examples, tok, config, wdir, pool_size=len(pool_records), fraction=fraction,
-                          final_checkpoint=False, donate_model=True)
+    result = stages.warm_up(base, examples, tok, recipe, wdir, pool_size=len(pool_records), seed=seed,
+                            final_checkpoint=False, donate_model=True)
     del base
-    shutil.rmtree(wdir / "checkpoints", ignore_errors=True)
     info = {"settings": desc, "samples": len(examples), "steps": int(result.state.step),
             "losses": [round(h["loss"], 4) for h in result.history]}
     write_text(done, json.dumps(info))
     return False, info
 
 
-def run_demo(out_dir="idjax-demo", *, task: str = "definitions", pool_limit: int | None = 300,
-             k_fraction: float = 0.1, landmarks: float = 0.25, warmup_fraction: float = 0.05,
-             warmup_steps: int = 4, warmup_lr: float = 5e-5, train_steps: int = 8, lr: float = 5e-5,
-             batch_size: int = 8, seed: int = 0, max_length: int = 128, params: str = "down_proj",
-             proj_dim: int = 1024, embed_dim: int = 1152, embed_blocks: int = 4,
-             target_limit: int | None = None, eval_limit: int | None = None, plot: bool = True) -> dict:
-    """Run the demo (module docstring) in `out_dir`; return everything demo.json holds.
+def run_demo(out_dir="idjax-demo", config: DemoConfig | None = None, *, plot: bool = True, **overrides) -> dict:
+    """Run the demo (module docstring) with `config` (default DemoConfig(); `overrides` replace its
+    fields) in `out_dir`; return everything demo.json holds.
 
     Every stage reuses what an earlier run left in out_dir: the warm-up (out_dir/warmup), the
     selection's arrays (out_dir/store) and the evaluations of fine-tuned models (demo-cache.json),
@@ -222,25 +264,12 @@ def run_demo(out_dir="idjax-demo", *, task: str = "definitions", pool_limit: int
         jax.monitoring.register_event_duration_secs_listener(_trim_after_compile)
         _LISTENING = True
 
-    from idjax import data, evaluate, models, passes, pipeline, stages, train
-    from idjax.embed import EmbedConfig
+    from idjax import data, evaluate, models, passes, stages
     from idjax.io import fingerprint
-    from idjax.optim import OptimizerSpec
-    from idjax.selection_file import write_selection
 
+    c = dataclasses.replace(config or DemoConfig(), **overrides)
     timed = functools.partial(passes.timed_stage, label="demo:", digits=2)
-    if task not in TASKS:
-        raise ValueError(f"unknown demo task {task!r}: choose one of {', '.join(TASKS)}")
-    if not 0 < k_fraction <= 1:
-        raise ValueError(f"k_fraction must be in (0, 1], got {k_fraction}")
-    if not 0 < landmarks <= 1:
-        raise ValueError(f"landmarks must be a fraction of the pool in (0, 1], got {landmarks}")
-    if pool_limit is not None and pool_limit < 2:
-        raise ValueError(f"pool_limit must be >= 2, got {pool_limit}")
-    settings = {k: v for k, v in locals().items() if k in (
-        "task", "pool_limit", "k_fraction", "landmarks", "warmup_fraction", "warmup_steps", "warmup_lr",
-        "train_steps", "lr", "batch_size", "seed", "max_length", "params", "proj_dim", "embed_dim",
-        "embed_blocks", "target_limit", "eval_limit")}
+    settings = dataclasses.asdict(c)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cache = _Cache(out / _CACHE)
@@ -252,14 +281,15 @@ def run_demo(out_dir="idjax-demo", *, task: str = "definitions", pool_limit: int
     # 1. data and tokenizer
     with timed("load", timings):
         tok = models.load_tokenizer(models.resolve(MODEL))
-        sets = stages.load_sets(tok, pool=DATA_DIR / "pool.jsonl", target=DATA_DIR / "targets" / f"{task}.jsonl",
-                                eval=DATA_DIR / "eval" / f"{task}.jsonl", with_eval=True, max_length=max_length,
-                                pool_limit=pool_limit, target_limit=target_limit, eval_limit=eval_limit,
-                                names={"pool": "demo pool", "targets": f"{task} targets", "eval": f"{task} eval set"})
+        sets = stages.load_sets(tok, pool=DATA_DIR / "pool.jsonl", target=DATA_DIR / "targets" / f"{c.task}.jsonl",
+                                eval=DATA_DIR / "eval" / f"{c.task}.jsonl", with_eval=True, max_length=c.max_length,
+                                pool_limit=c.pool_limit, target_limit=c.target_limit, eval_limit=c.eval_limit,
+                                names={"pool": "demo pool", "targets": f"{c.task} targets",
+                                       "eval": f"{c.task} eval set"})
         pool_records, pool, targets, evals = sets.pool_records, sets.pool, sets.targets, sets.evals
         pool_stats = sets.stats["pool"]
         pad = tok.pad_token_id or 0
-        k = max(1, min(len(pool), round(k_fraction * len(pool))))
+        k = max(1, min(len(pool), round(c.k_fraction * len(pool))))
     bar.update()
     domains = sorted({domain(r) for r in pool_records})
 
@@ -271,44 +301,34 @@ def run_demo(out_dir="idjax-demo", *, task: str = "definitions", pool_limit: int
 
     # 2. warm-up
     with timed("warmup", timings):
-        reused["warmup"], warm_info = warmup(out, pool_records, tok, fraction=warmup_fraction, steps=warmup_steps,
-                                             lr=warmup_lr, batch_size=batch_size, seed=seed, max_length=max_length)
+        reused["warmup"], warm_info = warmup(out, pool_records, tok, c.warmup_recipe(), seed=c.seed,
+                                             max_length=c.max_length)
         _release_memory()
         model = load_warm()
-        # a and b of the gradient parameters only (`params`): the whole-model pair would hold 1 GB.
-        update = stages.read_update_model(out / "warmup", model, params=params)
-        _release_memory()
     bar.update()
 
-    # 3. selection
+    # 3. selection, with the update model of the warm-up's optimizer state, read for the gradient
+    # parameters only (`params`): the whole-model pair would hold 1 GB
     with timed("select", timings):
-        config = pipeline.SelectConfig(
-            k=k, landmarks=landmarks, params=params, proj_dim=proj_dim, seed=seed, batch_size=batch_size,
-            # 2 per-example gradients at a time, not auto_microbatch's 8: each one holds ~300 MB of
-            # temporaries (gradient, a * g, the padded SRHT input), so 8 at once add 2.4 GB.
-            microbatch=2,
-            embed=EmbedConfig(num_blocks=embed_blocks, num_tangents=2, dim=embed_dim, seed=seed))
-        selection = pipeline.select_samples(model, pool, targets, config, update=update, store_dir=out / "store")
-        write_selection(selection, pool, out / "selection.jsonl",
-                        {"demo": settings, "command": "idjax demo", "model": MODEL})
-        del update  # not needed by the fine-tuning stages
+        selection = stages.select(model, pool, targets, c.select_config(k), store_dir=out / "store",
+                                  optimizer_state=out / "warmup", out=out / "selection.jsonl",
+                                  meta={"demo": settings, "command": "idjax demo", "model": MODEL})
         _release_memory()
     bar.update()
     sel_rows = [int(r) for r in selection.rows]
-    rng = np.random.default_rng([seed, 1])
+    rng = np.random.default_rng([c.seed, 1])
     rand_rows = [int(r) for r in np.sort(rng.choice(len(pool), size=len(sel_rows), replace=False))]
 
     # 4. fine-tune and evaluate
     model_fp = selection.info["fingerprints"]["model"]
     eval_fp = data.examples_fingerprint(evals)
-    recipe = train.TrainConfig(optimizer=OptimizerSpec("adamw", lr, clip_norm=1.0), batch_size=batch_size,
-                               steps=train_steps, seed=seed, remat=_REMAT)
+    recipe = stages.finetune_config([pool[r] for r in sel_rows], c.train_recipe(), seed=c.seed)
 
     def evaluate_model(m):
-        return evaluate.target_loss(m, evals, batch_size=max(batch_size, 8), pad_id=pad)
+        return evaluate.target_loss(m, evals, batch_size=max(c.batch_size, 8), pad_id=pad)
 
     def stage(name, rows, model=None):
-        key = fingerprint({"stage": name, "model": model_fp, "eval": eval_fp, "max_length": max_length,
+        key = fingerprint({"stage": name, "model": model_fp, "eval": eval_fp, "max_length": c.max_length,
                            "rows": None if rows is None else [pool[r].id for r in rows],
                            "recipe": None if rows is None else recipe.to_dict()})
         hit = cache.get(key)
@@ -320,6 +340,8 @@ def run_demo(out_dir="idjax-demo", *, task: str = "definitions", pool_limit: int
             value = {"eval": evaluate_model(model)}
         else:
             # The trainer owns a fresh copy of the warmed-up model (donate_model: no float32 copy of it).
+            from idjax import train
+
             result = train.train(load_warm(), [pool[r] for r in rows], recipe, tokenizer=tok, pad_id=pad,
                                  donate_model=True)
             trained, history = result.model, result.history
@@ -349,7 +371,7 @@ def run_demo(out_dir="idjax-demo", *, task: str = "definitions", pool_limit: int
     pool_comp = _share(Counter(domain(pool_records[e.index]) for e in pool), len(pool), domains)
     sel_info = selection.info
     report = {
-        "task": task, "model": MODEL_TITLE, "device": str(jax.devices()[0].platform),
+        "task": c.task, "model": MODEL_TITLE, "device": str(jax.devices()[0].platform),
         "settings": settings,
         "pool": {"records": len(pool_records), "examples": len(pool), "truncated": pool_stats.n_truncated,
                  "skipped_no_response": len(pool_stats.skipped_no_response), "domains": domains},

@@ -26,22 +26,7 @@ from idjax import data as D
 from idjax import sharding as shd
 from idjax.grads import split_params
 from idjax.models import CausalLM
-
-
-@dataclasses.dataclass(frozen=True)
-class EmbedConfig:
-    num_blocks: int = 4       # B: decoder blocks kept
-    num_tangents: int = 2     # K: random tangent directions
-    dim: int = 4096           # e: output dims (K * d_model when that is smaller: no projection then)
-    seed: int = 0
-    pooling: str = "last"     # f(x) from the hidden states: last | mean | response (see pooled_features)
-
-    def __post_init__(self):
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"EmbedConfig.pooling must be one of {POOLINGS}, got {self.pooling!r}")
-
-
-POOLINGS = ("last", "mean", "response")
+from idjax.configs import POOLINGS, EmbedConfig  # noqa: F401 (re-exported)
 
 
 def truncate(model: CausalLM, num_blocks: int) -> CausalLM:

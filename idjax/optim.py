@@ -27,8 +27,7 @@ from idjax.models import CheckpointError
 
 logger = logging.getLogger(__name__)
 
-NAMES = ("sgd", "adam", "adamw")
-SCHEDULES = ("constant", "linear", "cosine")
+from idjax.configs import OPTIMIZERS as NAMES, SCHEDULES  # declared with the training recipes
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ import numpy as np
 from idjax import data as D
 from idjax import distributed as dist
 from idjax import sharding as shd
-from idjax.embed import EmbedConfig
+from idjax.configs import EmbedConfig, SelectConfig, landmarks_problem  # noqa: F401 (re-exported)
 from idjax.grads import GradientConfig, PerExampleGradients, restrict, split_params
 from idjax.hessian import target_direction
 from idjax.io import fingerprint
@@ -50,71 +50,6 @@ from idjax.scores import cosine_scores, curvature_matrix, influence_scores
 from idjax.weights import default_lam, lam_for_budget, solve_weights
 
 log = logging.getLogger(__name__)
-
-
-def landmarks_problem(value) -> str | None:
-    """Why `value` is no landmark setting (a fraction of the pool in (0, 1) or a whole count >= 1), or None.
-
-    A non-whole count such as 1.5 would silently become 1 landmark: refused everywhere (CLI, YAML, Python).
-    """
-    ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
-          and (0 < value < 1 or (value >= 1 and float(value).is_integer())))
-    return None if ok else f"must be a fraction of the pool in (0, 1) or a whole count >= 1, got {value!r}"
-
-
-@dataclasses.dataclass(frozen=True)
-class SelectConfig:
-    """Everything that decides a selection besides the model and the data."""
-
-    k: int
-    landmarks: float = 0.1             # a fraction of the pool (< 1) or a count (>= 1)
-    exact: bool = False                # every sample is a landmark: no embeddings, no propagation
-    landmark_method: str = "random"    # random | kmeans++
-    propagation: str = "krr"           # krr | ridge
-    delta: float = 1e-2                # ridge damping, relative to the kernel's mean diagonal
-    order: int = 1                     # 1: scores / closed-form weights; 2: adds the Hessian term
-    hessian: str = "gauss-newton"      # exact | gauss-newton (order 2)
-    lam: float | None = None           # None: the lam whose first-order support is the top k
-    learning_rate: float = 1e-5        # eta of plain GD (no optimizer state); only order 2 depends on it
-    aggregate: str = "mean"            # mean | round-robin (one column per target sample)
-    rank_by: str | None = None         # score | weight; None: score for order 1, weight for order 2
-    proj_dim: int = 4096               # sketch size; 0 = no projection (exact, tiny models)
-    proj_kind: str = "srht"            # srht | rademacher | gaussian
-    params: str | None = None          # regex over parameter paths; None = all parameters
-    keep: int | None = None            # optional fixed random coordinate subset before projecting
-    normalize: bool = True             # cosine scores
-    microbatch: int | None = None      # samples per vmapped gradient; None: as many as fit in ~1 GiB
-    embed: EmbedConfig = EmbedConfig()
-    seed: int = 0
-    batch_size: int = 8
-    chunk_rows: int = 256              # rows per store chunk: the unit of resumption
-
-    def __post_init__(self):
-        choices = {"landmark_method": ("random", "kmeans++"), "propagation": ("krr", "ridge"),
-                   "hessian": ("exact", "gauss-newton"), "aggregate": ("mean", "round-robin"),
-                   "rank_by": (None, "score", "weight"), "proj_kind": ("srht", "rademacher", "gaussian")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {[a for a in allowed if a]}, got {getattr(self, name)!r}")
-        if self.order not in (1, 2):
-            raise ValueError(f"order must be 1 or 2, got {self.order}")
-        if self.k < 1:
-            raise ValueError(f"k must be >= 1, got {self.k}")
-        if landmarks_problem(self.landmarks):
-            raise ValueError(f"landmarks {landmarks_problem(self.landmarks)}")
-        if self.proj_dim < 0 or self.batch_size < 1 or self.chunk_rows < 1 or (self.microbatch or 1) < 1:
-            raise ValueError("proj_dim must be >= 0 and batch_size, chunk_rows, microbatch >= 1")
-        if self.lam is not None and not self.lam > 0:
-            raise ValueError(f"lam must be > 0, got {self.lam}")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def num_landmarks(self, n: int) -> int:
-        if self.exact:
-            return n
-        count = round(self.landmarks * n) if self.landmarks < 1 else int(self.landmarks)
-        return int(min(n, max(1, count)))
 
 
 @dataclasses.dataclass

@@ -36,9 +36,9 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable
 
-
 from idjax.example_file import load_examples, save_examples
 from idjax.io import atomic_write
+from idjax.configs import EmbedConfig, SelectConfig
 from idjax.run_config import ConfigError, RunConfig, check_inputs
 
 log = logging.getLogger(__name__)
@@ -235,10 +235,9 @@ class _Runner:
                       "recipe": dataclasses.asdict(w), "batch_size": w.batch_size or c.batch_size, "seed": c.seed}
             warm_info = self.stage("warmup", inputs, lambda sd: self._warmup(sd, pool, data_info))
 
-        # 3. selection
-        sel_keys = ("landmarks", "exact", "landmark_method", "propagation", "order", "hessian", "lam",
-                    "aggregate", "rank_by", "proj_dim", "proj_kind", "params", "normalize", "microbatch",
-                    "embed_blocks", "embed_tangents", "embed_dim", "seed", "batch_size")
+        # 3. selection: every selection key but chunk_rows (stores of each chunk size live apart)
+        sel_keys = [f.name for f in dataclasses.fields(c) if f.metadata.get("same_as", (None,))[0] in
+                    (SelectConfig, EmbedConfig) and f.name not in ("gd_lr", "chunk_rows")]
         inputs = {"data": self.fps["data"], "warmup": self.fps["warmup"], "model": model_fp, "dtype": c.dtype,
                   "k": k, "gd_lr": c.gd_lr if c.warmup is None else None,
                   **{key: getattr(c, key) for key in sel_keys}}
@@ -310,40 +309,21 @@ class _Runner:
         n_records = int(data_info["pool"]["records"])
         chosen = set(train.warmup_subset(n_records, w.fraction, c.seed).tolist())
         examples = [e for e in pool if e.index in chosen]  # what train.warmup_examples would tokenize
-        if not examples:
-            raise ValueError("no warm-up sample has a response token: raise warmup.fraction or max_length")
-        config = stages.finetune_config(examples, optimizer=w.optimizer, lr=w.lr, clip_norm=1.0,
-                                        batch_size=w.batch_size or c.batch_size, steps=w.steps, seed=c.seed)
-        base = self.model(c.model)
-        result = train.warmup(base, examples, self.tokenizer(), config, d, pool_size=n_records, fraction=w.fraction)
-        # The exported model + optimizer state are what selection reads; the Orbax checkpoint (params
-        # and both Adam moments again) only serves to resume, and this run is finished.
-        shutil.rmtree(d / "checkpoints", ignore_errors=True)
+        result = stages.warm_up(self.model(c.model), examples, self.tokenizer(), w, d, pool_size=n_records,
+                                seed=c.seed, batch_size=c.batch_size)
         return {"samples": len(examples), "steps": int(result.state.step),
                 "losses": [round(h["loss"], 4) for h in result.history]}
 
     def _select(self, d: Path, pool, targets, k: int) -> dict:
-        from idjax import pipeline, stages
-        from idjax.embed import EmbedConfig
-        from idjax.selection_file import write_selection
+        from idjax import stages
 
         c = self.config
-        model = self.before_model()
-        update = None
-        if c.warmup is not None:
-            update = stages.read_update_model(self.out / "warmup", model, params=c.params)
-        config = pipeline.SelectConfig(
-            k=k, landmarks=c.landmarks, exact=c.exact, landmark_method=c.landmark_method,
-            propagation=c.propagation, order=c.order, hessian=c.hessian, lam=c.lam, learning_rate=c.gd_lr,
-            aggregate=c.aggregate, rank_by=c.rank_by, proj_dim=c.proj_dim, proj_kind=c.proj_kind, params=c.params,
-            normalize=c.normalize, microbatch=c.microbatch, seed=c.seed, batch_size=c.batch_size,
-            chunk_rows=c.chunk_rows,
-            embed=EmbedConfig(num_blocks=c.embed_blocks, num_tangents=c.embed_tangents, dim=c.embed_dim, seed=c.seed))
         # Stores of another chunk size cannot be reopened (a chunk is the unit of resumption): one
         # directory per chunk size keeps a change of chunk_rows from failing the run.
-        store = self.out / "store" / f"chunk-rows-{c.chunk_rows}"
-        selection = pipeline.select_samples(model, pool, targets, config, update=update, store_dir=store)
-        write_selection(selection, pool, d / "selection.jsonl", {"command": "idjax run", "run": c.to_dict()})
+        selection = stages.select(self.before_model(), pool, targets, c.select_config(k),
+                                  store_dir=self.out / "store" / f"chunk-rows-{c.chunk_rows}",
+                                  optimizer_state=self.out / "warmup" if c.warmup is not None else None,
+                                  out=d / "selection.jsonl", meta={"command": "idjax run", "run": c.to_dict()})
         info = selection.info
         return {"selected": int(len(selection.rows)), "landmarks": int(info["landmarks"]),
                 "update_model": info["update_model"], "timings_s": info["timings_s"], "stores": info["stores"],
@@ -358,10 +338,7 @@ class _Runner:
                                        t.weighted)
         by_id = {e.id: e for e in pool}
         examples = [dataclasses.replace(by_id[r["id"]], index=j) for j, r in enumerate(rows)]
-        config = stages.finetune_config(examples, optimizer=t.optimizer, lr=t.lr, schedule=t.schedule,
-                                        warmup_steps=t.lr_warmup_steps, weight_decay=t.weight_decay,
-                                        clip_norm=t.clip_norm, batch_size=t.batch_size or c.batch_size,
-                                        steps=t.steps, epochs=t.epochs, seed=c.seed)
+        config = stages.finetune_config(examples, t, seed=c.seed, batch_size=c.batch_size)
         out = d / "model"
         resume_from = out if resume and (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()) \
             else None

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from idjax import data as D
+from idjax.configs import Recipe, TrainRecipe, WarmupRecipe  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -123,32 +124,85 @@ def read_update_model(directory: str | os.PathLike, model, *, params: str | None
     return dataclasses.replace(update, a=restrict(update.a, selected), b=restrict(update.b, selected))
 
 
-# ----------------------------------------------------------------------------- fine-tuning recipe
+# ----------------------------------------------------------------------------- selection
 
 
-def finetune_config(examples: Sequence[D.Example], *, optimizer: str = "adamw", lr: float = 2e-5,
-                    schedule: str = "constant", warmup_steps: int | None = None, warmup_ratio: float = 0.0,
-                    weight_decay: float = 0.0, momentum: float = 0.0, clip_norm: float | None = None,
-                    batch_size: int = 8, grad_accum: int = 1, steps: int | None = None,
-                    epochs: float | None = None, seed: int = 0, **train_options):
-    """The TrainConfig of a run over `examples`: its length decides the schedule's total steps, and
-    the learning-rate warm-up is `warmup_steps`, else `warmup_ratio` of them, cut (with a warning) to
-    leave at least one step after it.
+def select(model, pool: Sequence[D.Example], targets: Sequence[D.Example], config, *, store_dir,
+           method: str = "influence", optimizer_state=None, out=None, meta: dict | None = None,
+           timings: dict | None = None):
+    """Select `config.k` samples of `pool` for `targets` and write the selection file `out` (with `meta`
+    in its sidecar): Influence Distillation (config: a SelectConfig) with the update model of the
+    optimizer state in `optimizer_state` (a warm-up or train directory; None: plain GD), or a baseline
+    `method` (docs/method.md 9) on the same pool, budget, store and file. timings: stages timed before
+    this call (e.g. {"load": s}), put first in the sidecar's timings. Returns the Selection, or None on
+    the processes of a multi-process run other than process 0 (which writes the file)."""
+    from idjax import distributed, pipeline
+    from idjax.selection_file import write_selection
 
-    train_options: the other TrainConfig fields (compute_dtype, lora, remat, checkpoint_every, ...).
-    """
+    if method != "influence":
+        from idjax import baselines
+
+        selection = baselines.select_baseline(method, model, pool, targets, config.k, seed=config.seed,
+                                              batch_size=config.batch_size, store_dir=store_dir,
+                                              chunk_rows=config.chunk_rows)
+        if not distributed.is_primary():
+            return None
+    else:
+        update = None if optimizer_state is None else read_update_model(optimizer_state, model,
+                                                                         params=config.params)
+        selection = pipeline.select_samples(model, pool, targets, config, update=update, store_dir=store_dir)
+        del update  # a and b can be as large as the model: free them before the caller goes on
+        if selection is None:
+            return None
+    selection.info["timings_s"] = {**(timings or {}), **selection.info["timings_s"]}
+    if out is not None:
+        write_selection(selection, pool, out, meta)
+    return selection
+
+
+# ----------------------------------------------------------------------------- training recipes
+
+
+def finetune_config(examples: Sequence[D.Example], recipe: Recipe, *, seed: int = 0, batch_size: int = 8,
+                    lora=None):
+    """The TrainConfig of `recipe` over `examples`: their number decides the schedule's total steps, and
+    the learning-rate warm-up is `lr_warmup_steps`, else `lr_warmup_ratio` of them, cut (with a
+    warning) to leave at least one step after it. batch_size: used when the recipe gives none."""
     from idjax import train
     from idjax.optim import OptimizerSpec
 
-    base = train.TrainConfig(optimizer=OptimizerSpec(optimizer, lr), batch_size=batch_size,
-                             grad_accum=grad_accum, steps=steps, epochs=epochs, seed=seed, **train_options)
+    r = recipe
+    base = train.TrainConfig(optimizer=OptimizerSpec(r.optimizer, r.lr), batch_size=r.batch_size or batch_size,
+                             grad_accum=r.grad_accum, steps=r.steps, epochs=r.epochs, seed=seed,
+                             compute_dtype=r.compute_dtype, lora=lora, checkpoint_every=r.checkpoint_every,
+                             keep_checkpoints=r.keep_checkpoints, remat=r.remat)
     total = train.total_steps(examples, base)
-    warm = warmup_steps if warmup_steps is not None else round(warmup_ratio * total)
+    warm = r.lr_warmup_steps if r.lr_warmup_steps is not None else round(r.lr_warmup_ratio * total)
     if warm > total - 1:
         log.warning("a learning-rate warm-up of %d steps in a run of %d steps: it is cut to %d", warm, total,
                     max(0, total - 1))
         warm = max(0, total - 1)
-    spec = OptimizerSpec(name=optimizer, learning_rate=lr, schedule=schedule, warmup_steps=warm,
-                         total_steps=total if schedule != "constant" else 0, weight_decay=weight_decay,
-                         momentum=momentum if optimizer == "sgd" else 0.0, clip_norm=clip_norm or None)
+    spec = OptimizerSpec(name=r.optimizer, learning_rate=r.lr, schedule=r.schedule, warmup_steps=warm,
+                         total_steps=total if r.schedule != "constant" else 0, weight_decay=r.weight_decay,
+                         momentum=r.momentum if r.optimizer == "sgd" else 0.0, clip_norm=r.clip_norm or None)
     return dataclasses.replace(base, optimizer=spec)
+
+
+def warm_up(model, examples: Sequence[D.Example], tokenizer, recipe: WarmupRecipe, out_dir, *, pool_size: int,
+            seed: int = 0, batch_size: int = 8, keep_checkpoints: bool = False, **train_options):
+    """Train the warm-up (docs/method.md 8) on `examples` (the warm-up subset) and export its model and
+    optimizer state to out_dir, which selection reads (read_update_model). The Orbax checkpoint (the
+    parameters and both Adam moments again) only serves to resume an unfinished run: it is deleted
+    unless keep_checkpoints. train_options: passed to train.warmup (donate_model, final_checkpoint)."""
+    import shutil
+
+    from idjax import train
+
+    if not examples:
+        raise ValueError("no warm-up sample has a response token: raise the warm-up fraction or max_length")
+    config = finetune_config(examples, recipe, seed=seed, batch_size=batch_size)
+    result = train.warmup(model, examples, tokenizer, config, out_dir, pool_size=pool_size,
+                          fraction=recipe.fraction, **train_options)
+    if not keep_checkpoints:
+        shutil.rmtree(Path(out_dir) / "checkpoints", ignore_errors=True)
+    return result

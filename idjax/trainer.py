@@ -23,6 +23,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from idjax import configs
 from idjax import data as D
 from idjax import distributed as dist
 from idjax import sharding as shd
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+COMPUTE_DTYPES = {name: jnp.dtype(name) for name in configs.COMPUTE_DTYPES}
 
 
 def _f32_copy(tree, copy: bool = True):

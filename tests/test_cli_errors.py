@@ -315,7 +315,7 @@ def test_bad_checkpoint(command, case, files, tmp_path, capsys):
     (["select", "--train", "{pool}", "--target", "{target}", "--k", "1", "--out", "{tmp}/s.jsonl", "--landmarks", "1.5"],
      r"--landmarks must be a fraction of the pool in \(0, 1\) or a whole count >= 1, got 1.5"),
     (["demo", "--k-fraction", "2"], r"--k-fraction must be in \(0, 1\]"),
-    (["demo", "--pool-limit", "0"], r"--pool-limit must be >= 1"),
+    (["demo", "--pool-limit", "1"], r"--pool-limit must be >= 2, got 1"),
 ])
 def test_usage_error(argv, message, tiny, files, tmp_path, capsys):
     argv = [a.format(pool=files["pool"], target=files["target"], tmp=tmp_path, tiny=tiny) for a in argv]
