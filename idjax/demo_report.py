@@ -75,12 +75,12 @@ def format_report(report: dict) -> str:
             f"{s['batch_size']} (lr {s['lr']:g}), max {s['max_length']} tokens")
     sub = ", ".join(f"{k} {v:.1f}" for k, v in st.items())
     stages = [
-        ["load tokenizer + data", secs("load")],
+        ["read + tokenize data", secs("data", "data")],
         ["warm-up", secs("warmup", "warmup")],
-        [f"selection ({sub})", secs("select")],
-        ["evaluate warmed-up model", secs("evaluate_before", "before")],
-        ["fine-tune on selection + evaluate", secs("train_selected", "selected")],
-        ["fine-tune on random subset + evaluate", secs("train_random", "random")],
+        [f"selection ({sub})", secs("select", "select")],
+        ["fine-tune on selection", secs("train", "train")],
+        ["evaluate before + after", secs("eval", "eval")],
+        ["fine-tune on random subset + evaluate", secs("random", "random")],
         ["total", secs("total")],
     ]
     loss = report["loss"]
@@ -100,5 +100,5 @@ def format_report(report: dict) -> str:
         _table(["stage", "seconds"], stages, "lr"),
         _table(["model", f"{report['task']} eval loss ({report['eval_samples']} samples)", "vs before"], losses, "lrr"),
         _table(["pool domain", "pool", "selected", "random"], mix, "lrrr"),
-        verdict + f"; files in {Path(report['files']['json']).parent}/ (demo.json, demo.png, selection.jsonl)",
+        verdict + f"; files in {Path(report['files']['json']).parent}/ (demo.json, demo.png, select/selection.jsonl)",
     ])

@@ -105,6 +105,8 @@ class RunResult:
     status: dict[str, str]
     seconds: dict[str, float]
     summary: dict
+    results: dict[str, dict | None]        # each stage's result (its done.json "result")
+    fingerprints: dict[str, str | None]    # each stage's input fingerprint (None: skipped)
 
 
 class _Runner:
@@ -161,6 +163,9 @@ class _Runner:
         log.info("stage %s: done in %.1f s", name, seconds)
         self.status[name], self.seconds[name] = "computed", seconds
         self.dirty = True
+        from idjax import host_memory
+
+        host_memory.release()  # compiled programs and freed heap of this stage
         return result
 
     def _claim(self, d: Path, fp: str, resumable: bool) -> bool:
@@ -194,14 +199,21 @@ class _Runner:
 
         key = str(path)
         if self._model_key != key:
-            self._model = None
+            self._model, self._model_key = None, None
             self._model, _ = models.load(path, dtype=self.config.dtype, tokenizer=False)
+            self._model.remat = self.config.remat
             self._model_key = key
         return self._model
 
-    def before_model(self):
+    def take_model(self, path):
+        """The model at `path` for a trainer to own (donate_model): no copy is kept here."""
+        model = self.model(path)
+        self._model, self._model_key = None, None
+        return model
+
+    def before_path(self):
         """The model selection scores and fine-tuning starts from: the warmed-up one, else the base."""
-        return self.model(self.out / "warmup" if self.config.warmup is not None else self.config.model)
+        return self.out / "warmup" if self.config.warmup is not None else self.config.model
 
     # -- the stages
 
@@ -210,11 +222,15 @@ class _Runner:
         t_start = time.perf_counter()
         check_inputs(c)
         self.out.mkdir(parents=True, exist_ok=True)
+        from idjax import host_memory
+
+        host_memory.trim_after_compiles()
         model_fp = path_fingerprint(self._resolved_model())
 
         # 1. data
         data_inputs = {"pool": path_fingerprint(c.pool), "pool_limit": c.pool_limit,
                        "target": path_fingerprint(c.target), "target_task": c.target_task,
+                       "target_limit": c.target_limit,
                        "eval": path_fingerprint(c.eval), "eval_limit": c.eval_limit,
                        "max_length": c.max_length, "tokenizer": model_fp}
         data_info = self.stage("data", data_inputs, self._data)
@@ -231,7 +247,7 @@ class _Runner:
             warm_info = None
         else:
             w = c.warmup
-            inputs = {"data": self.fps["data"], "model": model_fp, "dtype": c.dtype,
+            inputs = {"data": self.fps["data"], "model": model_fp, "dtype": c.dtype, "remat": c.remat,
                       "recipe": dataclasses.asdict(w), "batch_size": w.batch_size or c.batch_size, "seed": c.seed}
             warm_info = self.stage("warmup", inputs, lambda sd: self._warmup(sd, pool, data_info))
 
@@ -239,13 +255,13 @@ class _Runner:
         sel_keys = [f.name for f in dataclasses.fields(c) if f.metadata.get("same_as", (None,))[0] in
                     (SelectConfig, EmbedConfig) and f.name not in ("gd_lr", "chunk_rows")]
         inputs = {"data": self.fps["data"], "warmup": self.fps["warmup"], "model": model_fp, "dtype": c.dtype,
-                  "k": k, "gd_lr": c.gd_lr if c.warmup is None else None,
+                  "k": k, "gd_lr": c.gd_lr if c.warmup is None else None, "remat": c.remat,
                   **{key: getattr(c, key) for key in sel_keys}}
         sel_info = self.stage("select", inputs, lambda sd: self._select(sd, pool, targets, k))
 
         # 4. fine-tuning on the selection
         t = c.train
-        inputs = {"select": self.fps["select"], "recipe": dataclasses.asdict(t),
+        inputs = {"select": self.fps["select"], "recipe": dataclasses.asdict(t), "remat": c.remat,
                   "batch_size": t.batch_size or c.batch_size, "seed": c.seed}
         train_info = self.stage("train", inputs, lambda sd, resume: self._train(sd, resume, pool, pad),
                                 resumable=True)
@@ -273,7 +289,8 @@ class _Runner:
             "seconds": round(time.perf_counter() - t_start, 1),
         }
         _write_json(self.out / "run.json", {"config": c.to_dict(), "summary": summary, "stage_seconds": self.seconds})
-        return RunResult(self.out, dict(self.status), dict(self.seconds), summary)
+        results = {"data": data_info, "warmup": warm_info, "select": sel_info, "train": train_info, "eval": eval_info}
+        return RunResult(self.out, dict(self.status), dict(self.seconds), summary, results, dict(self.fps))
 
     def _resolved_model(self) -> Path:
         from idjax.models import resolve
@@ -295,7 +312,7 @@ class _Runner:
         tok = self.tokenizer()
         sets = stages.load_sets(tok, pool=c.pool, target=c.target, target_task=c.target_task, eval=c.eval,
                                 with_eval=True, max_length=c.max_length, pool_limit=c.pool_limit,
-                                eval_limit=c.eval_limit)
+                                target_limit=c.target_limit, eval_limit=c.eval_limit)
         for name, examples in (("pool", sets.pool), ("targets", sets.targets), ("eval", sets.evals)):
             save_examples(d / f"{name}.npz", examples)
         result = {**sets.summary(), "pad_id": int(tok.pad_token_id or 0)}
@@ -309,8 +326,10 @@ class _Runner:
         n_records = int(data_info["pool"]["records"])
         chosen = set(train.warmup_subset(n_records, w.fraction, c.seed).tolist())
         examples = [e for e in pool if e.index in chosen]  # what train.warmup_examples would tokenize
-        result = stages.warm_up(self.model(c.model), examples, self.tokenizer(), w, d, pool_size=n_records,
-                                seed=c.seed, batch_size=c.batch_size)
+        # The trainer owns the base model (no float32 copy beside it); the exported model and optimizer
+        # state are what selection reads, so no Orbax checkpoint of the finished run is written.
+        result = stages.warm_up(self.take_model(c.model), examples, self.tokenizer(), w, d, pool_size=n_records,
+                                seed=c.seed, batch_size=c.batch_size, final_checkpoint=False, donate_model=True)
         return {"samples": len(examples), "steps": int(result.state.step),
                 "losses": [round(h["loss"], 4) for h in result.history]}
 
@@ -320,7 +339,7 @@ class _Runner:
         c = self.config
         # Stores of another chunk size cannot be reopened (a chunk is the unit of resumption): one
         # directory per chunk size keeps a change of chunk_rows from failing the run.
-        selection = stages.select(self.before_model(), pool, targets, c.select_config(k),
+        selection = stages.select(self.model(self.before_path()), pool, targets, c.select_config(k),
                                   store_dir=self.out / "store" / f"chunk-rows-{c.chunk_rows}",
                                   optimizer_state=self.out / "warmup" if c.warmup is not None else None,
                                   out=d / "selection.jsonl", meta={"command": "idjax run", "run": c.to_dict()})
@@ -346,12 +365,14 @@ class _Runner:
             log.info("stage train: resuming the interrupted fine-tuning from %s", out / "checkpoints")
         elif out.exists():
             shutil.rmtree(out)
-        result = train.train(self.before_model(), examples, config, weights=weights, out_dir=out,
-                             resume=resume_from, tokenizer=self.tokenizer(), pad_id=pad)
+        result = train.train(self.take_model(self.before_path()), examples, config, weights=weights, out_dir=out,
+                             resume=resume_from, tokenizer=self.tokenizer(), pad_id=pad, final_checkpoint=False,
+                             donate_model=True)
         shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the exported model is the result
         hist = result.history
         return {"samples": len(examples), "steps": int(result.state.step), "weighted": t.weighted,
-                "first_loss": hist[0]["loss"] if hist else None, "last_loss": hist[-1]["loss"] if hist else None}
+                "first_loss": hist[0]["loss"] if hist else None, "last_loss": hist[-1]["loss"] if hist else None,
+                "losses": [round(h["loss"], 4) for h in hist]}
 
     def _eval(self, d: Path, evals, pad: int, before_fp: str, previous) -> dict:
         from idjax import evaluate
@@ -361,7 +382,7 @@ class _Runner:
             log.info("stage eval: the model before fine-tuning is unchanged; its loss is reused")
             before = previous["before"]
         else:
-            before = evaluate.target_loss(self.before_model(), evals, batch_size=c.batch_size, pad_id=pad)
+            before = evaluate.target_loss(self.model(self.before_path()), evals, batch_size=c.batch_size, pad_id=pad)
         after = evaluate.target_loss(self.model(self.out / "train" / "model"), evals, batch_size=c.batch_size,
                                      pad_id=pad)
         result = {"before": before, "after": after, "delta": after["loss"] - before["loss"],

@@ -37,7 +37,10 @@ class RunConfig:
     dtype: str = option("float32", choices=("float32", "bfloat16"))
     max_length: int = option(1024, "truncate samples to this many tokens", check=O.AT_LEAST_1)
     pool_limit: int | None = option(None, "use the first N pool records", check=O.AT_LEAST_1)
+    target_limit: int | None = option(None, "use the first N target records", check=O.AT_LEAST_1)
     eval_limit: int | None = option(None, "evaluate the first N eval records", check=O.AT_LEAST_1)
+    remat: bool = option(False, "recompute each decoder layer's activations in every backward pass (warm-up, "
+                                "selection, fine-tuning): less memory, the same results to float32 rounding")
     landmarks: float = _select("landmarks")
     exact: bool = _select("exact")
     landmark_method: str = _select("landmark_method")

@@ -1,4 +1,7 @@
-"""`idjax demo --quick` end to end on the embedded SmolLM2: outputs, the comparison, and resumption."""
+"""`idjax demo --quick` end to end on the embedded SmolLM2: outputs, the comparison, and resumption.
+
+The demo is `idjax run` on its configuration plus the random comparison, so a second demo reuses
+every stage of the first."""
 
 import json
 import logging
@@ -47,22 +50,26 @@ def test_demo_quick_and_resume(tmp_path, caplog, capsys):
 
     # selection.jsonl: k rows {index, id, score, weight} naming distinct pool rows
     pool = [json.loads(line) for line in (DATA_DIR / "pool.jsonl").read_text().splitlines()]
-    rows = [json.loads(line) for line in (out / "selection.jsonl").read_text().splitlines()]
+    assert report["files"]["selection"] == str(out / "select" / "selection.jsonl")
+    rows = [json.loads(line) for line in (out / "select" / "selection.jsonl").read_text().splitlines()]
     assert len(rows) == k and len({r["id"] for r in rows}) == k
     assert [r["id"] for r in rows] == report["selected_ids"]
     for r in rows:
         assert pool[r["index"]]["id"] == r["id"]
         assert math.isfinite(r["score"]) and r["weight"] >= 0
-    assert (out / "selection.meta.json").exists()
+    assert (out / "select" / "selection.meta.json").exists()
+    assert json.loads((out / "run.json").read_text())["summary"]["eval"]["after"] == report["loss"]["selected"]
 
     png = (out / "demo.png").read_bytes()
     assert png.startswith(PNG_MAGIC) and len(png) > 10_000
 
-    # A second run reuses the warm-up, the store and the evaluations, and gives the same answer.
+    # A second run reuses every stage (it does not even open the store) and gives the same answer.
     caplog.clear()
     assert main(argv) == 0
     capsys.readouterr()
-    assert _reuse_lines(caplog) == {"embed pool": (1, 0), "landmark gradients": (1, 0)}
+    assert _reuse_lines(caplog) == {}
+    for stage in ("data", "warmup", "select", "train", "eval"):
+        assert f"stage {stage}: cached" in caplog.text
     again = json.loads((out / "demo.json").read_text())
     assert all(again["reused"].values()), again["reused"]
     assert again["selected_ids"] == report["selected_ids"] and again["random_ids"] == report["random_ids"]

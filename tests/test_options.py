@@ -125,3 +125,15 @@ def test_a_bool_field_defaulting_to_true_is_a_no_flag():
     options.add_flags(parser, SelectConfig, only=("normalize", "exact"))
     assert parser.parse_args([]).normalize is True and parser.parse_args(["--no-normalize"]).normalize is False
     assert parser.parse_args(["--exact"]).exact is True
+
+
+def test_the_example_config_is_the_demo(tmp_path):
+    """`idjax demo` is `idjax run` on the configuration idjax/assets/run-example.yaml spells out (plus
+    the random comparison): the file and DemoConfig's defaults give the same RunConfig."""
+    from pathlib import Path
+
+    import idjax
+    from idjax.run_config import load_config
+
+    example = Path(idjax.__file__).parent / "assets" / "run-example.yaml"
+    assert load_config(example, out=tmp_path / "o") == DemoConfig().run_config(tmp_path / "o")
