@@ -86,7 +86,7 @@ def cmd_train(args) -> int:
     weights = None
     if args.selection:
         records, weights = read_selection(args.selection, records, args.weighted)
-    model, tok = models.load(args.model, dtype=args.dtype)
+    model, tok = models.load(args.model, dtype=args.dtype, mesh=_mesh())
     examples, _ = stages.tokenized(records, tok, max_length=args.max_length, source=str(args.data))
     config = stages.finetune_config(examples, options.from_args(TrainRecipe, args), seed=args.seed, lora=lora)
     result = train.train(model, examples, config, weights=weights, out_dir=args.out, resume=args.resume,
@@ -105,7 +105,7 @@ def cmd_warmup(args) -> int:
     recipe = options.from_args(WarmupRecipe, args)
     _start_distributed(args, spmd=True)
     records = data.read_records(args.data)
-    model, tok = models.load(args.model, dtype=args.dtype)
+    model, tok = models.load(args.model, dtype=args.dtype, mesh=_mesh())
     examples = train.warmup_examples(records, tok, fraction=recipe.fraction, seed=args.seed,
                                      max_length=args.max_length)
     result = stages.warm_up(model, examples, tok, recipe, args.out, pool_size=len(records), seed=args.seed,
@@ -131,7 +131,7 @@ def cmd_eval(args) -> int:
     if not distributed.is_primary():  # evaluation is not split over processes: process 0 does it all
         print(json.dumps({"process": distributed.process_index(), "evaluated_by": 0}))
         return 0
-    model, tok = models.load(args.model, dtype=args.dtype)
+    model, tok = models.load(args.model, dtype=args.dtype, mesh=_mesh())
     out: dict = {"model": str(args.model), "data": None if args.data is None else str(args.data), "task": args.task}
     if args.task:
         task = tasks.load_task(args.task, args.data, limit=args.limit, with_target=False)
@@ -162,7 +162,7 @@ def cmd_embed(args) -> int:
     from idjax import models, passes, stages
 
     _start_distributed(args)
-    model, tok = models.load(args.model, dtype=args.dtype)
+    model, tok = models.load(args.model, dtype=args.dtype, mesh=_mesh())
     sets = stages.load_sets(tok, pool=args.train, max_length=args.max_length)
     examples, stats = sets.pool, sets.stats["pool"]
     store = passes.embed_pool(model, examples, _embed_config(args), args.store, batch_size=args.batch_size,
@@ -192,7 +192,7 @@ def cmd_select(args) -> int:
     if args.k > len(pool):
         return _usage("select", f"--k {args.k} is larger than the pool: {args.train} has {len(pool)} samples with "
                                 f"a response token ({len(stats.skipped_no_response)} skipped)")
-    model, _ = models.load(args.model, dtype=args.dtype, tokenizer=False)
+    model, _ = models.load(args.model, dtype=args.dtype, tokenizer=False, mesh=_mesh())
     out = Path(args.out)
     store = cli_args.store_dir(args)
     meta = {"command": {"model": str(args.model), "train": str(args.train), "target": args.target,
@@ -226,6 +226,47 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    """Compile every stage abstractly for the mesh (idjax/plan.py); on a CPU, simulate its devices."""
+    import os
+
+    from idjax import sharding
+
+    sizes = sharding.parse_mesh(args.mesh)
+    devices = max(1, sizes.get("data", 1)) * max(1, sizes.get("fsdp", 1))
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:  # read when JAX first looks for devices
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
+    import jax
+
+    from idjax import models, plan
+
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = set(stages) - set(plan.STAGES)
+    if unknown:
+        return _usage("plan", f"--stages: unknown stage {sorted(unknown)[0]!r}; stages: {', '.join(plan.STAGES)}")
+    if len(jax.devices()) < devices:
+        return _usage("plan", f"--mesh {args.mesh} needs {devices} devices, {len(jax.devices())} are visible "
+                              f"(set XLA_FLAGS=--xla_force_host_platform_device_count={devices} on a CPU)")
+    mesh = sharding.make_mesh(sizes.get("data", devices // max(1, sizes.get("fsdp", 1))), sizes.get("fsdp", 1),
+                              devices=jax.devices()[:devices])
+    if args.device_memory is not None:
+        memory = plan.parse_bytes(args.device_memory)
+    else:
+        stats = jax.devices()[0].memory_stats() or {}
+        if "bytes_limit" not in stats:
+            return _usage("plan", f"{jax.devices()[0].platform} devices do not report their memory: give "
+                                  f"--device-memory (e.g. 80GB)")
+        memory = int(stats["bytes_limit"])
+    config = models.load_config(args.model)
+    report = plan.plan(config, mesh, pool=args.pool, max_length=args.max_length, device_memory=memory,
+                       batch_size=args.batch_size, dtype=args.dtype, params=args.params, proj_dim=args.proj_dim,
+                       landmarks=args.landmarks, embed_blocks=args.num_blocks, embed_tangents=args.num_tangents,
+                       embed_dim=args.dim, targets=args.targets, stages=stages)
+    print(json.dumps(report) if args.json else plan.format_plan(report))
+    return 0
+
+
 def cmd_run(args) -> int:
     """The whole pipeline from a YAML config; every stage is cached under the out directory."""
     from idjax import run, run_config
@@ -234,6 +275,13 @@ def cmd_run(args) -> int:
     result = run.run(config, force=args.force or (), source=args.config)
     print(json.dumps(result.summary))
     return 0
+
+
+def _mesh():
+    """The mesh _start_distributed set: with fsdp > 1 models are loaded sharded over it."""
+    from idjax import sharding
+
+    return sharding.get_mesh()
 
 
 def _start_distributed(args, *, spmd: bool = False):
@@ -323,7 +371,8 @@ def _interrupted(args) -> str:
 
 
 COMMANDS = {"chat": cmd_chat, "convert": cmd_convert, "data": cmd_data, "train": cmd_train, "warmup": cmd_warmup,
-            "eval": cmd_eval, "embed": cmd_embed, "select": cmd_select, "demo": cmd_demo, "run": cmd_run}
+            "eval": cmd_eval, "embed": cmd_embed, "select": cmd_select, "demo": cmd_demo, "plan": cmd_plan,
+            "run": cmd_run}
 
 
 def main(argv=None) -> int:

@@ -152,6 +152,25 @@ def build_parser(commands: dict[str, Callable]) -> argparse.ArgumentParser:
                    help="a tiny run (64 pool rows, 2 fine-tuning steps, 64 tokens) to check the setup")
     p.set_defaults(func=commands["demo"])
 
+    p = sub.add_parser("plan", help="compile each stage for a mesh from the model's config alone (no weights): "
+                                    "memory per device, microbatch, FLOPs, store sizes, and whether it fits")
+    p.add_argument("--model", default="smollm2-135m",
+                   help="a config.json, an HF checkpoint directory, a .gguf file or an embedded name")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter dtype")
+    p.add_argument("--mesh", default=None, help="the devices to plan for, e.g. data=2,fsdp=4 (default: one device); "
+                                               "on a CPU, that many host devices are simulated")
+    add_argument(p, "--pool", type=int, default=200_000, check=O.AT_LEAST_1, help="pool size (default 200000)")
+    add_max_length(p)
+    p.add_argument("--device-memory", default=None,
+                   help="memory per device, e.g. 80GB or 16GiB (default: what the device reports)")
+    add_argument(p, "--targets", type=int, default=16, check=O.AT_LEAST_1, help="target samples (default 16)")
+    add_flags(p, SelectConfig, only=("landmarks", "proj_dim", "params", "batch_size"))
+    add_flags(p, EmbedConfig, group="JVP embeddings (docs/method.md 6)")
+    p.add_argument("--stages", default="embed,gradients,target,hvp,train",
+                   help="comma-separated stages to compile (default: all of embed,gradients,target,hvp,train)")
+    p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+    p.set_defaults(func=commands["plan"])
+
     p = sub.add_parser("run", help="the whole pipeline from a YAML config (data, warm-up, selection, "
                                    "fine-tuning, evaluation); re-running skips every stage whose inputs did not change")
     p.add_argument("config", help="YAML file (example: idjax/assets/run-example.yaml); relative input paths "

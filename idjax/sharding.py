@@ -255,17 +255,20 @@ def param_name(path) -> str:
     return ".".join(keys)
 
 
-def param_shardings(tree, mesh: Mesh, rules: dict[str, str | None] = RULES, *, lead: int = 0):
-    """NamedShardings for a pytree of parameters (or an optimizer state mirroring them). `lead`
-    leading dimensions (e.g. a stack of tangents [K, *param]) are not sharded."""
-    def one(path, x):
-        shape = tuple(getattr(x, "shape", ()))
-        if mesh.shape.get(FSDP, 1) == 1 or len(shape) <= lead:
-            return NamedSharding(mesh, P())
-        spec = spec_for(param_name(path), shape[lead:], mesh, rules)
-        return NamedSharding(mesh, P(*([None] * lead), *spec))
+def param_sharding(name: str, shape: Sequence[int], mesh: Mesh, rules: dict[str, str | None] = RULES, *,
+                   lead: int = 0) -> NamedSharding:
+    """The NamedSharding of the parameter `name` (dotted path): replicated unless fsdp > 1, then by
+    `rules`; `lead` leading dimensions (e.g. a stack of tangents [K, *param]) are not sharded."""
+    shape = tuple(shape)
+    if mesh.shape.get(FSDP, 1) == 1 or len(shape) <= lead:
+        return NamedSharding(mesh, P())
+    return NamedSharding(mesh, P(*([None] * lead), *spec_for(name, shape[lead:], mesh, rules)))
 
-    return jax.tree_util.tree_map_with_path(one, tree)
+
+def param_shardings(tree, mesh: Mesh, rules: dict[str, str | None] = RULES, *, lead: int = 0):
+    """NamedShardings for a pytree of parameters (or an optimizer state mirroring them)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: param_sharding(param_name(path), getattr(x, "shape", ()), mesh, rules, lead=lead), tree)
 
 
 def shard_params(tree, mesh: Mesh | None, rules: dict[str, str | None] = RULES, *, lead: int = 0):

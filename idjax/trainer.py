@@ -224,3 +224,27 @@ class Trainer:
 
 
 __all__ = ["COMPUTE_DTYPES", "TrainState", "Trainer"]
+
+
+def compile_step(model_config, spec: OptimizerSpec, mesh, *, rows: int, grad_accum: int = 1, length: int,
+                 remat: bool = False, compute_dtype: str = "float32"):
+    """The training step of full fine-tuning compiled for abstract inputs on `mesh` (idjax plan): float32
+    masters and the optimizer state sharded by the FSDP rules, `rows` rows per step in `grad_accum`
+    microbatches of `length` tokens. Nothing is allocated; the result's memory_analysis() is the plan."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    compute = abstract_model(model_config, dtype=COMPUTE_DTYPES[compute_dtype], param_dtype=jnp.float32)
+    compute.remat = remat
+    graphdef, params, rest = nnx.split(compute, nnx.Param, ...)
+    state = jax.eval_shape(lambda p: TrainState(p, spec.build().init(p), jnp.zeros((), jnp.int32),
+                                                jax.random.key_data(jax.random.key(0))), params)
+    shardings = shd.param_shardings(state, mesh)
+    sds = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
+    state = jax.tree.map(sds, state, shardings)
+    rest = jax.tree.map(sds, rest, shd.param_shardings(rest, mesh))
+    per = rows // grad_accum
+    batch = NamedSharding(mesh, P(None, shd.ROWS))
+    ids = jax.ShapeDtypeStruct((grad_accum, per, length), jnp.int32, sharding=batch)
+    weights = jax.ShapeDtypeStruct((grad_accum, per), jnp.float32, sharding=batch)
+    step = _sharded_train_step(shardings, mesh)
+    return step.lower(graphdef, spec, None, state, None, rest, ids, ids, ids, weights).compile()

@@ -1,7 +1,8 @@
 """Several devices and several processes give the one-device answer (idjax.distributed).
 
 - Four forced CPU devices (XLA_FLAGS, in a subprocess): embeddings, selection (first order, round-robin,
-  second order, FSDP-sharded parameters) and data-parallel training match one device.
+  second order, FSDP-sharded parameters), data-parallel training and a model loaded sharded from disk
+  match one device.
 - Two processes on 127.0.0.1 (jax.distributed, gloo): `idjax select` writes exactly the one-process
   selection; a killed process makes the other fail with one clear line within a bounded time, the
   finished store chunks stay, and a re-run completes.
@@ -156,6 +157,24 @@ FOUR_DEVICES = textwrap.dedent("""
     res["train"]["moved"] = float(np.abs(flat["one"] - np.concatenate(
         [np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(
             __import__("flax").nnx.state(model, __import__("flax").nnx.Param))])).max())
+    # sharded from disk (models.load(mesh=)): every matrix split over 4 fsdp devices, each device reading
+    # only its block; the logits and a training run equal those of the one-device load
+    from flax import nnx
+    fsdp4 = shd.make_mesh(1, 4)
+    sharded, _ = M.load(path, tokenizer=False, mesh=fsdp4)
+    leaves = {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(nnx.state(sharded, nnx.Param))}
+    matrices = {n: x for n, x in leaves.items() if n.endswith(("kernel", "embedding"))}
+    ids = np.arange(1, 17, dtype=np.int32)[None]
+    loaded = T.train(sharded, pool, tcfg, mesh=fsdp4, progress=False)
+    res["sharded_load"] = {
+        "matrices": len(matrices),
+        "split": sorted(n for n, x in matrices.items() if len(x.sharding.device_set) == 4
+                        and x.addressable_shards[0].data.size * 4 == x.size),
+        "logit_diff": float(np.abs(np.asarray(sharded(ids)) - np.asarray(model(ids))).max()),
+        "train_loss_diff": max(abs(h["loss"] - g["loss"]) for h, g in zip(runs["one"].history, loaded.history)),
+        "train_param_diff": float(np.abs(np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(
+            loaded.trainer.params(loaded.state))]) - flat["one"]).max()),
+    }
     res["train"]["compilations"] = TR._train_step._cache_size() + sum(
         f._cache_size() for key, f in shd._JITTED.items() if key[0] == "train step")
     print("RESULT " + json.dumps(res))
@@ -212,7 +231,10 @@ def test_four_devices_match_one_device(tmp_path):
         assert res["train"][name]["param_diff"] < 1e-5, res["train"]
     assert res["train"]["moved"] > 1e-3  # training changed the weights, so the comparison means something
     # one compilation per (bucket, mesh): no recompiling per step
-    assert res["train"]["compilations"] <= 2, res["train"]
+    assert res["train"]["compilations"] <= 3, res["train"]
+    s = res["sharded_load"]
+    assert s["matrices"] == 9 and len(s["split"]) == s["matrices"], s  # embedding, lm_head, 7 stacked kernels
+    assert s["logit_diff"] < 1e-5 and s["train_loss_diff"] < 1e-5 and s["train_param_diff"] < 1e-5, s
 
 
 # ----------------------------------------------------------------------------- two processes

@@ -19,12 +19,14 @@ import jax.numpy as jnp
 from idjax.io import atomic_directory
 from idjax.models.config import ModelConfig, RopeConfig, UnsupportedModelError
 from idjax.models.generate import chat, generate
-from idjax.models.modeling import CausalLM, KVCache
+from idjax.models.modeling import CausalLM, KVCache, abstract_model
 from idjax.models.tokenizer import gguf_tokenizer
 from idjax.models.params import (
     CheckpointError,
+    gguf_config,
     hf_tensors,
     model_from_hf_tensors,
+    open_gguf,
     read_gguf,
     read_safetensors_dir,
     write_safetensors_dir,
@@ -32,7 +34,8 @@ from idjax.models.params import (
 
 __all__ = [
     "CausalLM", "CheckpointError", "KVCache", "ModelConfig", "RopeConfig", "UnsupportedModelError",
-    "chat", "generate", "gguf_tokenizer", "is_embedded", "load", "load_tokenizer", "resolve", "save", "DEFAULT_MODEL",
+    "chat", "generate", "gguf_tokenizer", "is_embedded", "load", "load_config", "load_tokenizer", "resolve", "save",
+    "DEFAULT_MODEL",
 ]
 
 log = logging.getLogger(__name__)
@@ -99,10 +102,30 @@ def _read_config(cfg_file: Path) -> ModelConfig:
         raise CheckpointError(f"{cfg_file}: {e}") from None
 
 
-def load(path: str | os.PathLike = DEFAULT_MODEL, *, dtype="float32", tokenizer: bool = True):
+def load_config(path: str | os.PathLike = DEFAULT_MODEL) -> ModelConfig:
+    """The ModelConfig of a config.json file, an HF checkpoint directory, a .gguf file (its metadata) or
+    an embedded name; no weights are read (idjax plan)."""
+    p = Path(path).expanduser()
+    if p.is_file() and p.suffix == ".json":
+        return _read_config(p)
+    p = resolve(path)
+    if p.is_dir():
+        return _read_config(p / "config.json")
+    try:
+        return gguf_config(open_gguf(p))
+    except ValueError as e:  # UnsupportedModelError, CheckpointError, a bad metadata value
+        raise (type(e) if isinstance(e, (UnsupportedModelError, CheckpointError)) else CheckpointError)(
+            f"{p}: {e}") from None
+
+
+def load(path: str | os.PathLike = DEFAULT_MODEL, *, dtype="float32", tokenizer: bool = True, mesh=None):
     """Load (model, tokenizer) from an HF checkpoint directory, a .gguf file or an embedded name.
 
     dtype sets both the stored parameters and the compute dtype (logits are always float32).
+    mesh: a device mesh with fsdp > 1 makes every parameter a sharded array by the FSDP rules
+    (sharding.param_sharding), each device's block read from the files on its own: a model too big
+    for one device is never whole on one (safetensors are read slice by slice; a GGUF tensor is
+    dequantized whole, then cut). Otherwise the parameters go to the default device.
     No hub access: everything is read from local files.
     """
     p = resolve(path)
@@ -110,14 +133,23 @@ def load(path: str | os.PathLike = DEFAULT_MODEL, *, dtype="float32", tokenizer:
     if p.is_dir():
         cfg_file = p / "config.json"
         config = _read_config(cfg_file)
-        model = model_from_hf_tensors(config, read_safetensors_dir(p), dtype=dtype, source=str(p))
+        tensors = read_safetensors_dir(p)
     elif p.suffix == ".gguf":
         config, tensors = read_gguf(p)
-        model = model_from_hf_tensors(config, tensors, dtype=dtype, source=str(p))
     else:
         raise CheckpointError(f"{p}: expected an HF checkpoint directory or a .gguf file")
-    log.info("loaded %s (%s, %.1fM parameters, %s)", p, config.model_type, config.num_params / 1e6,
-             jnp.dtype(dtype).name)
+    shardings = None
+    if mesh is not None and mesh.shape.get("fsdp", 1) > 1:
+        from flax import nnx
+
+        from idjax import sharding as shd
+
+        abstract = nnx.state(abstract_model(config, dtype=dtype))
+        shardings = {path: shd.param_sharding(".".join(map(str, path)), var.get_value().shape, mesh)
+                     for path, var in nnx.to_flat_state(abstract)}
+    model = model_from_hf_tensors(config, tensors, dtype=dtype, source=str(p), shardings=shardings)
+    log.info("loaded %s (%s, %.1fM parameters, %s%s)", p, config.model_type, config.num_params / 1e6,
+             jnp.dtype(dtype).name, "" if shardings is None else f", sharded over {dict(mesh.shape)}")
     return model, (load_tokenizer(p) if tokenizer else None)
 
 

@@ -7,6 +7,7 @@ to NNX paths, stacking layers and transposing linear kernels.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -62,16 +63,44 @@ def _hf_name(path: tuple[str, ...], layer: int | None) -> str:
     return f"model.layers.{layer}." + ".".join(path[1:-1]) + "." + leaf
 
 
+class Tensor:
+    """A checkpoint tensor read on demand: `shape` (HF layout), and `read(index)` the numpy values of a
+    tuple of slices, so a sharded load reads only what each device holds."""
+
+    def __init__(self, shape, read):
+        self.shape = tuple(int(d) for d in shape)
+        self.read = read
+
+    @classmethod
+    def of(cls, value) -> "Tensor":
+        if isinstance(value, Tensor):
+            return value
+        array = np.asarray(value)
+        return cls(array.shape, lambda index: array[index])
+
+
+def _read(tensor: Tensor, index: tuple[slice, ...], transpose: bool, np_dtype) -> np.ndarray:
+    """The NNX-layout values at `index` (one slice per NNX dimension) of an HF-layout tensor."""
+    value = np.asarray(tensor.read(tuple(reversed(index)) if transpose else index))
+    return (value.T if transpose else value).astype(np_dtype, copy=False)
+
+
 def model_from_hf_tensors(
-    config: ModelConfig, tensors: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]],
-    *, dtype=jnp.float32, source: str = "checkpoint",
+    config: ModelConfig, tensors: Mapping[str, object] | Iterable[tuple[str, object]],
+    *, dtype=jnp.float32, source: str = "checkpoint", shardings: Mapping[tuple[str, ...], object] | None = None,
 ) -> CausalLM:
-    """Build a CausalLM from HF-named tensors without a random initialisation."""
+    """Build a CausalLM from HF-named tensors (numpy arrays or `Tensor`s) without a random initialisation.
+
+    shardings: NNX path -> jax.sharding.Sharding; each parameter is then made by
+    jax.make_array_from_callback, every device's block read from the tensors on its own (a `Tensor`
+    reads only that slice), so no device ever holds a whole sharded matrix. None: the default device.
+    """
+    import jax
+
     abstract = abstract_model(config, dtype=dtype)
     graphdef, state = nnx.split(abstract)
     flat = dict(nnx.to_flat_state(state))
-    buffers: dict[tuple[str, ...], np.ndarray] = {}
-    filled: dict[tuple[str, ...], set[int]] = {}
+    parts: dict[tuple[str, ...], dict[int | None, Tensor]] = {}
     np_dtype = ml_dtypes.bfloat16 if jnp.dtype(dtype) == jnp.bfloat16 else np.dtype(dtype)
     items = tensors.items() if isinstance(tensors, Mapping) else tensors
     unknown = []
@@ -87,37 +116,44 @@ def model_from_hf_tensors(
             if path == ("lm_head", "kernel") and config.tie_word_embeddings:
                 continue  # some tied checkpoints also store lm_head.weight
             raise CheckpointError(f"{source}: tensor {name} does not fit this config ({config.model_type})")
-        value = np.asarray(value)
-        value = value.T if transpose else value
+        tensor = Tensor.of(value)
+        shape = tuple(reversed(tensor.shape)) if transpose else tensor.shape
         target = flat[path].get_value()
         want = target.shape[1:] if layer is not None else target.shape
-        if value.shape != tuple(want):
-            raise CheckpointError(
-                f"{source}: tensor {name} has shape {value.shape}, config expects {tuple(want)}"
-            )
-        if layer is None:
-            buffers[path] = value.astype(np_dtype)
-            filled[path] = {0}
-        else:
-            if layer >= config.num_layers:
-                raise CheckpointError(f"{source}: tensor {name} names layer {layer} of {config.num_layers}")
-            buf = buffers.get(path)
-            if buf is None:
-                buf = buffers[path] = np.empty(target.shape, np_dtype)
-            buf[layer] = value
-            filled.setdefault(path, set()).add(layer)
+        if shape != tuple(want):
+            raise CheckpointError(f"{source}: tensor {name} has shape {tensor.shape}, config expects "
+                                  f"{tuple(reversed(want)) if transpose else tuple(want)}")
+        if layer is not None and layer >= config.num_layers:
+            raise CheckpointError(f"{source}: tensor {name} names layer {layer} of {config.num_layers}")
+        parts.setdefault(path, {})[layer] = tensor
     if unknown:
         raise CheckpointError(f"{source}: unexpected tensors (unsupported architecture?): {unknown[:8]}")
     missing = []
-    for path, var in flat.items():
-        need = set(range(config.num_layers)) if path[0] == "layers" else {0}
-        have = filled.get(path, set())
-        if need - have:
-            missing.append(_hf_name(path, min(need - have) if path[0] == "layers" else None))
-            continue
-        var.set_value(jnp.asarray(buffers[path]))
+    for path in flat:
+        need = set(range(config.num_layers)) if path[0] == "layers" else {None}
+        lacking = need - set(parts.get(path, {}))
+        if lacking:
+            missing.append(_hf_name(path, min(lacking) if path[0] == "layers" else None))
     if missing:
         raise CheckpointError(f"{source}: missing tensors: {missing[:8]}")
+    for path, var in flat.items():
+        shape = var.get_value().shape
+        stacked, transpose = path[0] == "layers", path[-1] == "kernel"
+        here = parts.pop(path)  # in-memory tensors are freed as soon as their parameter exists
+
+        def block(index, here=here, stacked=stacked, transpose=transpose, shape=shape):
+            index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+            index = tuple(slice(*sl.indices(n)) for sl, n in zip(index, shape))
+            if not stacked:
+                return _read(here[None], index, transpose, np_dtype)
+            layers = range(*index[0].indices(shape[0]))  # the layer axis is never sharded: all of them
+            return np.stack([_read(here[layer], index[1:], transpose, np_dtype) for layer in layers])
+
+        sharding = None if shardings is None else shardings.get(path)
+        if sharding is None:
+            var.set_value(jnp.asarray(block(())))
+        else:
+            var.set_value(jax.make_array_from_callback(shape, sharding, block))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
@@ -140,8 +176,29 @@ def hf_tensors(model: CausalLM, *, dtype=None) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------- safetensors
 
 
+def _unreadable(fpath: Path, e: Exception) -> Exception:
+    """The error to raise for a safetensors file that cannot be read."""
+    if isinstance(e, (CheckpointError, OSError)) and (not isinstance(e, OSError) or e.filename):
+        return e
+    msg = " ".join(str(e).split())  # SafetensorError (truncated, bad header) derives from Exception only
+    return CheckpointError(f"{fpath}: not a readable safetensors file, truncated or corrupt "
+                           f"({type(e).__name__}: {msg})")
+
+
+def _read_slice(fpath: Path, name: str, index: tuple[slice, ...]) -> np.ndarray:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(fpath), framework="numpy") as f:
+            return f.get_slice(name)[index]
+    except Exception as e:  # noqa: BLE001 -- named, one line (see _unreadable)
+        raise _unreadable(fpath, e) from None
+
+
 def read_safetensors_dir(path: Path):
-    """Yield (name, array) over a single-file or index-sharded safetensors checkpoint."""
+    """Yield (name, Tensor) over a single-file or index-sharded safetensors checkpoint. Only the
+    headers are read here; a Tensor reads the slice it is asked for (a sharded load reads each
+    device's block, never a whole matrix)."""
     from safetensors import safe_open
 
     index = path / "model.safetensors.index.json"
@@ -162,16 +219,11 @@ def read_safetensors_dir(path: Path):
             raise CheckpointError(f"{path}: shard {fname} named in the index is missing")
         try:
             with safe_open(str(fpath), framework="numpy") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name)
-        except CheckpointError:
-            raise
-        except Exception as e:  # SafetensorError (truncated, bad header) derives from Exception only
-            if isinstance(e, OSError) and e.filename:
-                raise
-            msg = " ".join(str(e).split())
-            raise CheckpointError(f"{fpath}: not a readable safetensors file, truncated or corrupt "
-                                  f"({type(e).__name__}: {msg})") from None
+                shapes = [(name, f.get_slice(name).get_shape()) for name in f.keys()]
+        except Exception as e:  # noqa: BLE001 -- named, one line (see _unreadable)
+            raise _unreadable(fpath, e) from None
+        for name, shape in shapes:
+            yield name, Tensor(shape, functools.partial(_read_slice, fpath, name))
 
 
 def write_safetensors_dir(tensors: dict[str, np.ndarray], path: Path, max_shard_bytes: int = 5 * 2**30):
@@ -289,9 +341,8 @@ def open_gguf(path: Path):
         raise CheckpointError(f"{path}: not a readable GGUF file, truncated or corrupt ({msg})") from None
 
 
-def read_gguf(path: Path) -> tuple[ModelConfig, Iterable[tuple[str, np.ndarray]]]:
-    """Config and dequantized HF-named float32 tensors of a GGUF file."""
-    import gguf
+def read_gguf(path: Path) -> tuple[ModelConfig, Iterable[tuple[str, Tensor]]]:
+    """Config and HF-named tensors of a GGUF file, dequantized to float32 when read."""
 
     reader = open_gguf(path)
     try:
@@ -309,10 +360,21 @@ def read_gguf(path: Path) -> tuple[ModelConfig, Iterable[tuple[str, np.ndarray]]
                     break
             else:
                 raise CheckpointError(f"{path}: unexpected GGUF tensor {t.name}")
-            w = np.asarray(gguf.dequantize(t.data, t.tensor_type), np.float32)
+            heads = None
             if config.model_type == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
                 heads = config.num_heads if "q_proj" in name else config.num_kv_heads
-                w = _unpermute_rope(w, heads)
-            yield name, w
+            shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dimensions innermost first
+            yield name, Tensor(shape, functools.partial(_dequantized, t, heads))
 
     return config, tensors()
+
+
+def _dequantized(t, heads: int | None, index: tuple[slice, ...]) -> np.ndarray:
+    """A slice of a GGUF tensor: the whole tensor is dequantized (quantized blocks run along rows), then
+    cut; llama's q/k rows are put back in HF's order first."""
+    import gguf
+
+    w = np.asarray(gguf.dequantize(t.data, t.tensor_type), np.float32)
+    if heads is not None:
+        w = _unpermute_rope(w, heads)
+    return w[index]
