@@ -78,6 +78,8 @@ class SelectConfig:
     normalize: bool = option(True, "inner products instead of cosines")
     microbatch: int | None = option(None, "samples per vmapped gradient (default: as many as fit in ~1 GiB, "
                                           "dividing --batch-size)", check=O.AT_LEAST_1)
+    remat: bool = option(False, "recompute each layer's activations in the gradient and HVP backward passes: less "
+                                "memory (idjax plan says when it is needed), the same results to float32 rounding")
     embed: EmbedConfig = option(EmbedConfig(), cli=False)
     seed: int = option(0, "landmarks, tangents, sketches, round-robin order")
     batch_size: int = option(8, "samples per compiled batch", check=O.AT_LEAST_1)

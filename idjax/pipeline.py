@@ -93,6 +93,11 @@ def select_samples(model, pool: Sequence[D.Example], targets: Sequence[D.Example
                              "a file system every process sees (--store)")
         with tempfile.TemporaryDirectory(prefix="idjax-store-") as tmp:
             return select_samples(model, pool, targets, config, update=update, store_dir=tmp, mesh=mesh)
+    if config.remat and not getattr(model, "remat", False):
+        from flax import nnx
+
+        model = nnx.merge(*nnx.split(model))  # the same arrays; only this view recomputes activations
+        model.remat = True
     with dist.failures_published():
         return _select(model, pool, targets, config, update, Path(store_dir), shd.get_mesh() if mesh is None else mesh)
 

@@ -59,6 +59,10 @@ def test_exact_first_order_scores_equal_torch_cosines(tiny_hf, tmp_path):
     # a re-run reuses the gradient store and gives the same answer
     again = select_samples(model, pool, targets, cfg, store_dir=tmp_path / "store")
     np.testing.assert_array_equal(again.scores, sel.scores)
+    # recomputed activations (--remat): the torch cosines again, and the caller's model is left as it was
+    lean = select_samples(model, pool, targets, dataclasses.replace(cfg, remat=True), store_dir=tmp_path / "remat")
+    np.testing.assert_allclose(lean.scores, ref, atol=1e-4)
+    assert not getattr(model, "remat", False)
 
 
 @pytest.mark.parametrize("damage", ["nan", "flip"])
