@@ -112,7 +112,9 @@ def restore_checkpoint(directory: str | os.PathLike, template, fingerprint: dict
                                   f"({type(e).__name__}: {str(e).splitlines()[0][:300]})") from e
     state = dataclasses.replace(template, trainable=got["trainable"], opt_state=got["opt_state"],
                                 step=jnp.asarray(step, jnp.int32), rng=got["rng"])
-    return commit(state), meta
+    sharded = any(isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding)
+                  for x in jax.tree.leaves(template))
+    return (state if sharded else commit(state)), meta  # a sharded target is restored in place
 
 
 def check_fingerprint(where: Path, saved: dict, current: dict) -> None:

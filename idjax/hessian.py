@@ -117,14 +117,18 @@ def gauss_newton_vp(model, targets, vectors, *, params=None):
 
 
 def hessian_products(model, targets, vectors, *, params=None, kind: str = "exact"):
-    """H_T v for a stack of vectors: kind "exact" (hvp of L_T) or "gauss-newton" (gauss_newton_vp)."""
+    """H_T v for a stack of vectors: kind "exact" (hvp of L_T) or "gauss-newton" (gauss_newton_vp).
+
+    The vectors are cast to the parameters' dtypes first: forward mode wants tangents of the primal's
+    dtype, and a bfloat16 model's directions (the update model's b, a * g) arrive in float32."""
+    if kind not in HESSIANS:
+        raise ValueError(f"hessian must be one of {HESSIANS}, got {kind!r}")
+    graphdef, selected, rest = split_params(model, params)
+    vectors = jax.tree.map(lambda v, p: v.astype(p.dtype), vectors, selected)
     if kind == "exact":
-        graphdef, selected, rest = split_params(model, params)
         loss = functools.partial(_mean_target_loss, graphdef, rest, as_targets(targets))
         return hvp(loss, selected, vectors)
-    if kind == "gauss-newton":
-        return gauss_newton_vp(model, targets, vectors, params=params)
-    raise ValueError(f"hessian must be one of {HESSIANS}, got {kind!r}")
+    return gauss_newton_vp((graphdef, rest), targets, vectors, params=selected)
 
 
 def landmark_curvature(model, input_ids, attention_mask, labels, *, targets, params=None,

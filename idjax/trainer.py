@@ -158,9 +158,11 @@ class Trainer:
             self.base = _f32_copy(params)
             self._params = None
         self._step = _train_step
+        self.shardings = None  # of the state, on a mesh
         if shd.active(self.mesh):
             self.rest, self.base = shd.shard_params(self.rest, self.mesh), shd.shard_params(self.base, self.mesh)
-            self._step = _sharded_train_step(shd.param_shardings(self.abstract_state(), self.mesh), self.mesh)
+            self.shardings = shd.param_shardings(self._shapes(), self.mesh)
+            self._step = _sharded_train_step(self.shardings, self.mesh)
 
     def place(self, state: TrainState) -> TrainState:
         """The state on this trainer's devices: committed to the default device, or on the mesh."""
@@ -179,12 +181,27 @@ class Trainer:
                           jax.random.key_data(key))
 
     def init_state(self) -> TrainState:
-        """Fresh state: float32 masters (or new LoRA adapters) and the optimizer's initial state."""
-        return self.place(self._init(self._params if self.config.lora is None else self.base))
+        """Fresh state: float32 masters (or new LoRA adapters) and the optimizer's initial state.
+
+        On a mesh the state is born sharded: one jitted init with the state's out_shardings, so each
+        device computes only its block of the masters and moments (none is ever whole on one device)."""
+        params = self._params if self.config.lora is None else self.base
+        if self.shardings is None:
+            return self.place(self._init(params))
+        params = shd.shard_params(params, self.mesh)
+        donate = (0,) if self.donate_model and self.config.lora is None else ()
+        return jax.jit(self._init, out_shardings=self.shardings, donate_argnums=donate)(params)
+
+    def _shapes(self) -> TrainState:
+        return jax.eval_shape(self._init, self._params if self.config.lora is None else self.base)
 
     def abstract_state(self) -> TrainState:
-        """The shapes and dtypes of init_state(), computing nothing (a restore target)."""
-        return jax.eval_shape(self._init, self._params if self.config.lora is None else self.base)
+        """The shapes and dtypes of init_state() (with its shardings on a mesh), computing nothing: the
+        target a checkpoint is restored into, sharded from the start."""
+        shapes = self._shapes()
+        if self.shardings is None:
+            return shapes
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, self.shardings)
 
     def params(self, state: TrainState):
         """Full float32 parameters of `state` (LoRA merged into the base)."""

@@ -166,6 +166,15 @@ FOUR_DEVICES = textwrap.dedent("""
     matrices = {n: x for n, x in leaves.items() if n.endswith(("kernel", "embedding"))}
     ids = np.arange(1, 17, dtype=np.int32)[None]
     loaded = T.train(sharded, pool, tcfg, mesh=fsdp4, progress=False)
+    # resume on that mesh: checkpoints of a 2-step run, the last one removed, then resumed from step 1
+    import dataclasses, shutil
+    ccfg = dataclasses.replace(tcfg, checkpoint_every=1)
+    T.train(M.load(path, tokenizer=False, mesh=fsdp4)[0], pool, ccfg, mesh=fsdp4, out_dir=f"{tmp}/ck",
+            progress=False)
+    shutil.rmtree(f"{tmp}/ck/checkpoints/2")
+    resumed = T.train(M.load(path, tokenizer=False, mesh=fsdp4)[0], pool, ccfg, mesh=fsdp4, out_dir=f"{tmp}/ck",
+                      resume=f"{tmp}/ck", progress=False)
+    born = [x for x in jax.tree.leaves(resumed.state.opt_state) if getattr(x, "ndim", 0) >= 2]
     res["sharded_load"] = {
         "matrices": len(matrices),
         "split": sorted(n for n, x in matrices.items() if len(x.sharding.device_set) == 4
@@ -174,6 +183,10 @@ FOUR_DEVICES = textwrap.dedent("""
         "train_loss_diff": max(abs(h["loss"] - g["loss"]) for h, g in zip(runs["one"].history, loaded.history)),
         "train_param_diff": float(np.abs(np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(
             loaded.trainer.params(loaded.state))]) - flat["one"]).max()),
+        "resume_steps": len(resumed.history),
+        "resume_param_diff": float(np.abs(np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(
+            resumed.trainer.params(resumed.state))]) - flat["one"]).max()),
+        "moments_sharded": all(len(x.sharding.device_set) == 4 for x in born) and len(born) > 0,
     }
     res["train"]["compilations"] = TR._train_step._cache_size() + sum(
         f._cache_size() for key, f in shd._JITTED.items() if key[0] == "train step")
@@ -235,6 +248,9 @@ def test_four_devices_match_one_device(tmp_path):
     s = res["sharded_load"]
     assert s["matrices"] == 9 and len(s["split"]) == s["matrices"], s  # embedding, lm_head, 7 stacked kernels
     assert s["logit_diff"] < 1e-5 and s["train_loss_diff"] < 1e-5 and s["train_param_diff"] < 1e-5, s
+    # resumed on the FSDP mesh from its step-1 checkpoint: one more step, the one-device result, the Adam
+    # moments restored sharded over the 4 devices
+    assert s["resume_steps"] == 1 and s["resume_param_diff"] < 1e-5 and s["moments_sharded"], s
 
 
 # ----------------------------------------------------------------------------- two processes

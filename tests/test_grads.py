@@ -408,3 +408,21 @@ def test_landmark_curvature_and_hessian_products_on_arrays(model, target):
     np.testing.assert_allclose(h, ref, rtol=1e-4, atol=1e-7)
     with pytest.raises(ValueError, match="hessian"):
         landmark_curvature(model, *_arrays(batch), targets=one_batch, hessian="fisher")
+
+
+@pytest.mark.parametrize("kind", ["exact", "gauss-newton"])
+def test_a_bfloat16_model_takes_float32_directions(model, target, kind):
+    """Order 2 on a bfloat16 model: the update model's b and a * g arrive in float32, and forward mode
+    wants tangents of the parameters' dtype. The products run and agree with the float32 model's to
+    bfloat16 precision."""
+    _, sel, _, batches = target
+    tb = batches[0]
+    one = (*_arrays(tb), jnp.asarray(tb.sample_mask))
+    pattern = "layers.mlp.down_proj"
+    low = CausalLM(CFG, dtype=jnp.bfloat16, rngs=nnx.Rngs(3))
+    nnx.update(low, jax.tree.map(lambda x: x.astype(jnp.bfloat16), nnx.state(model, nnx.Param)))
+    vecs = jax.tree.map(lambda x: jax.random.normal(jax.random.key(1), (2, *x.shape), jnp.float32), sel)
+    ref = jax.vmap(_flat)(hessian_products(model, one, vecs, params=pattern, kind=kind))
+    got = jax.vmap(_flat)(hessian_products(low, one, vecs, params=pattern, kind=kind)).astype(jnp.float32)
+    assert jax.tree.leaves(split_params(low, pattern)[1])[0].dtype == jnp.bfloat16
+    assert float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref)) < 0.05
