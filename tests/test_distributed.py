@@ -160,6 +160,7 @@ FOUR_DEVICES = textwrap.dedent("""
     # sharded from disk (models.load(mesh=)): every matrix split over 4 fsdp devices, each device reading
     # only its block; the logits and a training run equal those of the one-device load
     from flax import nnx
+    from idjax.passes import model_fingerprint
     fsdp4 = shd.make_mesh(1, 4)
     sharded, _ = M.load(path, tokenizer=False, mesh=fsdp4)
     leaves = {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(nnx.state(sharded, nnx.Param))}
@@ -187,6 +188,8 @@ FOUR_DEVICES = textwrap.dedent("""
         "resume_param_diff": float(np.abs(np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(
             resumed.trainer.params(resumed.state))]) - flat["one"]).max()),
         "moments_sharded": all(len(x.sharding.device_set) == 4 for x in born) and len(born) > 0,
+        # fingerprints on the devices: the sharded model's is the one-device model's
+        "fingerprint_equal": model_fingerprint(sharded) == model_fingerprint(model),
     }
     res["train"]["compilations"] = TR._train_step._cache_size() + sum(
         f._cache_size() for key, f in shd._JITTED.items() if key[0] == "train step")
@@ -251,6 +254,7 @@ def test_four_devices_match_one_device(tmp_path):
     # resumed on the FSDP mesh from its step-1 checkpoint: one more step, the one-device result, the Adam
     # moments restored sharded over the 4 devices
     assert s["resume_steps"] == 1 and s["resume_param_diff"] < 1e-5 and s["moments_sharded"], s
+    assert s["fingerprint_equal"], s
 
 
 # ----------------------------------------------------------------------------- two processes
