@@ -369,14 +369,20 @@ def save_optimizer_state(out_dir: str | os.PathLike, spec: OptimizerSpec, opt_st
     return out
 
 
-def load_optimizer_state(path: str | os.PathLike, params) -> tuple[OptimizerSpec, Any]:
+def load_optimizer_state(path: str | os.PathLike, params, *, keep=None, mesh=None) -> tuple[OptimizerSpec, Any]:
     """(spec, opt_state) of a warm-up or training run, shaped like `params`.
 
     params: the model or its Param state (`nnx.state(model, nnx.Param)`); the state is restored in
     float32 over the same tree, ready for `optim.update_model(spec, opt_state, params)`.
+    keep: a State of some of the parameters (grads.split_params): the state of the others is not read
+    at all (Orbax placeholders), so selection over a parameter subset never holds the whole model's
+    moments; their places hold `...`, for grads.restrict to cut away.
+    mesh: with fsdp > 1, every array is restored sharded by the FSDP rules (never whole on one device).
     Raises CheckpointError when the directory holds no optimizer state or it does not fit params.
     """
     import orbax.checkpoint as ocp
+
+    from idjax import sharding as shd
 
     p = Path(path).absolute()
     meta_file, state_dir = p / "optimizer.json", p / "opt_state"
@@ -393,9 +399,23 @@ def load_optimizer_state(path: str | os.PathLike, params) -> tuple[OptimizerSpec
         x.shape, jnp.float32 if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype), params)
     target = jax.eval_shape(spec.build().init, f32)
     check_shapes(state_dir, target, "model")
+    names = {".".join(map(str, path)) for path, _ in nnx.to_flat_state(params)}
+    kept = names if keep is None else {".".join(map(str, path)) for path, _ in nnx.to_flat_state(keep)}
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+    def leaf_target(path, x):
+        name = shd.param_name(path)
+        mirrored = next((n for n in names if name == n or name.endswith("." + n)), None)
+        if mirrored is not None and mirrored not in kept:
+            return ocp.PLACEHOLDER
+        sharding = shd.param_sharding(name, x.shape, mesh) if shd.active(mesh) else default
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+    target = jax.tree_util.tree_map_with_path(leaf_target, target)
     try:
-        with ocp.StandardCheckpointer() as ckptr:
-            opt_state = ckptr.restore(state_dir, target)
+        with ocp.PyTreeCheckpointer() as ckptr:
+            opt_state = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(
+                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
     except Exception as e:
         raise CheckpointError(f"{state_dir}: the optimizer state does not match this model "
                               f"({type(e).__name__}: {str(e).splitlines()[0][:300]})") from e

@@ -108,20 +108,23 @@ def load_sets(tokenizer, *, pool: str | os.PathLike, target=None, target_task: s
 # ----------------------------------------------------------------------------- update model
 
 
-def read_update_model(directory: str | os.PathLike, model, *, params: str | None = None):
+def read_update_model(directory: str | os.PathLike, model, *, params: str | None = None, mesh=None):
     """The update model (a, b, eta; docs/method.md 2) of the optimizer state a warm-up saved in
-    `directory`, restricted to the parameters selection differentiates (`params`, a regex): the
-    whole-model a and b would hold two model-sized trees through selection for nothing."""
+    `directory`, for the parameters selection differentiates (`params`, a regex) only: the moments of
+    the others are never read, and a, b of the whole model never exist. mesh: with fsdp > 1 the state is
+    restored sharded (optim.load_optimizer_state)."""
+    import jax
     from flax import nnx
 
     from idjax.grads import restrict, split_params
     from idjax.optim import load_optimizer_state, update_model
 
-    spec, state = load_optimizer_state(Path(directory), model)
-    update = update_model(spec, state, nnx.state(model, nnx.Param))
-    del state
     selected = split_params(model, params)[1]
-    return dataclasses.replace(update, a=restrict(update.a, selected), b=restrict(update.b, selected))
+    spec, state = load_optimizer_state(Path(directory), model, keep=selected, mesh=mesh)
+    # each model-shaped tree of the state (Adam's mu and nu, a momentum trace) cut to the selected params
+    state = jax.tree.map(lambda t: restrict(t, selected) if isinstance(t, nnx.State) else t, state,
+                         is_leaf=lambda x: isinstance(x, nnx.State))
+    return update_model(spec, state, selected)
 
 
 # ----------------------------------------------------------------------------- selection
@@ -137,6 +140,7 @@ def select(model, pool: Sequence[D.Example], targets: Sequence[D.Example], confi
     this call (e.g. {"load": s}), put first in the sidecar's timings. Returns the Selection, or None on
     the processes of a multi-process run other than process 0 (which writes the file)."""
     from idjax import distributed, pipeline
+    from idjax import sharding as shd
     from idjax.selection_file import write_selection
 
     if method != "influence":
@@ -148,8 +152,8 @@ def select(model, pool: Sequence[D.Example], targets: Sequence[D.Example], confi
         if not distributed.is_primary():
             return None
     else:
-        update = None if optimizer_state is None else read_update_model(optimizer_state, model,
-                                                                         params=config.params)
+        update = None if optimizer_state is None else read_update_model(
+            optimizer_state, model, params=config.params, mesh=shd.get_mesh())
         selection = pipeline.select_samples(model, pool, targets, config, update=update, store_dir=store_dir)
         del update  # a and b can be as large as the model: free them before the caller goes on
         if selection is None:

@@ -301,6 +301,18 @@ def test_warmup_state_gives_the_adam_update_model(tmp_path):
         np.testing.assert_allclose(np.asarray(a), a2 / denom, rtol=1e-5)
         np.testing.assert_allclose(np.asarray(b), a1 * m / denom + spec.weight_decay * p, rtol=1e-4, atol=1e-6)
     assert um.eta == pytest.approx(float(spec.lr_schedule()(3)))
+    # selection over a parameter subset reads only that subset's moments, and gets the same a, b for it
+    from idjax.grads import restrict, split_params
+    from idjax.stages import read_update_model
+
+    selected = split_params(model, "down_proj")[1]
+    sub = read_update_model(tmp_path / "w", model, params="down_proj")
+    _tree_equal(sub.a, restrict(um.a, selected))
+    _tree_equal(sub.b, restrict(um.b, selected))
+    assert sub.eta == um.eta
+    _, partial = load_optimizer_state(tmp_path / "w", model, keep=selected)
+    skipped = [x for x in jax.tree.leaves(partial) if x is Ellipsis]
+    assert len(skipped) == 2 * (len(jax.tree.leaves(params)) - len(jax.tree.leaves(selected)))  # mu and nu
     meta = json.loads((tmp_path / "w" / "warmup.json").read_text())
     assert meta["ids"] == [e.id for e in exs] and meta["steps"] == 3
     # a model of another shape is refused
