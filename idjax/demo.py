@@ -162,8 +162,10 @@ def _share(counts: Counter, total: int, order) -> dict:
 def _retire_old_layout(out: Path) -> None:
     """Demos before `idjax run` kept their own warm-up and caches in out/; they are recomputed in the
     run's layout (a run refuses directories it did not write)."""
-    old = out / "warmup" / "demo-warmup.json"
-    if old.exists():
+    old_warmup, old_cache = out / "warmup" / "demo-warmup.json", out / "demo-cache.json"
+    if not (old_warmup.exists() or old_cache.exists()):
+        return  # not an older demo's directory: nothing here is ours to remove
+    if old_warmup.exists():
         log.warning("demo: %s is from an older idjax demo; its warm-up is trained again in the run layout",
                     out / "warmup")
         shutil.rmtree(out / "warmup")
