@@ -248,8 +248,7 @@ def cmd_plan(args) -> int:
     if len(jax.devices()) < devices:
         return _usage("plan", f"--mesh {args.mesh} needs {devices} devices, {len(jax.devices())} are visible "
                               f"(set XLA_FLAGS=--xla_force_host_platform_device_count={devices} on a CPU)")
-    mesh = sharding.make_mesh(sizes.get("data", devices // max(1, sizes.get("fsdp", 1))), sizes.get("fsdp", 1),
-                              devices=jax.devices()[:devices])
+    mesh = sharding.make_mesh(sizes.get("data"), sizes.get("fsdp"), devices=jax.devices()[:devices])
     if args.device_memory is not None:
         memory = plan.parse_bytes(args.device_memory)
     else:

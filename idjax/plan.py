@@ -58,7 +58,7 @@ def forward_flops(config, tokens: int, *, blocks: int | None = None, lm_head: bo
                            config.intermediate_size)
     layers = config.num_layers if blocks is None else blocks
     per_layer = d * h * hd * 2 + d * kv * hd * 2 + 3 * d * inter
-    attention = 2 * h * hd * tokens * (tokens + 1) / 2 * 2  # q k^T and p v over the causal half
+    attention = 2 * h * hd * tokens * (tokens + 1)  # q k^T and p v, each h*hd*T*(T+1)/2 multiply-adds
     head = d * config.vocab_size if lm_head else 0
     return 2.0 * tokens * (layers * per_layer + head) + layers * attention
 
@@ -82,20 +82,15 @@ def parse_bytes(text: str) -> int:
 def abstract_model_state(config, mesh, dtype="bfloat16", *, remat: bool = False):
     """(graphdef, state) of the model with ShapeDtypeStruct leaves sharded by the FSDP rules: nothing is
     allocated. dtype: "bfloat16", "float32" or a jnp dtype."""
-    import jax
     import jax.numpy as jnp
     from flax import nnx
 
-    from idjax import sharding as shd
     from idjax.models.modeling import abstract_model
 
     model = abstract_model(config, dtype=jnp.dtype(dtype))
     model.remat = remat
     graphdef, state = nnx.split(model)
-    state = jax.tree_util.tree_map_with_path(
-        lambda path, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shd.param_sharding(
-            shd.param_name(path), x.shape, mesh)), state)
-    return graphdef, state
+    return graphdef, _like(state, mesh)
 
 
 def _rows(mesh, shape, dtype, axis: int = 0):
