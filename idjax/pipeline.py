@@ -32,7 +32,7 @@ import numpy as np
 from idjax import data as D
 from idjax import distributed as dist
 from idjax import sharding as shd
-from idjax.configs import EmbedConfig, SelectConfig, landmarks_problem  # noqa: F401 (re-exported)
+from idjax.configs import EmbedConfig, SelectConfig  # noqa: F401 (re-exported)
 from idjax.grads import GradientConfig, PerExampleGradients, restrict, split_params
 from idjax.hessian import target_direction
 from idjax.io import fingerprint
