@@ -33,7 +33,7 @@ from flax import nnx
 from idjax import data as D
 from idjax import passes as P
 from idjax.pipeline import Selection
-from idjax.grads import mean_response_loss
+from idjax.grads import sample_losses
 from idjax.select import round_robin
 
 log = logging.getLogger(__name__)
@@ -46,13 +46,13 @@ def _features(graphdef, state, ids, mask, labels, what: str):
     """Per row: the position-weighted mean of the final-normed hidden states ("rds", [B, D]) or the
     mean response-token loss ("loss", [B, 1]), float32."""
     model = nnx.merge(graphdef, state)
-    hidden, _ = model.hidden_states(ids, mask)
     if what == "rds":
+        hidden, _ = model.hidden_states(ids, mask)
         m = mask.astype(jnp.float32)
         w = jnp.cumsum(m, axis=-1) * m                      # 1, 2, ..., n on real tokens, 0 on padding
         w = w / jnp.maximum(w.sum(axis=-1, keepdims=True), 1.0)
         return jnp.einsum("bl,bld->bd", w, hidden.astype(jnp.float32))
-    return mean_response_loss(model.logits(hidden), labels)[:, None]
+    return sample_losses(model, ids, mask, labels)[:, None]
 
 
 def sample_features(model, examples: Sequence[D.Example], what: str, *, batch_size: int = 8,

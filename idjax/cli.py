@@ -240,6 +240,7 @@ def cmd_plan(args) -> int:
     import jax
 
     from idjax import models, plan
+    from idjax.memory import device_memory
 
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = set(stages) - set(plan.STAGES)
@@ -249,14 +250,11 @@ def cmd_plan(args) -> int:
         return _usage("plan", f"--mesh {args.mesh} needs {devices} devices, {len(jax.devices())} are visible "
                               f"(set XLA_FLAGS=--xla_force_host_platform_device_count={devices} on a CPU)")
     mesh = sharding.make_mesh(sizes.get("data"), sizes.get("fsdp"), devices=jax.devices()[:devices])
-    if args.device_memory is not None:
-        memory = plan.parse_bytes(args.device_memory)
-    else:
-        stats = jax.devices()[0].memory_stats() or {}
-        if "bytes_limit" not in stats:
-            return _usage("plan", f"{jax.devices()[0].platform} devices do not report their memory: give "
-                                  f"--device-memory (e.g. 80GB)")
-        memory = int(stats["bytes_limit"])
+    stats = jax.devices()[0].memory_stats() or {}
+    if args.device_memory is None and "bytes_limit" not in stats:
+        return _usage("plan", f"{jax.devices()[0].platform} devices do not report their memory: give "
+                              f"--device-memory (e.g. 80GB)")
+    memory = device_memory(args.device_memory)
     config = models.load_config(args.model)
     report = plan.plan(config, mesh, pool=args.pool, max_length=args.max_length, device_memory=memory,
                        batch_size=args.batch_size, dtype=args.dtype, params=args.params, proj_dim=args.proj_dim,

@@ -161,8 +161,8 @@ def build_parser(commands: dict[str, Callable]) -> argparse.ArgumentParser:
                                                "on a CPU, that many host devices are simulated")
     add_argument(p, "--pool", type=int, default=200_000, check=O.AT_LEAST_1, help="pool size (default 200000)")
     add_max_length(p)
-    p.add_argument("--device-memory", default=None,
-                   help="memory per device, e.g. 80GB or 16GiB (default: what the device reports)")
+    add_argument(p, "--device-memory", default=None, check=O.memory_size,
+                 help="memory per device, e.g. 80GB or 16GiB (default: what the device reports)")
     add_argument(p, "--targets", type=int, default=16, check=O.AT_LEAST_1, help="target samples (default 16)")
     add_flags(p, SelectConfig, only=("landmarks", "proj_dim", "params", "batch_size"))
     add_flags(p, EmbedConfig, group="JVP embeddings (docs/method.md 6)")

@@ -76,8 +76,8 @@ class SelectConfig:
     keep: int | None = option(None, "a fixed random subset of this many coordinates before projecting",
                               check=O.AT_LEAST_1, cli=False)
     normalize: bool = option(True, "inner products instead of cosines")
-    microbatch: int | None = option(None, "samples per vmapped gradient (default: as many as fit in ~1 GiB, "
-                                          "dividing --batch-size)", check=O.AT_LEAST_1)
+    microbatch: int | None = option(None, "samples per vmapped gradient (default: the most, dividing --batch-size, "
+                                          "whose compiled program fits the device's memory)", check=O.AT_LEAST_1)
     remat: bool = option(False, "recompute each layer's activations in the gradient and HVP backward passes: less "
                                 "memory (idjax plan says when it is needed), the same results to float32 rounding")
     embed: EmbedConfig = option(EmbedConfig(), cli=False)
@@ -119,7 +119,11 @@ class Recipe:
     momentum: float = option(0.9, "SGD momentum (sgd only)", check=O.MOMENTUM)
     clip_norm: float | None = option(1.0, "global gradient-norm clipping (0 or null: off)", check=O.NON_NEGATIVE)
     compute_dtype: str = option("float32", "matmul dtype; master weights stay float32", choices=COMPUTE_DTYPES)
-    remat: bool = option(False, "recompute layer activations in the backward pass (less memory)")
+    remat: bool = option(False, "recompute layer activations in the backward pass (less memory); without it, "
+                                "the memory plan turns it on only where a step would not fit")
+    device_memory: str | None = option(None, "memory per device the training step is planned against, e.g. 24GB "
+                                             "(default: the device's own; on a CPU, the host's available memory)",
+                                       check=O.memory_size)
     checkpoint_every: int = option(0, "save a checkpoint every N steps (0: at the end)", check=O.NON_NEGATIVE)
     keep_checkpoints: int = option(3, check=O.AT_LEAST_1)
 

@@ -126,9 +126,9 @@ class DemoConfig:
 
     def run_config(self, out) -> RunConfig:
         """The `idjax run` configuration of this demo in `out`: first-order selection with random
-        landmarks and KRR, 2 per-example gradients at a time (not auto_microbatch's 8: each holds ~300 MB
-        of temporaries, the gradient, a * g and the padded SRHT input, so 8 at once add 2.4 GB), layer
-        activations recomputed in every backward pass."""
+        landmarks and KRR, 2 per-example gradients at a time (not the most that fit a machine's memory:
+        each holds ~300 MB of temporaries, the gradient, a * g and the padded SRHT input, and the demo
+        stays under 4 GB), layer activations recomputed in every backward pass."""
         return RunConfig(
             pool=str(DATA_DIR / "pool.jsonl"), target=str(DATA_DIR / "targets" / f"{self.task}.jsonl"),
             eval=str(DATA_DIR / "eval" / f"{self.task}.jsonl"), model=MODEL, max_length=self.max_length,

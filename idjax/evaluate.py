@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from idjax import data as D
-from idjax.grads import response_loss_sums
+from idjax.grads import hidden_loss_sums
 from idjax.tasks import Task, gsm8k_answer
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 @partial(jax.jit, static_argnums=0)
 def _loss_sums(graphdef, state, ids, mask, labels):
     """Per-row summed response-token loss and token count (float32)."""
-    return response_loss_sums(nnx.merge(graphdef, state)(ids, mask), labels)
+    model = nnx.merge(graphdef, state)
+    return hidden_loss_sums(model, model.hidden_states(ids, mask)[0], labels)
 
 
 def token_loss_sums(model, examples: Sequence[D.Example], *, batch_size: int = 8, buckets=None,

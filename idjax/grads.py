@@ -22,8 +22,10 @@ import numpy as np
 from flax import nnx
 
 from idjax import data as D
+from idjax import memory
 from idjax import sharding as shd
 from idjax.data import IGNORE_INDEX
+from idjax.models.modeling import head_logits
 from idjax.sketch import Projector
 
 
@@ -56,9 +58,53 @@ def mean_response_loss(logits, labels):
     return total / jnp.maximum(count, 1.0)
 
 
-def sample_losses(model, input_ids, attention_mask, labels):
-    """Mean response-token loss of every sample: float32 [B]; 0 for samples without responses."""
-    return mean_response_loss(model(input_ids, attention_mask), labels)
+#: Bytes of float32 logits one piece of a chunked loss may hold ([B, positions, V]); above it the
+#: lm-head and the cross-entropy run over position chunks (hidden_loss_sums).
+LOSS_CHUNK_BYTES = 1 << 28
+
+
+def hidden_loss_sums(model, hidden, labels, *, chunk_bytes: int = LOSS_CHUNK_BYTES):
+    """response_loss_sums from the final hidden states [B, L, D]: (sum_t loss_t, n) per row, float32 [B].
+
+    Where the float32 logits [B, L, V] would exceed chunk_bytes (a 128k vocabulary at 2048 tokens: 1 GiB
+    per row), the lm-head and the cross-entropy run over chunks of positions under jax.checkpoint: only
+    one chunk's logits exist at a time, forward and backward, for one more lm-head pass in the backward.
+    """
+    b, length, _ = hidden.shape
+    per_chunk = max(1, chunk_bytes // (4 * b * model.config.vocab_size))
+    if per_chunk >= length - 1:
+        return response_loss_sums(model.logits(hidden), labels)
+    matrix, tied = model.head()
+    steps = -(-(length - 1) // per_chunk)
+    pad = steps * per_chunk - (length - 1)
+    h = jnp.pad(hidden[:, :-1], ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(labels[:, 1:], ((0, 0), (0, pad)), constant_values=IGNORE_INDEX)
+    h = h.reshape(b, steps, per_chunk, h.shape[-1]).swapaxes(0, 1)
+    targets = targets.reshape(b, steps, per_chunk).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def piece(h, t):
+        logits = head_logits(h, matrix, tied)
+        mask = t != IGNORE_INDEX
+        logz = jax.nn.logsumexp(logits, axis=-1)
+        picked = jnp.take_along_axis(logits, jnp.where(mask, t, 0)[..., None], axis=-1)[..., 0]
+        return jnp.where(mask, logz - picked, 0.0).sum(-1), mask.sum(-1).astype(jnp.float32)
+
+    def body(carry, xs):
+        total, count = piece(*xs)
+        return (carry[0] + total, carry[1] + count), None
+
+    zeros = jnp.zeros((b,), jnp.float32)
+    (total, count), _ = jax.lax.scan(body, (zeros, zeros), (h, targets))
+    return total, count
+
+
+def sample_losses(model, input_ids, attention_mask, labels, *, chunk_bytes: int = LOSS_CHUNK_BYTES):
+    """Mean response-token loss of every sample: float32 [B]; 0 for samples without responses. The
+    logits are never whole where they would exceed chunk_bytes (hidden_loss_sums)."""
+    hidden, _ = model.hidden_states(input_ids, attention_mask)
+    total, count = hidden_loss_sums(model, hidden, labels, chunk_bytes=chunk_bytes)
+    return total / jnp.maximum(count, 1.0)
 
 
 # ----------------------------------------------------------------------------- parameter subsets
@@ -258,7 +304,7 @@ class GradientConfig:
     params: str | None = None        # regex over parameter paths (None: all)
     keep: int | None = None          # keep a fixed random subset of this many coordinates
     normalize: bool = True           # L2-normalise a(.)g before projecting (cosine scores)
-    microbatch: int = 8              # samples per vmapped gradient computation
+    microbatch: int | None = None    # samples per vmapped gradient computation (None: the most that fit the device)
     seed: int = 0
 
 
@@ -295,19 +341,45 @@ class PerExampleGradients:
         if self.shards > 1:
             self.selected, self.rest, self.precondition, self.offset = (
                 shd.shard_params(t, self.mesh) for t in (self.selected, self.rest, self.precondition, self.offset))
-        # The coordinate mask is a function of (keep, seed, the selected shapes): all in the key.
-        sharding = shd.row_sharding(self.mesh, 2) if self.shards > 1 else None
-        # One compilation per key, shared: a second selection in the same process (another target
-        # set, the landmark and target passes) reuses the compiled length buckets.
-        self._fn = shd.jit_once(
-            ("gradients", self.graphdef, projector, config, self.shards, sharding),
-            functools.partial(_gradients, self.graphdef, projector, config, self.mask, self.shards),
-            out_shardings=sharding)
+        self.sharding = shd.row_sharding(self.mesh, 2) if self.shards > 1 else None
+        self.device_memory = (memory.device_memory(agree=shd.spans_processes(self.mesh))
+                              if config.microbatch is None else None)
+        self._planned = {}  # (rows, length) -> compiled program, when the microbatch is planned
+
+    def _jitted(self, microbatch: int | None):
+        """The compiled body for one microbatch size. One compilation per key, shared: a second selection
+        in the same process (another target set, the landmark and target passes) reuses the compiled
+        length buckets. The coordinate mask is a function of (keep, seed, the selected shapes): all in the key."""
+        config = dataclasses.replace(self.config, microbatch=microbatch)
+        return shd.jit_once(
+            ("gradients", self.graphdef, self.projector, config, self.shards, self.sharding),
+            functools.partial(_gradients, self.graphdef, self.projector, config, self.mask, self.shards),
+            out_shardings=self.sharding)
+
+    def _plan(self, args):
+        """The program with the largest microbatch (a divisor of the per-device rows) that fits the device,
+        by the compiler's memory analysis (memory.first_fit)."""
+        rows, length = args[-1].shape
+        local = rows // self.shards
+        settings = [(f"microbatch {m} per device", m) for m in range(local, 0, -1) if local % m == 0]
+        key = ("gradients", self.graphdef, self.projector, self.config, self.shards, self.sharding,
+               memory.input_key(args))
+        _, compiled = memory.planned(key, settings, lambda m: self._jitted(m).lower(*args).compile(),
+                                     self.device_memory, what=f"per-example gradients of {rows} rows of {length} "
+                                                              "tokens (--remat: less memory per sample)")
+        return compiled
 
     def __call__(self, batch):
         """Projected gradients [B, k] float32 and a validity flag [B] for one data.Batch."""
-        out = self._fn(self.selected, self.rest, self.precondition, self.offset,
-                       *batch_arrays(batch, self.mesh if self.shards > 1 else None))
+        args = (self.selected, self.rest, self.precondition, self.offset,
+                *batch_arrays(batch, self.mesh if self.shards > 1 else None))
+        if self.config.microbatch is not None:
+            out = self._jitted(self.config.microbatch)(*args)
+        else:
+            shape = args[-1].shape
+            if shape not in self._planned:
+                self._planned[shape] = self._plan(args)
+            out = self._planned[shape](*args)
         if out.shape[0] != len(batch.input_ids):  # rows added to fill the mesh
             out = out[: len(batch.input_ids)]
         has_response = (np.asarray(batch.labels)[:, 1:] != IGNORE_INDEX).any(axis=1)

@@ -29,6 +29,9 @@ def release() -> None:
 
     import jax
 
+    from idjax import memory
+
+    memory.clear()
     gc.collect()
     jax.clear_caches()
     trim_heap()

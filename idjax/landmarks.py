@@ -7,8 +7,8 @@ embedding space) or farthest-point traversal.
 
 k-means++ keeps a running min squared distance to the chosen set (N floats, on the device) and
 updates it after every pick: num passes over the data, O(num * N * e) work. That is fine when the
-data fits on the device (it is then kept there and each pick is one compiled call) but is num full
-reads of E otherwise; `candidates=m` runs the D^2 sampling on a uniform subsample of m rows (e.g.
+data fits on the devices (it is then kept there, its rows split over the local devices, and every
+pick runs in one compiled loop) but is num full reads of E otherwise; `candidates=m` runs the D^2 sampling on a uniform subsample of m rows (e.g.
 20 * num) held in memory, bounding the cost to O(num * m * e). `spearman` measures how well
 propagated values rank (experiments/landmark_study.py).
 """
@@ -26,6 +26,7 @@ import numpy as np
 from jax import lax
 from tqdm.auto import tqdm
 
+from idjax import sharding as shd
 from idjax.propagation import Propagator  # noqa: F401  (re-exported: the class lived here)
 from idjax.rows import check_chunk_rows, read_rows, row_spans, rows_shape, take_rows
 
@@ -62,13 +63,33 @@ def _draw(d: jax.Array, u: jax.Array, greedy: bool) -> tuple[jax.Array, jax.Arra
     return jnp.where(row[j] > 0, idx, jnp.argmax(d.ravel())), total
 
 
-@functools.partial(jax.jit, static_argnames=("greedy",), donate_argnums=(1,))
-def _kpp_resident_step(x3, d, prev, u, greedy):
-    """Data on device [chunks, rows, e]: fold in the last pick, draw the next one."""
-    y = x3.reshape(-1, x3.shape[-1])[prev]
-    d = jnp.minimum(d, _sqdist_to(x3, y))
+def _pick(d, free, u, u_free, greedy: bool):
+    """The next landmark from the running min distances d [chunks, rows]: a D^2 draw (or the argmax if
+    greedy), or, when every distance is 0 (all unchosen rows duplicate chosen ones), a uniform draw
+    among the free rows (unchosen, not padding). Returns (index, total of d)."""
     idx, total = _draw(d, u, greedy)
-    return d, idx, total
+    uniform, _ = _draw(free.astype(jnp.float32), u_free, False)
+    return jnp.where(total > 0, idx, uniform), total
+
+
+@functools.partial(jax.jit, static_argnames=("num", "greedy"))
+def _kpp_resident(x3, valid, first, us, us_free, num: int, greedy: bool):
+    """Data on the device [chunks, rows, e] (rows may be split over a mesh): every pick in one compiled
+    loop, no host round trip. Returns (picks [num] int32, whether any total was non-finite)."""
+    flat = x3.reshape(-1, x3.shape[-1])
+
+    def body(i, carry):
+        d, picks, free, bad = carry
+        d = jnp.minimum(d, _sqdist_to(x3, flat[picks[i - 1]]))
+        idx, total = _pick(d, free, us[i - 1], us_free[i - 1], greedy)
+        free = free.reshape(-1).at[idx].set(False).reshape(free.shape)
+        return d, picks.at[i].set(idx.astype(jnp.int32)), free, bad | ~jnp.isfinite(total)
+
+    d = jnp.where(valid, jnp.inf, 0.0).astype(jnp.float32)
+    free = valid.reshape(-1).at[first].set(False).reshape(valid.shape)
+    picks = jnp.zeros((num,), jnp.int32).at[0].set(first)
+    _, picks, _, bad = lax.fori_loop(1, num, body, (d, picks, free, jnp.bool_(False)))
+    return picks, bad
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
@@ -78,17 +99,10 @@ def _kpp_update_chunk(d, k, xk, y):
     return lax.dynamic_update_index_in_dim(d, new, k, axis=0)
 
 
-_draw_jit = jax.jit(_draw, static_argnames=("greedy",))
-
-
-def _nth_unchosen(r: int, chosen: list[int]) -> int:
-    """The r-th (0-based) index not in `chosen`."""
-    for c in sorted(chosen):
-        if c <= r:
-            r += 1
-        else:
-            break
-    return r
+@functools.partial(jax.jit, static_argnames=("greedy",), donate_argnums=(1,))
+def _kpp_stream_pick(d, free, u, u_free, greedy: bool):
+    idx, total = _pick(d, free, u, u_free, greedy)
+    return idx, total, free.reshape(-1).at[idx].set(False).reshape(free.shape)
 
 
 def _d2_sampling(x: Any, n: int, e: int, num: int, rng: np.random.Generator, greedy: bool,
@@ -98,35 +112,41 @@ def _d2_sampling(x: Any, n: int, e: int, num: int, rng: np.random.Generator, gre
     First pick uniform; each next pick drawn with probability proportional to the squared
     distance to the nearest pick (or the farthest row if greedy). When every unchosen row
     sits on a chosen one (all distances 0: duplicates), picks fall back to uniform among the
-    unchosen rows, so the result always has `num` distinct indices.
+    unchosen rows, so the result always has `num` distinct indices. The uniform numbers are drawn
+    up front, so the data on the device (one compiled loop, rows split over the local devices) and
+    the data streamed from the host (one pass per pick) give the same picks.
     """
-    rows = min(chunk_rows, n)
+    mesh = shd.get_mesh()
+    mesh = mesh if shd.active(mesh) and not shd.spans_processes(mesh) else None
+    rows = shd.round_up(min(chunk_rows, n), mesh)
     spans = row_spans(n, rows)
     valid = (np.arange(len(spans) * rows) < n).reshape(len(spans), rows)
-    d = jnp.asarray(np.where(valid, np.inf, 0.0).astype(np.float32))
-    resident = len(spans) * rows * e * 4 <= resident_bytes
-    if resident:
-        x3 = jnp.asarray(np.stack([read_rows(x, a, b, rows) for a, b in spans]))
-    chosen = [int(rng.integers(n))]
+    first = int(rng.integers(n))
+    us = np.minimum(rng.random(max(num - 1, 1)), 1.0 - 2.0**-24).astype(np.float32)
+    us_free = np.minimum(rng.random(max(num - 1, 1)), 1.0 - 2.0**-24).astype(np.float32)
+    resident = len(spans) * rows * e * 4 <= resident_bytes * (1 if mesh is None else mesh.size)
     what = "farthest-point" if greedy else "k-means++"
     logger.info("%s: %d landmarks from %d rows (%s)", what, num, n,
                 "data on device" if resident else f"streaming {len(spans)} chunks per pick")
-    for _ in tqdm(range(num - 1), desc=what, unit="landmark", disable=None):
-        u = np.float32(min(rng.random(), 1.0 - 2.0**-24))
-        if resident:
-            d, idx, total = _kpp_resident_step(x3, d, jnp.int32(chosen[-1]), u, greedy)
-        else:
-            y = jnp.asarray(np.asarray(x[chosen[-1]:chosen[-1] + 1], dtype=np.float32)[0])
-            for k, (a, b) in enumerate(spans):
-                d = _kpp_update_chunk(d, jnp.int32(k), read_rows(x, a, b, rows), y)
-            idx, total = _draw_jit(d, u, greedy)
-        total = float(total)
-        if not math.isfinite(total):
+    if resident:
+        x3 = np.stack([read_rows(x, a, b, rows) for a, b in spans])
+        put = (lambda a: shd.put_rows(a, mesh, axis=1)) if mesh is not None else jnp.asarray
+        picks, bad = _kpp_resident(put(x3), put(valid), jnp.int32(first), jnp.asarray(us), jnp.asarray(us_free),
+                                   num=num, greedy=greedy)
+        if bool(bad):
             raise ValueError(f"{what}: embeddings contain non-finite values (NaN or inf)")
-        if total > 0:
-            chosen.append(int(idx))
-        else:
-            chosen.append(_nth_unchosen(int(rng.integers(n - len(chosen))), chosen))
+        return [int(i) for i in np.asarray(picks)]
+    d = jnp.asarray(np.where(valid, np.inf, 0.0).astype(np.float32))
+    free = jnp.asarray(valid).reshape(-1).at[first].set(False).reshape(valid.shape)
+    chosen = [first]
+    for i in tqdm(range(num - 1), desc=what, unit="landmark", disable=None):
+        y = jnp.asarray(np.asarray(x[chosen[-1]:chosen[-1] + 1], dtype=np.float32)[0])
+        for k, (a, b) in enumerate(spans):
+            d = _kpp_update_chunk(d, jnp.int32(k), read_rows(x, a, b, rows), y)
+        idx, total, free = _kpp_stream_pick(d, free, us[i], us_free[i], greedy)
+        if not math.isfinite(float(total)):
+            raise ValueError(f"{what}: embeddings contain non-finite values (NaN or inf)")
+        chosen.append(int(idx))
     return chosen
 
 

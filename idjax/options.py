@@ -57,6 +57,24 @@ UNIT_INTERVAL = rule(lambda v: 0 <= v <= 1, "in [0, 1]")
 MOMENTUM = rule(lambda v: 0 <= v < 1, "in [0, 1)")
 
 
+def parse_bytes(text: str) -> int:
+    """'80GB', '16 GiB', '512MB', or a plain number of bytes (binary units either way)."""
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([kmgt]?i?b?)?\s*", str(text).lower())
+    if not m:
+        raise ValueError(f"not a memory size: {text!r} (e.g. 80GB, 16GiB)")
+    unit = (m.group(2) or "b").rstrip("b").rstrip("i")
+    return int(float(m.group(1)) * {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[unit])
+
+
+def memory_size(value) -> str | None:
+    """Why `value` is not a memory size such as '24GB' (None: it is)."""
+    try:
+        parse_bytes(value)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def regex(value) -> str | None:
     """A regular expression over parameter names."""
     try:

@@ -95,15 +95,6 @@ def update_fingerprint(update: UpdateModel | None) -> str:
 # ----------------------------------------------------------------------------- stages
 
 
-def auto_microbatch(selected, batch_size: int, budget_bytes: int = 1 << 30) -> int:
-    """Samples per vmapped gradient: a microbatch holds that many full float32 gradients at once,
-    so all 135M parameters of SmolLM2 get 1 and a down_proj subset gets 8. A divisor of batch_size,
-    because PerExampleGradients only splits batches into equal microbatches."""
-    size = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(selected))
-    cap = max(1, budget_bytes // max(1, 4 * size))
-    return max(m for m in range(1, batch_size + 1) if batch_size % m == 0 and m <= cap)
-
-
 @contextlib.contextmanager
 def timed_stage(name: str, timings: dict, *, label: str = "stage", digits: int = 3):
     """Log "<label> <name> ..." and, when the block ends (even by an error), its seconds, rounded to

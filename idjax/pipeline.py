@@ -39,7 +39,7 @@ from idjax.io import fingerprint
 from idjax.landmarks import choose_landmarks
 from idjax.optim import UpdateModel
 from idjax.passes import (
-    auto_microbatch, curvature_store, embed_pool, fill_store, gradient_store, load_targets, mesh_batch,
+    curvature_store, embed_pool, fill_store, gradient_store, load_targets, mesh_batch,
     model_fingerprint, open_store, save_targets, timed_stage, update_fingerprint,
 )
 from idjax.propagation import Propagator
@@ -114,7 +114,7 @@ def _select(model, pool, targets, config: SelectConfig, update, store_dir: Path,
     b = restrict(update.b, selected) if update is not None else None
     projector = Projector("none" if config.proj_dim == 0 else config.proj_kind, config.proj_dim, seed=config.seed)
     gcfg = GradientConfig(params=config.params, keep=config.keep, normalize=config.normalize,
-                          microbatch=config.microbatch or auto_microbatch(selected, config.batch_size),
+                          microbatch=config.microbatch,
                           seed=config.seed)
     model_fp, pool_fp = model_fingerprint(model), D.examples_fingerprint(pool)
     stores = {}
@@ -233,9 +233,6 @@ def _select(model, pool, targets, config: SelectConfig, update, store_dir: Path,
                 matvec = dense_matvec(q_l[np.ix_(perm, perm)])
             else:
                 matvec = prop.low_rank_matvec(np.asarray(q_l, np.float32))
-                if not getattr(matvec, "jittable", False):
-                    raise ValueError(f"order 2 keeps the propagation matrix C ({n} x {len(landmarks)} float32) in "
-                                     "memory and it is over the cache limit: use fewer landmarks, or --order 1")
             lam = config.lam if config.lam is not None else float(default_lam(p, matvec, eta, config.k))
             sol = solve_weights(p, matvec, eta=eta, lam=lam)
             if not sol.converged:

@@ -43,13 +43,6 @@ class StagePlan:
         return dataclasses.asdict(self)
 
 
-def compiled_bytes(compiled) -> int:
-    """Per-device bytes of a compiled program: arguments + outputs + temporaries - aliased + code."""
-    m = compiled.memory_analysis()
-    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-               - m.alias_size_in_bytes + m.generated_code_size_in_bytes)
-
-
 def forward_flops(config, tokens: int, *, blocks: int | None = None, lm_head: bool = True) -> float:
     """Matmul FLOPs of one forward pass over `tokens` tokens (2 per multiply-add): the projections and
     MLP of `blocks` layers (default all), causal attention's scores and values, and the lm-head. XLA's
@@ -66,17 +59,6 @@ def forward_flops(config, tokens: int, *, blocks: int | None = None, lm_head: bo
 #: Forward passes per sample of each stage: backward = 2 forwards; remat adds one; a Gauss-Newton
 #: product is a forward, a JVP (2) and a VJP (2); a JVP embedding is the primal and K tangents (2 each).
 PASSES = {"gradients": 3, "target": 3, "hvp": 5, "train": 3}
-
-
-def parse_bytes(text: str) -> int:
-    """'80GB', '16 GiB', '512MB', or a plain number of bytes."""
-    import re
-
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([kmgt]?i?b?)?\s*", text.lower())
-    if not m:
-        raise ValueError(f"not a memory size: {text!r} (e.g. 80GB, 16GiB)")
-    unit = (m.group(2) or "b").rstrip("b").rstrip("i")
-    return int(float(m.group(1)) * {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[unit])
 
 
 def abstract_model_state(config, mesh, dtype="bfloat16", *, remat: bool = False):
@@ -119,16 +101,12 @@ def _like(tree, mesh, dtype=None, *, lead: int = 0, lead_shape: tuple = ()):
 
 
 def _first_fit(stage: str, settings: list, compile_one: Callable, budget: int, flops: Callable) -> StagePlan:
-    """Compile each (name, value) setting in order; the first within `budget` is the plan (else the
-    last). flops(value): FLOPs per sample of that setting."""
-    tried = []
-    for name, value in settings:
-        need = compiled_bytes(compile_one(value))
-        tried.append((name, need))
-        plan = StagePlan(stage, name, need, flops(value), need <= budget, tried)
-        if plan.fits:
-            break
-    return plan
+    """memory.first_fit as a StagePlan. flops(value): FLOPs per sample of that setting."""
+    from idjax import memory
+
+    name, value, _, tried = memory.first_fit(settings, compile_one, budget)
+    need = tried[-1][1]
+    return StagePlan(stage, name, need, flops(value), memory.fits(need, budget), tried)
 
 
 def plan(config, mesh, *, pool: int, max_length: int, device_memory: int, batch_size: int = 8,

@@ -30,6 +30,7 @@ import numpy as np
 from jax import lax
 from tqdm.auto import tqdm
 
+from idjax import memory
 from idjax import sharding as shd
 from idjax.rows import check_chunk_rows, read_rows, row_spans, rows_shape, take_rows
 
@@ -37,7 +38,8 @@ logger = logging.getLogger(__name__)
 
 KINDS = ("krr", "ridge")
 DEFAULT_CHUNK_ROWS = 16384
-DEFAULT_CACHE_BYTES = 1 << 30     # Propagator: keep C [N, l] on the device below this
+DEFAULT_CACHE_BYTES = 1 << 30     # Propagator: C's bytes per device where the device's memory is unknown
+STREAM_CHUNK_BYTES = 1 << 28      # the kernel block K(E_chunk, E_L) of a streamed product, at most
 _HI = lax.Precision.HIGHEST
 
 # --- the pure core -------------------------------------------------------------------------------
@@ -84,10 +86,21 @@ def _squared_distances(centred: jax.Array, sq_norms: jax.Array) -> jax.Array:
     return jnp.where(jnp.eye(centred.shape[0], dtype=bool), 0.0, jnp.maximum(d2, 0.0))
 
 
+#: The bandwidth's median is taken over the pairs of at most this many landmarks (a fixed subset):
+#: l = 16384 would otherwise sort 134M distances and index them with host arrays of that size.
+MEDIAN_LANDMARKS = 2048
+
+
 def median_bandwidth(d2: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(s, fallback): s = median distance over landmark pairs i < j; if 0 (duplicates), the median of
-    the positive distances (fallback 1); if all landmarks coincide, s = 1 (fallback 2)."""
+    the positive distances (fallback 1); if all landmarks coincide, s = 1 (fallback 2). Over more than
+    MEDIAN_LANDMARKS landmarks, the pairs of a fixed random subset of that many (an estimate of the
+    median from 2M distances)."""
     l = d2.shape[0]
+    if l > MEDIAN_LANDMARKS:
+        subset = np.sort(np.random.default_rng(0).choice(l, MEDIAN_LANDMARKS, replace=False))
+        d2 = d2[subset][:, subset]
+        l = MEDIAN_LANDMARKS
     dist_ = jnp.sqrt(d2[jnp.triu_indices(l, k=1)]) if l > 1 else jnp.zeros((0,), jnp.float32)
     if dist_.size == 0:
         return jnp.float32(1.0), jnp.int32(2)
@@ -181,6 +194,33 @@ def low_rank_product(c: jax.Array, q_l: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.matmul(c, jnp.matmul(q_l, t, precision=_HI), precision=_HI)
 
 
+def streamed_low_rank_product(state: State, embeddings: jax.Array, q_l: jax.Array, w: jax.Array, *,
+                              chunk_rows: int = 4096) -> jax.Array:
+    """low_rank_product without C: two passes over row chunks of E [N, e] (or [steps, chunk, e], already
+    in chunks), each recomputing K(E_chunk, E_L). Memory O(chunk_rows * l) instead of C's N * l, for
+    twice the kernel evaluations of building C; the same product (landmark rows exact). w: [N]."""
+    x = jnp.asarray(embeddings, jnp.float32)
+    if x.ndim == 2:
+        n = x.shape[0]
+        steps = -(-n // chunk_rows)
+        x = jnp.pad(x, ((0, steps * chunk_rows - n), (0, 0))).reshape(steps, chunk_rows, x.shape[1])
+    steps, size = x.shape[:2]
+    w = jnp.asarray(w, jnp.float32)
+    n = w.shape[0]
+    own = w[state.landmarks]
+    rest = jnp.pad(w.at[state.landmarks].set(0.0), (0, steps * size - n)).reshape(steps, size)
+
+    def transpose_step(acc, xs):
+        rows, wc = xs
+        return acc + jnp.dot(state.kernel(rows).T, wc, precision=_HI), None
+
+    acc, _ = lax.scan(transpose_step, jnp.zeros(state.landmarks.shape, jnp.float32), (x, rest))
+    z = jnp.dot(q_l, landmark_solve(state, acc) + own, precision=_HI)
+    alpha = landmark_solve(state, z)
+    out = lax.map(lambda rows: jnp.dot(state.kernel(rows), alpha, precision=_HI), x).reshape(-1)[:n]
+    return out.at[state.landmarks].set(z)
+
+
 # --- jitted pieces of the shell ------------------------------------------------------------------
 
 _fit_krr = jax.jit(_krr_fit_rows)
@@ -228,21 +268,28 @@ class Propagator:
         self.mesh = mesh if shd.active(mesh) else None
         self.chunk_rows = shd.round_up(min(chunk_rows, self.num_rows), self.mesh)
         self.state = state if self.mesh is None else shd.put_replicated(state, self.mesh)
-        self._cache_ok = self.num_rows * self.num_landmarks * 4 <= cache_bytes
-        self._c = None
         self._padded_rows = shd.round_up(self.num_rows, self.mesh)  # rows of the cached C
+        shards = 1 if self.mesh is None else self.mesh.size
+        if cache_bytes is None:  # a quarter of the device: C is one of several arrays a selection holds
+            device = memory.device_memory(agree=shd.spans_processes(self.mesh))
+            cache_bytes = DEFAULT_CACHE_BYTES if device is None else device // 4
+        self.cache_bytes = cache_bytes
+        self._cache_ok = self._padded_rows * self.num_landmarks * 4 // shards <= cache_bytes
+        self._c = None
 
     @classmethod
     def fit(cls, embeddings: Any, landmarks: Any, kind: str = "krr", delta: float = 1e-2, *,
             bandwidth: float | None = None, chunk_rows: int = DEFAULT_CHUNK_ROWS,
-            cache_bytes: int = DEFAULT_CACHE_BYTES, mesh=None) -> Propagator:
+            cache_bytes: int | None = None, mesh=None) -> Propagator:
         """Gather E_L on the host and fit the core (`krr_fit` / `ridge_fit`) on it.
 
         embeddings: [N, e] row-sliceable (memmap ok); kept by reference and re-read, in
             `chunk_rows` chunks, by every product that is not served from the cache.
         landmarks: distinct row indices; their order is the column order of C.
         bandwidth: KRR only; overrides the median heuristic.
-        cache_bytes: C (N*l*4 bytes) is built on the device at first use when it fits.
+        cache_bytes: C (N*l*4 bytes, split over the mesh) is built on the devices at first use when its
+            bytes per device are at most this (default: a quarter of memory.device_memory(), else
+            DEFAULT_CACHE_BYTES). Otherwise every product streams E.
         mesh: a device mesh (default distributed.get_mesh()); the N rows of each chunk (and of the
             cached C) are split over its devices.
         """
@@ -417,11 +464,12 @@ class Propagator:
         return out
 
     def low_rank_matvec(self, q_l: Any) -> Callable[[Any], Any]:
-        """w -> C (Q_L (C^T w)) (`low_rank_product`): the propagated second-order product.
+        """w -> C (Q_L (C^T w)) (`low_rank_product`): the propagated second-order product, jittable
+        (a jax.tree_util.Partial over device arrays: the weight solver compiles once for it).
 
-        With C cached, the function is a jax.tree_util.Partial over the device C (jittable; the
-        solver compiles once for it). Otherwise it is a host function making two streaming passes
-        over E per call (returns np.ndarray). The attribute `.jittable` says which.
+        With C cached, it multiplies C. Otherwise E goes to the devices in row chunks (split over the
+        mesh) and every product recomputes C's rows chunk by chunk (`streamed_low_rank_product`):
+        N*e floats held instead of N*l, at twice the kernel work of building C per product.
         """
         q = np.asarray(q_l, dtype=np.float32)
         l = self.num_landmarks
@@ -429,14 +477,30 @@ class Propagator:
             raise ValueError(f"Propagator.low_rank_matvec: Q_L must be [{l}, {l}], got {q.shape}")
         c = self._matrix()
         if c is not None:
-            matvec = jax.tree_util.Partial(_padded_low_rank, c, self._rep(q))
-            matvec.jittable = True
-        else:
-            def matvec(w):
-                return self.apply(q @ self.apply_transpose(w, progress=False), progress=False)
+            return jax.tree_util.Partial(_padded_low_rank, c, self._rep(q))
+        logger.info("Propagator: C [%d, %d] is over %.2f GiB per device: second-order products stream E",
+                    self.num_rows, l, self.cache_bytes / (1 << 30))
+        return jax.tree_util.Partial(streamed_low_rank_product, self.state, self._chunks_on_device(), self._rep(q))
 
-            matvec.jittable = False
-        return matvec
+    def _chunks_on_device(self) -> jax.Array:
+        """E as [steps, chunk, e] float32 on the devices, each chunk's rows split over the mesh (zero rows
+        pad the end), read from the store block by block; chunk: a K(E_chunk, E_L) block of at most
+        STREAM_CHUNK_BYTES."""
+        per = max(1, STREAM_CHUNK_BYTES // (4 * self.num_landmarks))
+        chunk = shd.round_up(min(self.chunk_rows, per), self.mesh)
+        steps = -(-self.num_rows // chunk)
+        shape = (steps, chunk, self.dim)
+        n = self.num_rows
+
+        def block(index) -> np.ndarray:
+            s0, s1, _ = index[0].indices(steps)
+            r0, r1, _ = index[1].indices(chunk)
+            return np.stack([read_rows(self._x, min(i * chunk + r0, n), min(i * chunk + r1, n), r1 - r0)
+                             for i in range(s0, s1)])
+
+        sharding = (jax.sharding.SingleDeviceSharding(jax.local_devices()[0]) if self.mesh is None
+                    else shd.row_sharding(self.mesh, 3, axis=1))
+        return jax.make_array_from_callback(shape, sharding, block)
 
     def __repr__(self) -> str:
         s = "" if self.bandwidth is None else f", bandwidth={self.bandwidth:.4g}"

@@ -92,6 +92,11 @@ def active(mesh: Mesh | None) -> bool:
     return mesh is not None and mesh.size > 1
 
 
+def spans_processes(mesh: Mesh | None) -> bool:
+    """Whether `mesh` holds several processes' devices (its programs run SPMD across them)."""
+    return active(mesh) and mesh.is_multi_process
+
+
 def mesh_from_spec(spec: str | None, *, global_devices: bool = False) -> Mesh | None:
     """The mesh of a --mesh option over local (or, for SPMD training, all processes') devices."""
     devices = jax.devices() if global_devices else jax.local_devices()

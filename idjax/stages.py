@@ -173,13 +173,15 @@ def finetune_config(examples: Sequence[D.Example], recipe: Recipe, *, seed: int 
     the learning-rate warm-up is `lr_warmup_steps`, else `lr_warmup_ratio` of them, cut (with a
     warning) to leave at least one step after it. batch_size: used when the recipe gives none."""
     from idjax import train
+    from idjax.options import parse_bytes
     from idjax.optim import OptimizerSpec
 
     r = recipe
     base = train.TrainConfig(optimizer=OptimizerSpec(r.optimizer, r.lr), batch_size=r.batch_size or batch_size,
                              grad_accum=r.grad_accum, steps=r.steps, epochs=r.epochs, seed=seed,
                              compute_dtype=r.compute_dtype, lora=lora, checkpoint_every=r.checkpoint_every,
-                             keep_checkpoints=r.keep_checkpoints, remat=r.remat)
+                             keep_checkpoints=r.keep_checkpoints, remat=r.remat,
+                             device_memory=None if r.device_memory is None else parse_bytes(r.device_memory))
     total = train.total_steps(examples, base)
     warm = r.lr_warmup_steps if r.lr_warmup_steps is not None else round(r.lr_warmup_ratio * total)
     if warm > total - 1:

@@ -55,7 +55,8 @@ class TrainConfig:
     buckets: tuple[int, ...] | None = None  # None: data.example_buckets(examples)
     checkpoint_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 3
-    remat: bool = False
+    remat: bool = False  # always; without it the memory plan turns it on where a step would not fit
+    device_memory: int | None = None  # bytes per device the step is planned against (None: the device's own)
 
     def __post_init__(self):
         if self.batch_size < 1 or self.grad_accum < 1:

@@ -26,6 +26,7 @@ from flax import nnx
 from idjax import configs
 from idjax import data as D
 from idjax import distributed as dist
+from idjax import memory
 from idjax import sharding as shd
 from idjax.grads import sample_losses
 from idjax.lora import LoraConfig, lora_init, lora_merge
@@ -147,8 +148,14 @@ class Trainer:
         self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
         self.param_dtypes = jax.tree.map(lambda x: x.dtype, params)
         compute = abstract_model(model.config, dtype=COMPUTE_DTYPES[config.compute_dtype], param_dtype=jnp.float32)
-        compute.remat = config.remat or getattr(model, "remat", False)
-        self.compute_graphdef = nnx.split(compute, nnx.Param, ...)[0]
+        # The step's program per remat setting; remat is always on when asked for, else where the plan needs it.
+        self.remat_choices = (True,) if config.remat or getattr(model, "remat", False) else (False, True)
+        self.compute_graphdefs = {}
+        for remat in self.remat_choices:
+            compute.remat = remat
+            self.compute_graphdefs[remat] = nnx.split(compute, nnx.Param, ...)[0]
+        self.device_memory = memory.device_memory(config.device_memory, agree=shd.spans_processes(self.mesh))
+        self.plans = {}  # (rows, length) -> (microbatches, compiled step)
         self.optimizer = config.optimizer.build()
         self.schedule = config.optimizer.lr_schedule()
         if config.lora is None:
@@ -221,6 +228,9 @@ class Trainer:
 
         weights: per-row loss weights [rows] (None: 1 for every real row); padding rows get 0.
         The input state's arrays are donated: use the returned state.
+
+        The rows run in grad_accum microbatches, or in more where the compiled step would not fit the
+        device (memory.device_memory, TrainConfig.device_memory): the step is the same sum either way.
         """
         a = self.config.grad_accum
         rows, length = batch.input_ids.shape
@@ -228,12 +238,40 @@ class Trainer:
             raise ValueError(f"a batch of {rows} rows does not split into grad_accum={a} microbatches")
         w = np.ones(rows, np.float32) if weights is None else np.asarray(weights, np.float32)
         w = np.where(batch.sample_mask, w, 0.0).astype(np.float32)
-        shape = (a, rows // a, length)
+        arrays = (batch.input_ids, batch.attention_mask, batch.labels, w)
+        if (rows, length) not in self.plans:
+            self.plans[rows, length] = self._plan(state, arrays, a)
+        micro, compiled = self.plans[rows, length]
+        return compiled(state, self.base, self.rest, *self._arrays(arrays, micro))
+
+    def _arrays(self, arrays, micro: int):
+        """(ids, mask, labels, weights) as `micro` microbatches [micro, rows / micro, ...] on the devices."""
         mesh = self.mesh if shd.active(self.mesh) else None
-        put = lambda x: x if mesh is None else shd.put_rows(x, mesh, axis=1)  # noqa: E731 (rows of each microbatch)
-        return self._step(self.compute_graphdef, self.config.optimizer, self.config.lora, state, self.base,
-                           self.rest, put(batch.input_ids.reshape(shape)), put(batch.attention_mask.reshape(shape)),
-                           put(batch.labels.reshape(shape)), put(w.reshape(shape[:2])))
+        out = []
+        for x in arrays:
+            x = x.reshape(micro, x.shape[0] // micro, *x.shape[1:])
+            out.append(x if mesh is None else shd.put_rows(x, mesh, axis=1))  # the rows of each microbatch
+        return tuple(out)
+
+    def _plan(self, state: TrainState, arrays, grad_accum: int):
+        """(microbatches, compiled step) for batches shaped like `arrays`: the fewest microbatches (a
+        multiple of grad_accum), without remat before with it, whose program fits the device memory."""
+        rows = arrays[0].shape[0]
+        per_device = rows // grad_accum // (self.mesh.size if shd.active(self.mesh) else 1)
+        settings = [(f"{grad_accum * s} microbatch{'es' if grad_accum * s > 1 else ''}{', remat' if r else ''}",
+                     (grad_accum * s, r))
+                    for s in range(1, per_device + 1) if per_device % s == 0 for r in self.remat_choices]
+
+        def compile_one(setting):
+            micro, remat = setting
+            return self._step.lower(self.compute_graphdefs[remat], self.config.optimizer, self.config.lora, state,
+                                    self.base, self.rest, *self._arrays(arrays, micro)).compile()
+
+        key = ("train step", self._step, tuple(self.compute_graphdefs.items()), self.config.optimizer,
+               self.config.lora, memory.input_key((state, self.base, self.rest, arrays)), grad_accum)
+        (micro, _), compiled = memory.planned(key, settings, compile_one, self.device_memory,
+                                              what=f"training step on {rows} rows of {arrays[0].shape[1]} tokens")
+        return micro, compiled
 
     def lr(self, step: int) -> float:
         """The learning rate applied at optimizer step `step` (0-based)."""

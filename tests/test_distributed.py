@@ -130,8 +130,18 @@ FOUR_DEVICES = textwrap.dedent("""
         diffs[n] = max(rel(pr.apply(v, progress=False), ref.apply(v, progress=False)),
                        rel(pr.apply_transpose(w, progress=False), ref.apply_transpose(w, progress=False)),
                        rel(pr.apply_rows(v, 100, 517), ref.apply(v, progress=False)[100:517]))
-    mv = {n: np.asarray(props[n].low_rank_matvec(q)(w)) for n in ("one-cached", "four-cached")}
+    mv = {n: np.asarray(props[n].low_rank_matvec(q)(w)) for n in props}  # streamed E or cached C
     diffs["matvec"] = rel(mv["four-cached"], mv["one-cached"])
+    diffs["matvec streamed"] = rel(mv["four"], mv["one-cached"])
+    diffs["matvec streamed one"] = rel(mv["one"], mv["one-cached"])
+    # k-means++ in one compiled loop with the rows split over the 4 devices: the one-device picks
+    from idjax.landmarks import choose_landmarks
+    picks = {}
+    for n, m in (("one", None), ("four", four)):
+        shd.set_mesh(m)
+        picks[n] = choose_landmarks(E, 30, "kmeans++", seed=2, chunk_rows=256).tolist()
+    shd.set_mesh(None)
+    res["kmeans_equal"] = picks["one"] == picks["four"]
     res["propagation"] = diffs
 
     ties = np.round(rng.normal(size=1001), 1)
@@ -191,8 +201,8 @@ FOUR_DEVICES = textwrap.dedent("""
         # fingerprints on the devices: the sharded model's is the one-device model's
         "fingerprint_equal": model_fingerprint(sharded) == model_fingerprint(model),
     }
-    res["train"]["compilations"] = TR._train_step._cache_size() + sum(
-        f._cache_size() for key, f in shd._JITTED.items() if key[0] == "train step")
+    from idjax import memory
+    res["train"]["compilations"] = memory.kept("train step")
     print("RESULT " + json.dumps(res))
 """)
 
@@ -241,7 +251,7 @@ def test_four_devices_match_one_device(tmp_path):
         assert r["embed_diff"] < 1e-6 * r["embed_scale"], (name, r)  # float32 embeddings of size ~300
     for name, diff in res["propagation"].items():
         assert diff < 1e-5, (name, res["propagation"])
-    assert res["top_k_equal"] and res["round_robin_equal"]
+    assert res["top_k_equal"] and res["round_robin_equal"] and res["kmeans_equal"]
     for name in ("fsdp2x2",):
         assert res["train"][name]["loss_diff"] < 1e-5, res["train"]
         assert res["train"][name]["param_diff"] < 1e-5, res["train"]

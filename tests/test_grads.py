@@ -126,14 +126,16 @@ def test_second_instance_reuses_the_compilation(model):
     cfg = GradientConfig(params="mlp", normalize=False, seed=11)
     first = PerExampleGradients(model, Projector("rademacher", 32, seed=2), cfg)
     a = np.asarray(first(batch)[0])
-    compiled = first._fn._cache_size()
-    other = PerExampleGradients(CausalLM(CFG, rngs=nnx.Rngs(8)), Projector("rademacher", 32, seed=2), cfg)
-    b = np.asarray(other(batch)[0])
-    assert other._fn is first._fn and first._fn._cache_size() == compiled
+    with count_compilations() as names:
+        other = PerExampleGradients(CausalLM(CFG, rngs=nnx.Rngs(8)), Projector("rademacher", 32, seed=2), cfg)
+        b = np.asarray(other(batch)[0])
+        again = PerExampleGradients(model, Projector("rademacher", 32, seed=2), cfg)
+        np.testing.assert_array_equal(np.asarray(again(batch)[0]), a)
+    assert not [n for n in names if "_gradients" in n], names
     assert not np.allclose(a, b, atol=1e-4)
-    again = PerExampleGradients(model, Projector("rademacher", 32, seed=2), cfg)
-    np.testing.assert_array_equal(np.asarray(again(batch)[0]), a)
-    assert PerExampleGradients(model, Projector("rademacher", 32, seed=3), cfg)._fn is not first._fn
+    with count_compilations() as names:  # another sketch is another program
+        PerExampleGradients(model, Projector("rademacher", 32, seed=3), cfg)(batch)
+    assert [n for n in names if "_gradients" in n], names
 
 
 def test_bad_param_pattern(model):
@@ -325,6 +327,41 @@ def test_mean_response_loss_equals_a_numpy_loop():
         np.testing.assert_allclose(got[b], ref, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(sums[b], np.sum(terms), rtol=1e-5, atol=1e-6)
         assert counts[b] == len(terms)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_chunked_loss_equals_a_numpy_loop_and_never_holds_the_logits(tied):
+    """sample_losses with the logits cut into position chunks: the values and gradients of the whole-logits
+    loss (a numpy loop over tokens for the values), and by the compiler's memory analysis its gradient
+    program's temporaries stay under one [B, L, V] float32 block (the whole-logits program's do not)."""
+    cfg = ModelConfig(model_type="llama", vocab_size=4096, hidden_size=16, intermediate_size=24, num_layers=1,
+                      num_heads=4, num_kv_heads=2, head_dim=4, tie_word_embeddings=tied)
+    m = CausalLM(cfg, rngs=nnx.Rngs(5))
+    rng = np.random.default_rng(2)
+    ids = rng.integers(1, cfg.vocab_size, (4, 96)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[1, 70:] = 0
+    labels = np.where(rng.random(ids.shape) < 0.6, ids, -100).astype(np.int32)
+    labels[1, 70:] = -100
+    labels[3] = -100  # no response token: 0, never NaN
+    logits_bytes = 4 * 4 * 96 * cfg.vocab_size
+    graphdef, params = nnx.split(m)
+
+    def loss(p, chunk_bytes):
+        return jnp.sum(sample_losses(nnx.merge(graphdef, p), ids, mask, labels, chunk_bytes=chunk_bytes))
+
+    chunked = logits_bytes // 12  # 8 positions per chunk: 95 positions in 12 chunks, the last one padded
+    values = np.asarray(sample_losses(m, ids, mask, labels, chunk_bytes=chunked))
+    logits = np.asarray(m(ids, mask), np.float64)
+    for b in range(4):
+        terms = [np.log(np.exp(logits[b, t] - logits[b, t].max()).sum()) + logits[b, t].max()
+                 - logits[b, t, labels[b, t + 1]] for t in range(95) if labels[b, t + 1] != -100]
+        np.testing.assert_allclose(values[b], np.mean(terms) if terms else 0.0, rtol=1e-5)
+    grad = {c: jax.jit(jax.grad(loss), static_argnums=1).lower(params, c).compile() for c in (logits_bytes, chunked)}
+    for x, y in zip(jax.tree.leaves(grad[logits_bytes](params)), jax.tree.leaves(grad[chunked](params)), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-7)
+    temp = {c: compiled.memory_analysis().temp_size_in_bytes for c, compiled in grad.items()}
+    assert temp[chunked] < logits_bytes < temp[logits_bytes]
 
 
 def _arrays(batch):

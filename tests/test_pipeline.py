@@ -18,6 +18,7 @@ from idjax.embed import EmbedConfig
 from idjax.grads import sample_losses, split_params
 from idjax.optim import OptimizerSpec, update_model
 from idjax.pipeline import SelectConfig, select_samples
+from idjax.propagation import Propagator
 from conftest import random_examples, tiny_llama
 
 VOCAB = 89
@@ -138,6 +139,24 @@ def test_landmarks_keep_exact_values(tiny_hf, tmp_path):
         assert len(half.landmarks) == 8
         np.testing.assert_allclose(half.scores[half.landmarks], exact.scores[half.landmarks], atol=1e-5)
         assert np.isfinite(half.scores).all() and half.info["stores"]["embeddings"]
+
+
+def test_second_order_with_c_streamed_equals_c_cached(tiny_hf, tmp_path, monkeypatch, caplog):
+    """Order 2 with landmarks: when C [N, l] is over the device budget, every product Q_hat w streams E
+    through the kernel instead of refusing, and the weights and rows equal those of the cached C."""
+    model, _ = M.load(tiny_hf[1], tokenizer=False)
+    pool, targets = _examples(16, 3, "p"), _examples(2, 4, "t")
+    cfg = SelectConfig(k=3, landmarks=0.5, order=2, proj_dim=0, batch_size=4, learning_rate=0.5, params="down_proj",
+                       embed=EmbedConfig(num_blocks=1, dim=16), chunk_rows=5)
+    cached = select_samples(model, pool, targets, cfg, store_dir=tmp_path)
+    fit = Propagator.fit.__func__
+    monkeypatch.setattr(Propagator, "fit", classmethod(lambda cls, *a, **k: fit(cls, *a, **{**k, "cache_bytes": 0})))
+    with caplog.at_level("INFO", logger="idjax.propagation"):
+        streamed = select_samples(model, pool, targets, cfg, store_dir=tmp_path)
+    assert "second-order products stream E" in caplog.text
+    assert cached.info["solver"]["support"] > 0 and streamed.info["solver"]["converged"]
+    np.testing.assert_allclose(streamed.weights, cached.weights, atol=1e-5)
+    np.testing.assert_array_equal(streamed.rows, cached.rows)
 
 
 def _simplex_qp(p, q, eta, lam):

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from idjax import plan
+from idjax.options import parse_bytes
 from idjax.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,7 +90,7 @@ def test_plan_command_on_a_small_config(capsys):
 
 
 def test_parse_bytes():
-    assert plan.parse_bytes("80GB") == 80 * GiB and plan.parse_bytes("16 GiB") == 16 * GiB
-    assert plan.parse_bytes("512MB") == 512 << 20 and plan.parse_bytes("1000") == 1000
+    assert parse_bytes("80GB") == 80 * GiB and parse_bytes("16 GiB") == 16 * GiB
+    assert parse_bytes("512MB") == 512 << 20 and parse_bytes("1000") == 1000
     with pytest.raises(ValueError, match="not a memory size"):
-        plan.parse_bytes("lots")
+        parse_bytes("lots")

@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 from idjax import data as D
+from idjax import memory
 from idjax import train as T
 from idjax.checkpoint import restore_checkpoint
 from idjax.grads import sample_losses
@@ -131,6 +132,28 @@ def test_grad_accum_equals_the_big_batch():
     acc = T.Trainer(model, T.TrainConfig(SPEC, batch_size=2, grad_accum=2))
     s1, m1 = big.step(big.init_state(), batch, w)
     s2, m2 = acc.step(acc.init_state(), batch, w)
+    assert float(m1["loss"]) == pytest.approx(float(m2["loss"]), rel=1e-6)
+    assert_trees_close(s1.trainable, s2.trainable)
+
+
+def test_a_step_that_does_not_fit_runs_in_more_microbatches(caplog):
+    """The memory plan: where the compiled step needs more than the device has (by the compiler's own
+    memory analysis), the step runs in more microbatches or with remat, and is the same step."""
+    model = tiny()
+    batch = first_batch(synthetic(8, lo=100, hi=128), 8, length=128)
+    w = np.linspace(0.5, 2.0, 8).astype(np.float32)
+    roomy = T.Trainer(model, T.TrainConfig(SPEC, batch_size=8, device_memory=1 << 40))
+    s1, m1 = roomy.step(roomy.init_state(), batch, w)
+    micro, compiled = roomy.plans[8, 128]
+    assert micro == 1
+    whole = memory.compiled_bytes(compiled)
+    tight = T.Trainer(model, T.TrainConfig(SPEC, batch_size=8, device_memory=whole))
+    with caplog.at_level("INFO", logger="idjax.memory"):
+        s2, m2 = tight.step(tight.init_state(), batch, w)
+    micro, compiled = tight.plans[8, 128]
+    assert memory.compiled_bytes(compiled) <= memory.HEADROOM * whole < whole
+    assert micro > 1 or "remat" in caplog.text
+    assert "training step on 8 rows of 128 tokens" in caplog.text
     assert float(m1["loss"]) == pytest.approx(float(m2["loss"]), rel=1e-6)
     assert_trees_close(s1.trainable, s2.trainable)
 

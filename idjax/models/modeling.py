@@ -216,18 +216,27 @@ class CausalLM(nnx.Module):
             new_cache = KVCache(new_layers, key_mask, index + l)
         return self.norm(x), new_cache
 
+    def head(self):
+        """(matrix, tied) of the lm-head in the compute dtype: the embedding [V, D] when tied, else the
+        kernel [D, V]. What head_logits takes, so a caller's loop over positions reads it once."""
+        if self.config.tie_word_embeddings:
+            return self.embed_tokens.embedding[...].astype(self.dtype), True
+        return self.lm_head.kernel[...].astype(self.dtype), False
+
     def logits(self, hidden):
         """Project hidden states to float32 vocabulary logits."""
-        if self.config.tie_word_embeddings:
-            w = self.embed_tokens.embedding[...].astype(self.dtype)
-            return jnp.einsum("bld,vd->blv", hidden, w, preferred_element_type=jnp.float32)
-        w = self.lm_head.kernel[...].astype(self.dtype)
-        return jnp.einsum("bld,dv->blv", hidden, w, preferred_element_type=jnp.float32)
+        return head_logits(hidden, *self.head())
 
     def __call__(self, input_ids, attention_mask=None, *, positions=None, cache: KVCache | None = None):
         hidden, new_cache = self.hidden_states(input_ids, attention_mask, positions=positions, cache=cache)
         logits = self.logits(hidden)
         return logits if cache is None else (logits, new_cache)
+
+
+def head_logits(hidden, matrix, tied: bool):
+    """float32 logits [..., L, V] of hidden states [..., L, D] through an lm-head (CausalLM.head)."""
+    spec = "...ld,vd->...lv" if tied else "...ld,dv->...lv"
+    return jnp.einsum(spec, hidden, matrix, preferred_element_type=jnp.float32)
 
 
 def abstract_model(config: ModelConfig, *, dtype=jnp.float32, param_dtype=None) -> CausalLM:
