@@ -8,8 +8,9 @@ embedding space) or farthest-point traversal.
 k-means++ keeps a running min squared distance to the chosen set (N floats, on the device) and
 updates it after every pick: num passes over the data, O(num * N * e) work. That is fine when the
 data fits on the devices (it is then kept there, its rows split over the local devices, and every
-pick runs in one compiled loop) but is num full reads of E otherwise; `candidates=m` runs the D^2 sampling on a uniform subsample of m rows (e.g.
-20 * num) held in memory, bounding the cost to O(num * m * e). `spearman` measures how well
+pick runs in one compiled loop) but is num full reads of E otherwise; `candidates=m` runs the D^2
+sampling on a uniform subsample of m rows (e.g. 20 * num) held in memory, bounding the cost to
+O(num * m * e). `spearman` measures how well
 propagated values rank (experiments/landmark_study.py).
 """
 
