@@ -69,7 +69,7 @@ def run_one(n: int, l: int, e: int, chunk_rows: int, workdir: Path) -> dict:
     import jax
 
     from idjax import sharding as shd
-    from idjax.propagation import Propagator
+    from idjax.propagator import Propagator
     from idjax.select import top_k
 
     path = workdir / f"E-{n}-{e}.f32"

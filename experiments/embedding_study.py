@@ -461,7 +461,7 @@ def evaluate(emb, exact, *, fraction=0.25, seeds=3, kind="krr", delta=1e-2, bw_s
     else:
         exact_in = exact
     from idjax.landmarks import choose_landmarks, spearman
-    from idjax.propagation import Propagator
+    from idjax.propagator import Propagator
 
     n = exact.shape[0]
     num = round(fraction * n)

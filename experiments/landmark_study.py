@@ -34,7 +34,7 @@ from idjax.embed import EmbedConfig  # noqa: E402
 from idjax.grads import GradientConfig  # noqa: E402
 from idjax.hessian import target_direction  # noqa: E402
 from idjax.landmarks import choose_landmarks, spearman  # noqa: E402
-from idjax.propagation import Propagator  # noqa: E402
+from idjax.propagator import Propagator  # noqa: E402
 from idjax.sketch import Projector  # noqa: E402
 
 DEMO = ROOT / "idjax" / "assets" / "demo"

@@ -28,7 +28,6 @@ from jax import lax
 from tqdm.auto import tqdm
 
 from idjax import sharding as shd
-from idjax.propagation import Propagator  # noqa: F401  (re-exported: the class lived here)
 from idjax.rows import check_chunk_rows, read_rows, row_spans, rows_shape, take_rows
 
 logger = logging.getLogger(__name__)

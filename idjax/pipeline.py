@@ -42,7 +42,7 @@ from idjax.passes import (
     curvature_store, embed_pool, fill_store, gradient_store, load_targets, mesh_batch,
     model_fingerprint, open_store, save_targets, timed_stage, update_fingerprint,
 )
-from idjax.propagation import Propagator
+from idjax.propagator import Propagator
 from idjax.select import per_task, round_robin, top_k, top_k_lexicographic
 from idjax.sketch import Projector, global_norm_sq
 from idjax.curvature import dense_matvec

@@ -199,12 +199,11 @@ def plan(config, mesh, *, pool: int, max_length: int, device_memory: int, batch_
 
     if "train" in stages:
         spec = OptimizerSpec("adamw", 2e-5, clip_norm=1.0)
-        accums = [a for a in range(1, rows // n_dev + 1) if (rows // n_dev) % a == 0]
-        settings = [(f"grad_accum {a}{', remat' if r else ''}", (a, r)) for a in accums for r in (False, True)]
+        settings = TR.step_settings(rows // n_dev)
 
         def step(setting):
-            a, remat = setting
-            return TR.compile_step(config, spec, mesh, rows=rows, grad_accum=a, length=max_length, remat=remat,
+            micro, remat = setting
+            return TR.compile_step(config, spec, mesh, rows=rows, grad_accum=micro, length=max_length, remat=remat,
                                    compute_dtype=dtype)
         out.append(_first_fit("train", settings, step, device_memory,
                               lambda s: (PASSES["train"] + s[1]) * fwd))

@@ -117,6 +117,14 @@ def _sharded_train_step(state_shardings, mesh):
                          donate_argnums=(3,), out_shardings=(state_shardings, shd.replicated(mesh)))
 
 
+def step_settings(rows_per_device: int, grad_accum: int = 1, remats=(False, True)) -> list:
+    """(name, (microbatches, remat)) of a training step on `rows_per_device` rows, fastest first: the
+    fewest microbatches (a multiple of grad_accum dividing the rows), without remat before with it."""
+    per = rows_per_device // grad_accum
+    return [(f"{grad_accum * s} microbatch{'es' if grad_accum * s > 1 else ''}{', remat' if r else ''}",
+             (grad_accum * s, r)) for s in range(1, per + 1) if per % s == 0 for r in remats]
+
+
 class Trainer:
     """Holds the split model; `step` is a pure function of (state, batch), jitted once per bucket.
 
@@ -257,10 +265,8 @@ class Trainer:
         """(microbatches, compiled step) for batches shaped like `arrays`: the fewest microbatches (a
         multiple of grad_accum), without remat before with it, whose program fits the device memory."""
         rows = arrays[0].shape[0]
-        per_device = rows // grad_accum // (self.mesh.size if shd.active(self.mesh) else 1)
-        settings = [(f"{grad_accum * s} microbatch{'es' if grad_accum * s > 1 else ''}{', remat' if r else ''}",
-                     (grad_accum * s, r))
-                    for s in range(1, per_device + 1) if per_device % s == 0 for r in self.remat_choices]
+        settings = step_settings(rows // (self.mesh.size if shd.active(self.mesh) else 1), grad_accum,
+                                 self.remat_choices)
 
         def compile_one(setting):
             micro, remat = setting
@@ -278,7 +284,7 @@ class Trainer:
         return float(self.schedule(step))
 
 
-__all__ = ["COMPUTE_DTYPES", "TrainState", "Trainer"]
+__all__ = ["COMPUTE_DTYPES", "TrainState", "Trainer", "step_settings"]
 
 
 def compile_step(model_config, spec: OptimizerSpec, mesh, *, rows: int, grad_accum: int = 1, length: int,

@@ -20,6 +20,7 @@ from scipy.optimize import minimize
 import idjax.models as M
 from idjax import curvature as Op
 from idjax import propagation as PR
+from idjax.propagator import Propagator
 from idjax import scores as SC
 from idjax import select as S
 from idjax import weights as W
@@ -170,7 +171,7 @@ def test_propagation_core_matches_scipy(kind):
         np.testing.assert_allclose(state.bandwidth, np.median(scipy.spatial.distance.pdist(emb[lm].astype(float))),
                                    rtol=1e-5)
     # the Propagator shell gives the same numbers
-    prop = PR.Propagator.fit(emb, lm, kind, chunk_rows=32, cache_bytes=0)
+    prop = Propagator.fit(emb, lm, kind, chunk_rows=32, cache_bytes=0)
     np.testing.assert_allclose(prop.apply(v), pv, atol=tol * np.abs(v).sum(0).max())
 
 

@@ -64,7 +64,7 @@ FOUR_DEVICES = textwrap.dedent("""
     from idjax import train as T, trainer as TR
     from idjax.embed import EmbedConfig, JVPEmbedder
     from idjax.grads import GradientConfig, PerExampleGradients
-    from idjax.landmarks import Propagator
+    from idjax.propagator import Propagator
     from idjax.optim import OptimizerSpec
     from idjax.pipeline import SelectConfig, select_samples
     from idjax.sketch import Projector

@@ -10,7 +10,7 @@ import scipy.spatial.distance
 import scipy.stats
 
 from idjax.landmarks import choose_landmarks, spearman
-from idjax.propagation import Propagator
+from idjax.propagator import Propagator
 from conftest import reference_propagation
 
 N, L, E = 200, 20, 8

@@ -18,7 +18,7 @@ from idjax.embed import EmbedConfig
 from idjax.grads import sample_losses, split_params
 from idjax.optim import OptimizerSpec, update_model
 from idjax.pipeline import SelectConfig, select_samples
-from idjax.propagation import Propagator
+from idjax.propagator import Propagator
 from conftest import random_examples, tiny_llama
 
 VOCAB = 89
