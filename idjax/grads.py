@@ -327,7 +327,7 @@ class PerExampleGradients:
     """
 
     def __init__(self, model, projector, config: GradientConfig = GradientConfig(), precondition=None,
-                 offset=None, *, mesh=None):
+                 offset=None, *, mesh=None, device_memory: int | None = None):
         self.config = config
         self.projector = projector
         self.graphdef, self.selected, self.rest = split_params(model, config.params)
@@ -342,32 +342,40 @@ class PerExampleGradients:
             self.selected, self.rest, self.precondition, self.offset = (
                 shd.shard_params(t, self.mesh) for t in (self.selected, self.rest, self.precondition, self.offset))
         self.sharding = shd.row_sharding(self.mesh, 2) if self.shards > 1 else None
-        self.device_memory = (memory.device_memory(agree=shd.spans_processes(self.mesh))
+        # The budget of a planned microbatch (device_memory overrides what the device says).
+        self.device_memory = (memory.device_memory(device_memory, agree=shd.spans_processes(self.mesh))
                               if config.microbatch is None else None)
-        self._planned = {}  # (rows, length) -> compiled program, when the microbatch is planned
+        self.plans = {}  # (rows, length) -> ((microbatch, remat), compiled program), when planned
 
-    def _jitted(self, microbatch: int | None):
-        """The compiled body for one microbatch size. One compilation per key, shared: a second selection
-        in the same process (another target set, the landmark and target passes) reuses the compiled
-        length buckets. The coordinate mask is a function of (keep, seed, the selected shapes): all in the key."""
+    def _jitted(self, microbatch: int | None, remat: bool = False):
+        """The compiled body for one microbatch size (and, planned, with layer remat). One compilation per
+        key, shared: a second selection in the same process (another target set, the landmark and target
+        passes) reuses the compiled length buckets. The coordinate mask is a function of (keep, seed, the
+        selected shapes): all in the key."""
         config = dataclasses.replace(self.config, microbatch=microbatch)
+        graphdef = self.graphdef
+        if remat:  # the same model with model.remat set: only the graph differs, not the arrays
+            model = nnx.merge(self.graphdef, self.selected, self.rest)
+            model.remat = True
+            graphdef = nnx.split(model)[0]
         return shd.jit_once(
-            ("gradients", self.graphdef, self.projector, config, self.shards, self.sharding),
-            functools.partial(_gradients, self.graphdef, self.projector, config, self.mask, self.shards),
+            ("gradients", graphdef, self.projector, config, self.shards, self.sharding),
+            functools.partial(_gradients, graphdef, self.projector, config, self.mask, self.shards),
             out_shardings=self.sharding)
 
     def _plan(self, args):
         """The program with the largest microbatch (a divisor of the per-device rows) that fits the device,
-        by the compiler's memory analysis (memory.first_fit)."""
+        by the compiler's memory analysis (memory.first_fit); at 1 sample per device, with layer remat if
+        it still does not fit (unless the model recomputes already)."""
         rows, length = args[-1].shape
         local = rows // self.shards
-        settings = [(f"microbatch {m} per device", m) for m in range(local, 0, -1) if local % m == 0]
+        settings = [(f"microbatch {m} per device", (m, False)) for m in range(local, 0, -1) if local % m == 0]
+        if not getattr(nnx.merge(self.graphdef, self.selected, self.rest), "remat", False):
+            settings.append(("microbatch 1 per device, remat", (1, True)))
         key = ("gradients", self.graphdef, self.projector, self.config, self.shards, self.sharding,
                memory.input_key(args))
-        _, compiled = memory.planned(key, settings, lambda m: self._jitted(m).lower(*args).compile(),
-                                     self.device_memory, what=f"per-example gradients of {rows} rows of {length} "
-                                                              "tokens (--remat: less memory per sample)")
-        return compiled
+        return memory.planned(key, settings, lambda s: self._jitted(*s).lower(*args).compile(),
+                              self.device_memory, what=f"per-example gradients of {rows} rows of {length} tokens")
 
     def __call__(self, batch):
         """Projected gradients [B, k] float32 and a validity flag [B] for one data.Batch."""
@@ -377,9 +385,9 @@ class PerExampleGradients:
             out = self._jitted(self.config.microbatch)(*args)
         else:
             shape = args[-1].shape
-            if shape not in self._planned:
-                self._planned[shape] = self._plan(args)
-            out = self._planned[shape](*args)
+            if shape not in self.plans:
+                self.plans[shape] = self._plan(args)
+            out = self.plans[shape][1](*args)
         if out.shape[0] != len(batch.input_ids):  # rows added to fill the mesh
             out = out[: len(batch.input_ids)]
         has_response = (np.asarray(batch.labels)[:, 1:] != IGNORE_INDEX).any(axis=1)

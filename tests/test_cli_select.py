@@ -162,8 +162,15 @@ def test_select_baseline_method(method, tmp_path, capsys):
         assert all("by" in r for r in got)
 
 
+@pytest.fixture(scope="module")
+def pool_stores(tmp_path_factory):
+    """Store directories both modes below share: their pools are the same, so the second mode reuses the
+    first one's pool gradients (stores are keyed by model, pool and settings, not by the targets)."""
+    return tmp_path_factory.mktemp("pool-stores")
+
+
 @pytest.mark.parametrize("mode", ["round-robin", "per-task"])
-def test_select_with_skipped_target_and_pool_rows(mode, tmp_path, capsys, caplog):
+def test_select_with_skipped_target_and_pool_rows(mode, tmp_path, capsys, caplog, pool_stores):
     """Records that tokenize() skips (an empty answer, a prompt longer than --max-length) shift every later
     row's file index away from its position. The selection must equal the one on the files without those
     records, with "index" still pointing at the row of the original file."""
@@ -185,7 +192,7 @@ def test_select_with_skipped_target_and_pool_rows(mode, tmp_path, capsys, caplog
         out = tmp_path / f"{name}.jsonl"
         argv = ["select", "--train", str(pool_file), "--target", str(target_file), "--k", "6", "--out", str(out),
                 "--exact", "--proj-dim", "256", "--params", "down_proj", "--batch-size", "4", "--max-length", "128",
-                "--store", str(tmp_path / f"{name}.store")]
+                "--store", str(pool_stores / f"{name}.store")]
         if mode == "round-robin":
             argv += ["--aggregate", "round-robin"]
         caplog.clear()

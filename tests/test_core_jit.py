@@ -237,7 +237,7 @@ def _examples(n, seed, prefix):
     return random_examples(n, seed, prefix, vocab=VOCAB)
 
 
-SEEDS = (0, 1, 2, 3)
+SEEDS = (0, 1, 2)
 CONFIGS = [(order, aggregate) for order in (1, 2) for aggregate in ("mean", "round-robin")]
 
 

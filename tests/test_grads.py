@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from idjax import data
+from idjax import data, memory
 from idjax.grads import (
     GradientConfig, PerExampleGradients, mean_response_loss, per_example_gradients, response_loss_sums,
     sample_losses, split_params,
@@ -136,6 +136,27 @@ def test_second_instance_reuses_the_compilation(model):
     with count_compilations() as names:  # another sketch is another program
         PerExampleGradients(model, Projector("rademacher", 32, seed=3), cfg)(batch)
     assert [n for n in names if "_gradients" in n], names
+
+
+def test_planned_microbatch_fits_the_budget_and_changes_nothing(model):
+    """microbatch=None: the largest microbatch whose compiled program fits the device memory, checked
+    against the compiler's memory analysis of the whole-batch program; the gradients are unchanged."""
+    exs = examples(8, np.random.default_rng(4), lengths=(13, 20))
+    (batch,) = data.make_batches(exs, 8, (32,), pad_id=0)
+    proj = Projector("rademacher", 32, seed=5)
+    ids, mask, labels = (jnp.asarray(x) for x in (batch.input_ids, batch.attention_mask, batch.labels))
+    whole = jax.jit(lambda m: per_example_gradients(m, ids, mask, labels, params=None, projector=proj,
+                                                    normalize=False)).lower(model).compile()
+    need = memory.compiled_bytes(whole)
+    roomy = PerExampleGradients(model, proj, GradientConfig(params=None, normalize=False), device_memory=1 << 40)
+    tight = PerExampleGradients(model, proj, GradientConfig(params=None, normalize=False), device_memory=need)
+    a, b = np.asarray(roomy(batch)[0]), np.asarray(tight(batch)[0])
+    (setting, _), = roomy.plans.values()
+    assert setting == (8, False)
+    (setting, compiled), = tight.plans.values()
+    assert setting != (8, False) and memory.compiled_bytes(compiled) <= memory.HEADROOM * need
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(a, np.asarray(whole(model)), rtol=1e-5, atol=1e-6)
 
 
 def test_bad_param_pattern(model):
