@@ -1,8 +1,9 @@
 """The selection file: what `idjax select` writes and `idjax train --selection` reads.
 
-    OUT             JSONL rows {"index", "id", "score", "weight"} in selection order, plus "by" (the
-                    target id or task that took the row) for round-robin and per-task selections
-    OUT.meta.json   the configuration, timings, stores and solver report of the selection
+    OUT             JSONL rows {"index", "id", "score", "weight", "response_tokens"} in selection order, plus
+                    "by" (the target id or task that took the row) for round-robin and per-task selections
+    OUT.meta.json   the configuration, timings, stores and solver report of the selection, and its response
+                    tokens
 
 Both files are written atomically (idjax.io), so a killed run never leaves a half selection that
 training would read. Rows are matched to the training data by id, never by position.
@@ -15,7 +16,7 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
-from idjax.data import DataError, Example
+from idjax.data import IGNORE_INDEX, DataError, Example
 from idjax.io import write_text
 
 log = logging.getLogger(__name__)
@@ -27,27 +28,36 @@ def meta_path(out) -> Path:
 
 
 def write_selection(selection, pool: Sequence[Example], out, extra: dict | None = None) -> Path:
-    """JSONL rows {"index", "id", "score", "weight"} in selection order (+ "by": who took it), and a
-    sidecar <out>.meta.json with selection.info, `extra` and the count; returns the sidecar's path.
+    """JSONL rows {"index", "id", "score", "weight", "response_tokens"} in selection order (+ "by": who
+    took it), and a sidecar <out>.meta.json with selection.info, `extra`, the count and the response
+    tokens of the selection (what it trains on: selections of equal k can differ severalfold in tokens);
+    returns the sidecar's path.
 
     selection: a pipeline.Selection (rows, scores, weights, owners, info); `pool` the examples its
     rows point into.
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    lines = []
+    lines, tokens = [], 0
     for r, row in enumerate(selection.rows):
         ex = pool[int(row)]
+        n = response_tokens(ex)
+        tokens += n
         item = {"index": int(ex.index), "id": ex.id, "score": float(selection.scores[row]),
-                "weight": float(selection.weights[row])}
+                "weight": float(selection.weights[row]), "response_tokens": n}
         if selection.owners is not None:
             item["by"] = selection.owners[r]
         lines.append(json.dumps(item))
     write_text(out, "\n".join(lines) + "\n")
     meta = meta_path(out)
-    write_text(meta, json.dumps({**selection.info, **(extra or {}), "selected": len(selection.rows)}, indent=2,
-                                default=str))
+    write_text(meta, json.dumps({**selection.info, **(extra or {}), "selected": len(selection.rows),
+                                 "response_tokens": tokens}, indent=2, default=str))
     return meta
+
+
+def response_tokens(example: Example) -> int:
+    """The tokens an example trains on: its labelled tokens after the next-token shift."""
+    return int((example.labels[1:] != IGNORE_INDEX).sum())
 
 
 def read_selection(path, records: list[dict], weighted: bool):

@@ -141,6 +141,9 @@ def test_select_writes_rows_and_sidecar(tmp_path, capsys):
     assert all(set(r) >= {"index", "id", "score", "weight"} for r in got)
     meta = json.loads(Path(summary["meta"]).read_text())
     assert meta["landmarks"] == 8 and meta["config"]["k"] == 6
+    # what the selection trains on: every row's response tokens, and their sum in the sidecar
+    assert all(1 <= r["response_tokens"] <= 128 for r in got)
+    assert meta["response_tokens"] == sum(r["response_tokens"] for r in got)
     assert {"load", "embed", "landmarks", "gradients", "targets", "propagate", "weights", "select"} <= set(
         meta["timings_s"])
 
