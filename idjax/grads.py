@@ -317,6 +317,14 @@ def _gradients(graphdef, projector, config: GradientConfig, mask, shards: int,
                                  shards=shards)
 
 
+def gradient_settings(rows_per_device: int, *, remat: bool = True) -> list:
+    """(name, (microbatch, remat)) of per-example gradients on `rows_per_device` rows, fastest first: every
+    microbatch dividing the rows from the largest, then 1 sample with layer remat (when `remat`)."""
+    out = [(f"microbatch {m} per device", (m, False))
+           for m in range(rows_per_device, 0, -1) if rows_per_device % m == 0]
+    return out + ([("microbatch 1 per device, remat", (1, True))] if remat else [])
+
+
 class PerExampleGradients:
     """per_example_gradients over host batches: one jit per length bucket, batches split over a mesh.
 
@@ -368,10 +376,9 @@ class PerExampleGradients:
         by the compiler's memory analysis (memory.first_fit); at 1 sample per device, with layer remat if
         it still does not fit (unless the model recomputes already)."""
         rows, length = args[-1].shape
-        local = rows // self.shards
-        settings = [(f"microbatch {m} per device", (m, False)) for m in range(local, 0, -1) if local % m == 0]
-        if not getattr(nnx.merge(self.graphdef, self.selected, self.rest), "remat", False):
-            settings.append(("microbatch 1 per device, remat", (1, True)))
+        settings = gradient_settings(rows // self.shards,
+                                     remat=not getattr(nnx.merge(self.graphdef, self.selected, self.rest), "remat",
+                                                       False))
         key = ("gradients", self.graphdef, self.projector, self.config, self.shards, self.sharding,
                memory.input_key(args))
         return memory.planned(key, settings, lambda s: self._jitted(*s).lower(*args).compile(),

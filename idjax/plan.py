@@ -5,8 +5,9 @@ is compiled for the mesh with abstract inputs (jax.ShapeDtypeStruct with their s
 compiler's own memory analysis gives the bytes each device needs (arguments + outputs + temporaries,
 less what is aliased); FLOPs per sample are counted from the architecture (forward_flops), since
 XLA's cost analysis counts a scanned layer once. A stage with a knob (the per-example gradient
-microbatch; the training step's gradient accumulation and rematerialisation) is compiled for each
-setting from the fastest to the leanest, and the first that fits is the plan.
+microbatch; the training step's microbatches and rematerialisation) is compiled for each setting from the
+fastest to the leanest, and the first that fits is the plan: the settings the run itself tries
+(grads.gradient_settings, trainer.step_settings; idjax.memory).
 
 The stages (docs/method.md): `embed` (JVP embeddings of the pool, 6), `gradients` (projected per-example
 gradients preconditioned by the Adam update model, 4.3), `target` (the target gradient, 4.1), `hvp`
@@ -142,7 +143,6 @@ def plan(config, mesh, *, pool: int, max_length: int, device_memory: int, batch_
         return (_rows(mesh, (*lead, b, max_length), i32, axis), _rows(mesh, (*lead, b, max_length), i32, axis),
                 _rows(mesh, (*lead, b, max_length), i32, axis))
 
-    divisors = [m for m in range(rows // n_dev, 0, -1) if (rows // n_dev) % m == 0]
     out: list[StagePlan] = []
     selected = G.split_params((graphdef, state), params)[1]
     projector = Projector("srht", proj_dim)
@@ -156,8 +156,7 @@ def plan(config, mesh, *, pool: int, max_length: int, device_memory: int, batch_
                 (graphdefs[remat], st), ids, mask, labels, params=params, projector=projector, precondition=a,
                 normalize=True, microbatch=m, shards=n_dev))
             return fn.lower(state, a, *batch(rows)).compile()
-        settings = [(f"microbatch {m} per device{', remat' if r else ''}", (m, r)) for m in divisors
-                    for r in (False, True)]
+        settings = G.gradient_settings(rows // n_dev)
         out.append(_first_fit("gradients", settings, grads, device_memory,
                               lambda s: (PASSES["gradients"] + s[1]) * fwd))
 

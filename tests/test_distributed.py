@@ -132,8 +132,10 @@ FOUR_DEVICES = textwrap.dedent("""
                        rel(pr.apply_rows(v, 100, 517), ref.apply(v, progress=False)[100:517]))
     mv = {n: np.asarray(props[n].low_rank_matvec(q)(w)) for n in props}  # streamed E or cached C
     diffs["matvec"] = rel(mv["four-cached"], mv["one-cached"])
-    diffs["matvec streamed"] = rel(mv["four"], mv["one-cached"])
-    diffs["matvec streamed one"] = rel(mv["one"], mv["one-cached"])
+    diffs["matvec streamed"] = rel(mv["four"], mv["one"])
+    # E streamed through the kernel vs C cached: another order of float32 operations (the solve after the
+    # kernel sums), so a looser tolerance than the same path on 4 devices vs 1
+    res["streamed_vs_cached"] = rel(mv["one"], mv["one-cached"])
     # k-means++ in one compiled loop with the rows split over the 4 devices: the one-device picks
     from idjax.landmarks import choose_landmarks
     picks = {}
@@ -250,7 +252,9 @@ def test_four_devices_match_one_device(tmp_path):
         assert r["score_diff"] < 1e-5 and r["weight_diff"] < 1e-5, (name, r)
         assert r["embed_diff"] < 1e-6 * r["embed_scale"], (name, r)  # float32 embeddings of size ~300
     for name, diff in res["propagation"].items():
-        assert diff < 1e-5, (name, res["propagation"])
+        # the streamed product is two streamed passes (each like "four", ~6e-6 here) with a solve between
+        assert diff < (5e-5 if name == "matvec streamed" else 1e-5), (name, res["propagation"])
+    assert res["streamed_vs_cached"] < 1e-4, res["streamed_vs_cached"]
     assert res["top_k_equal"] and res["round_robin_equal"] and res["kmeans_equal"]
     for name in ("fsdp2x2",):
         assert res["train"][name]["loss_diff"] < 1e-5, res["train"]
