@@ -34,8 +34,12 @@ def token_losses(logits, labels):
 
     Returns (loss [B, L-1] float32, mask [B, L-1] bool): position t predicts labels[t + 1].
     """
-    logits = logits[:, :-1].astype(jnp.float32)
-    targets = labels[:, 1:]
+    return _cross_entropy(logits[:, :-1], labels[:, 1:])
+
+
+def _cross_entropy(logits, targets):
+    """(loss, mask) per position of float32 logits [..., V] against next tokens [...] (-100: no loss)."""
+    logits = logits.astype(jnp.float32)
     mask = targets != IGNORE_INDEX
     logz = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, jnp.where(mask, targets, 0)[..., None], axis=-1)[..., 0]
@@ -84,11 +88,8 @@ def hidden_loss_sums(model, hidden, labels, *, chunk_bytes: int = LOSS_CHUNK_BYT
 
     @jax.checkpoint
     def piece(h, t):
-        logits = head_logits(h, matrix, tied)
-        mask = t != IGNORE_INDEX
-        logz = jax.nn.logsumexp(logits, axis=-1)
-        picked = jnp.take_along_axis(logits, jnp.where(mask, t, 0)[..., None], axis=-1)[..., 0]
-        return jnp.where(mask, logz - picked, 0.0).sum(-1), mask.sum(-1).astype(jnp.float32)
+        loss, mask = _cross_entropy(head_logits(h, matrix, tied), t)
+        return loss.sum(-1), mask.sum(-1).astype(jnp.float32)
 
     def body(carry, xs):
         total, count = piece(*xs)

@@ -63,13 +63,19 @@ def _draw(d: jax.Array, u: jax.Array, greedy: bool) -> tuple[jax.Array, jax.Arra
     return jnp.where(row[j] > 0, idx, jnp.argmax(d.ravel())), total
 
 
+def _taken(free, idx):
+    """The free-row mask [chunks, rows] with flat row `idx` chosen."""
+    return free.reshape(-1).at[idx].set(False).reshape(free.shape)
+
+
 def _pick(d, free, u, u_free, greedy: bool):
     """The next landmark from the running min distances d [chunks, rows]: a D^2 draw (or the argmax if
     greedy), or, when every distance is 0 (all unchosen rows duplicate chosen ones), a uniform draw
-    among the free rows (unchosen, not padding). Returns (index, total of d)."""
+    among the free rows (unchosen, not padding). Returns (index, total of d, free without the index)."""
     idx, total = _draw(d, u, greedy)
     uniform, _ = _draw(free.astype(jnp.float32), u_free, False)
-    return jnp.where(total > 0, idx, uniform), total
+    idx = jnp.where(total > 0, idx, uniform)
+    return idx, total, _taken(free, idx)
 
 
 @functools.partial(jax.jit, static_argnames=("num", "greedy"))
@@ -81,12 +87,11 @@ def _kpp_resident(x3, valid, first, us, us_free, num: int, greedy: bool):
     def body(i, carry):
         d, picks, free, bad = carry
         d = jnp.minimum(d, _sqdist_to(x3, flat[picks[i - 1]]))
-        idx, total = _pick(d, free, us[i - 1], us_free[i - 1], greedy)
-        free = free.reshape(-1).at[idx].set(False).reshape(free.shape)
+        idx, total, free = _pick(d, free, us[i - 1], us_free[i - 1], greedy)
         return d, picks.at[i].set(idx.astype(jnp.int32)), free, bad | ~jnp.isfinite(total)
 
     d = jnp.where(valid, jnp.inf, 0.0).astype(jnp.float32)
-    free = valid.reshape(-1).at[first].set(False).reshape(valid.shape)
+    free = _taken(valid, first)
     picks = jnp.zeros((num,), jnp.int32).at[0].set(first)
     _, picks, _, bad = lax.fori_loop(1, num, body, (d, picks, free, jnp.bool_(False)))
     return picks, bad
@@ -99,10 +104,7 @@ def _kpp_update_chunk(d, k, xk, y):
     return lax.dynamic_update_index_in_dim(d, new, k, axis=0)
 
 
-@functools.partial(jax.jit, static_argnames=("greedy",), donate_argnums=(1,))
-def _kpp_stream_pick(d, free, u, u_free, greedy: bool):
-    idx, total = _pick(d, free, u, u_free, greedy)
-    return idx, total, free.reshape(-1).at[idx].set(False).reshape(free.shape)
+_kpp_stream_pick = jax.jit(_pick, static_argnames=("greedy",), donate_argnums=(1,))
 
 
 def _d2_sampling(x: Any, n: int, e: int, num: int, rng: np.random.Generator, greedy: bool,
@@ -137,7 +139,7 @@ def _d2_sampling(x: Any, n: int, e: int, num: int, rng: np.random.Generator, gre
             raise ValueError(f"{what}: embeddings contain non-finite values (NaN or inf)")
         return [int(i) for i in np.asarray(picks)]
     d = jnp.asarray(np.where(valid, np.inf, 0.0).astype(np.float32))
-    free = jnp.asarray(valid).reshape(-1).at[first].set(False).reshape(valid.shape)
+    free = _taken(jnp.asarray(valid), first)
     chosen = [first]
     for i in tqdm(range(num - 1), desc=what, unit="landmark", disable=None):
         y = jnp.asarray(np.asarray(x[chosen[-1]:chosen[-1] + 1], dtype=np.float32)[0])
