@@ -133,6 +133,8 @@ class TrainingError(ValueError):
 
 
 def _check_weights(weights, examples) -> np.ndarray | None:
+    """The weights rescaled to mean 1 over the training examples: each step's loss, the mean of w_i l_i
+    over its rows, is then an unbiased estimate of the weighted objective at the unweighted step size."""
     if weights is None:
         return None
     w = np.asarray(weights, np.float64)
@@ -140,7 +142,10 @@ def _check_weights(weights, examples) -> np.ndarray | None:
         raise ValueError(f"weights must be a vector indexed by Example.index, got shape {w.shape}")
     if not np.all(np.isfinite(w)) or np.any(w < 0):
         raise ValueError("weights must be finite and >= 0")
-    return w
+    mean = w[[e.index for e in examples]].mean()
+    if not mean > 0:
+        raise ValueError("every training example has weight 0")
+    return w / mean
 
 
 def _row_weights(batch: D.Batch, w_all: np.ndarray | None, step: int) -> np.ndarray | None:
@@ -169,7 +174,9 @@ def train(model: CausalLM, examples: Sequence[D.Example], config: TrainConfig, *
           final_checkpoint: bool = True, donate_model: bool = False) -> TrainResult:
     """Fine-tune `model` on `examples`; return the trained model (a new object) and its state.
 
-    weights: per-example loss weights indexed by Example.index (None: unweighted). out_dir: write
+    weights: per-example loss weights indexed by Example.index (None: unweighted), rescaled to mean 1 over
+    `examples`; each step's loss is the mean of w_i l_i over its rows (the weighted objective's
+    minibatch estimate, not renormalised per step). out_dir: write
     checkpoints every config.checkpoint_every steps and at the end, metrics.jsonl, the final HF
     model and (full fine-tuning) the optimizer state. resume: a run directory (or its checkpoints/)
     to continue from; the result is bit-identical to an uninterrupted run. Ctrl-C saves a

@@ -72,22 +72,24 @@ class TrainState:
 
 
 def _microbatch_loss(graphdef, lora: LoraConfig | None, trainable, base, rest, ids, mask, labels, weights,
-                     total_weight):
-    """sum_i w_i l_i / W of one microbatch (W: total weight of the whole step), float32."""
+                     real_rows):
+    """sum_i w_i l_i / n of one microbatch (n: the real rows of the whole step), float32."""
     params = trainable if lora is None else lora_merge(base, trainable, lora.scale)
     model = nnx.merge(graphdef, params, rest)
     losses = sample_losses(model, ids, mask, labels).astype(jnp.float32)
-    return jnp.sum(weights * losses) / total_weight
+    return jnp.sum(weights * losses) / real_rows
 
 
 def _train_step_fn(graphdef, spec: OptimizerSpec, lora: LoraConfig | None, state: TrainState, base, rest,
-                   ids, mask, labels, weights):
-    """One optimizer step on [A, B, L] microbatches with per-row weights [A, B] (0 = padding).
+                   ids, mask, labels, weights, real_rows):
+    """One optimizer step on [A, B, L] microbatches with per-row weights [A, B] (0 = padding): the loss is
+    the mean of w_i l_i over the step's `real_rows` rows (a float32 scalar), an unbiased minibatch
+    estimate of the weighted objective, so a batch of low-weight rows takes a small step.
 
     Module-level with hashable static arguments, so every Trainer of the same model and recipe
     shares one compilation per bucket.
     """
-    total = jnp.maximum(jnp.sum(weights, dtype=jnp.float32), jnp.finfo(jnp.float32).tiny)
+    total = jnp.maximum(real_rows, 1.0)
     grad_fn = jax.value_and_grad(partial(_microbatch_loss, graphdef, lora))
     if ids.shape[0] == 1:
         loss, grads = grad_fn(state.trainable, base, rest, ids[0], mask[0], labels[0], weights[0], total)
@@ -234,8 +236,10 @@ class Trainer:
     def step(self, state: TrainState, batch: D.Batch, weights=None) -> tuple[TrainState, dict]:
         """Apply one optimizer step to a Batch of batch_size * grad_accum rows.
 
-        weights: per-row loss weights [rows] (None: 1 for every real row); padding rows get 0.
-        The input state's arrays are donated: use the returned state.
+        weights: per-row loss weights [rows] (None: 1 for every real row); padding rows get 0. The loss
+        is the mean of w_i l_i over the real rows: weights are not normalised per step (train()
+        rescales them to mean 1 over the training set). The input state's arrays are donated: use
+        the returned state.
 
         The rows run in grad_accum microbatches, or in more where the compiled step would not fit the
         device (memory.device_memory, TrainConfig.device_memory): the step is the same sum either way.
@@ -250,7 +254,12 @@ class Trainer:
         if (rows, length) not in self.plans:
             self.plans[rows, length] = self._plan(state, arrays, a)
         micro, compiled = self.plans[rows, length]
-        return compiled(state, self.base, self.rest, *self._arrays(arrays, micro))
+        real_rows = self._real_rows(np.count_nonzero(batch.sample_mask))
+        return compiled(state, self.base, self.rest, *self._arrays(arrays, micro), real_rows)
+
+    def _real_rows(self, n: int):
+        """The step's count of real rows, a float32 scalar (replicated on the mesh)."""
+        return shd.put_replicated(np.float32(n), self.mesh if shd.active(self.mesh) else None)
 
     def _arrays(self, arrays, micro: int):
         """(ids, mask, labels, weights) as `micro` microbatches [micro, rows / micro, ...] on the devices."""
@@ -271,7 +280,7 @@ class Trainer:
         def compile_one(setting):
             micro, remat = setting
             return self._step.lower(self.compute_graphdefs[remat], self.config.optimizer, self.config.lora, state,
-                                    self.base, self.rest, *self._arrays(arrays, micro)).compile()
+                                    self.base, self.rest, *self._arrays(arrays, micro), self._real_rows(1)).compile()
 
         key = ("train step", self._step, tuple(self.compute_graphdefs.items()), self.config.optimizer,
                self.config.lora, memory.input_key((state, self.base, self.rest, arrays)), grad_accum)
@@ -308,4 +317,5 @@ def compile_step(model_config, spec: OptimizerSpec, mesh, *, rows: int, grad_acc
     ids = jax.ShapeDtypeStruct((grad_accum, per, length), jnp.int32, sharding=batch)
     weights = jax.ShapeDtypeStruct((grad_accum, per), jnp.float32, sharding=batch)
     step = _sharded_train_step(shardings, mesh)
-    return step.lower(graphdef, spec, None, state, None, rest, ids, ids, ids, weights).compile()
+    real_rows = jax.ShapeDtypeStruct((), jnp.float32)
+    return step.lower(graphdef, spec, None, state, None, rest, ids, ids, ids, weights, real_rows).compile()

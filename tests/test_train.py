@@ -53,10 +53,10 @@ def params_of(model):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _reference(graphdef, spec, params, rest, ids, mask, labels, weights):
+def _reference(graphdef, spec, params, rest, ids, mask, labels, weights, real_rows):
     def loss(p):
         l = sample_losses(nnx.merge(graphdef, p, rest), ids, mask, labels)
-        return jnp.sum(weights * l) / jnp.sum(weights)
+        return jnp.sum(weights * l) / real_rows
 
     value, grads = jax.value_and_grad(loss)(params)
     tx = spec.build()
@@ -65,10 +65,11 @@ def _reference(graphdef, spec, params, rest, ids, mask, labels, weights):
 
 
 def reference_step(model, spec, batch, weights):
-    """The textbook step: jax.grad of sum_i w_i l_i / sum_i w_i, then the optax update."""
+    """The textbook step: jax.grad of the weighted objective's minibatch estimate, sum_i w_i l_i over the
+    batch's n real rows divided by n, then the optax update."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     value, new = _reference(graphdef, spec, params, rest, batch.input_ids, batch.attention_mask, batch.labels,
-                            jnp.asarray(weights, jnp.float32))
+                            jnp.asarray(weights, jnp.float32), float(batch.sample_mask.sum()))
     return float(value), new
 
 
@@ -100,7 +101,7 @@ def test_one_step_equals_reference():
     assert int(state.step) == 1
 
 
-def test_weighted_loss_is_the_weighted_mean():
+def test_weighted_loss_is_the_mean_of_weighted_losses():
     model = tiny()
     batch = first_batch(synthetic(4), 4)
     w = np.array([0.5, 2.0, 0.0, 1.5], np.float32)
@@ -113,15 +114,45 @@ def test_weighted_loss_is_the_weighted_mean():
             - logits[r].max(-1, keepdims=True)
         toks = [(t, batch.labels[r, t + 1]) for t in range(batch.bucket - 1) if batch.labels[r, t + 1] != -100]
         per.append(-np.mean([lp[t, y] for t, y in toks]))
-    assert ref_loss == pytest.approx(float(np.dot(w, per) / w.sum()), rel=1e-5)
+    assert ref_loss == pytest.approx(float(np.dot(w, per) / 4), rel=1e-5)  # 4 real rows, not sum(w)
     trainer = T.Trainer(model, T.TrainConfig(SPEC, batch_size=4))
     state, m = trainer.step(trainer.init_state(), batch, w)
     assert float(m["loss"]) == pytest.approx(ref_loss, rel=1e-6)
     assert_trees_close(state.trainable, ref_params)
-    # scaling every weight changes nothing; padding rows get no weight whatever is passed
-    state2, m2 = trainer.step(trainer.init_state(), batch, 10 * w)
-    assert float(m2["loss"]) == pytest.approx(ref_loss, rel=1e-6)
-    assert_trees_close(state2.trainable, ref_params)
+    # weights are not normalised per step: 10x the weights is 10x the loss and, under plain SGD, 10x the step
+    sgd = OptimizerSpec("sgd", 1.0)  # a large step, so the float32 parameter differences are precise
+    plain = T.Trainer(model, T.TrainConfig(sgd, batch_size=4))
+    before = jax.tree.leaves(params_of(model))
+    moves = []
+    for scale in (1, 10):
+        s2, m2 = plain.step(plain.init_state(), batch, scale * w)
+        assert float(m2["loss"]) == pytest.approx(scale * ref_loss, rel=1e-5)
+        moves.append([np.asarray(a) - np.asarray(b) for a, b in zip(jax.tree.leaves(s2.trainable), before)])
+    for small, big in zip(*moves):
+        np.testing.assert_allclose(big, 10 * small, rtol=1e-3, atol=1e-5)
+    # padding rows get no weight whatever is passed, and are not counted among the rows
+    padded = first_batch(synthetic(3), 4)
+    _, m3 = trainer.step(trainer.init_state(), padded, np.array([1.0, 1.0, 1.0, 50.0], np.float32))
+    _, m4 = trainer.step(trainer.init_state(), padded)
+    assert float(m3["loss"]) == float(m4["loss"])
+
+
+def test_weights_are_rescaled_to_mean_one_and_uniform_weights_change_nothing():
+    """train() trains on the global objective: the weights rescaled to mean 1 over the training rows, so
+    uniform weights give exactly the unweighted run, and only the weights' ratios matter."""
+    exs = synthetic(6, seed=2)
+    config = T.TrainConfig(SPEC, batch_size=2, steps=3, buckets=B64)
+    plain = T.train(tiny(), exs, config, progress=False)
+    uniform = T.train(tiny(), exs, config, weights=np.full(6, 3.0), progress=False)
+    assert [r["loss"] for r in uniform.history] == [r["loss"] for r in plain.history]
+    _tree_equal(uniform.state.trainable, plain.state.trainable)
+    w = np.array([0.5, 2.0, 1.0, 0.25, 1.5, 0.75])
+    one = T.train(tiny(), exs, config, weights=w, progress=False)
+    four = T.train(tiny(), exs, config, weights=4 * w, progress=False)
+    assert [r["loss"] for r in four.history] == [r["loss"] for r in one.history]
+    assert [r["loss"] for r in one.history] != [r["loss"] for r in plain.history]
+    with pytest.raises(ValueError, match="every training example has weight 0"):
+        T.train(tiny(), exs, config, weights=np.zeros(6), progress=False)
 
 
 def test_grad_accum_equals_the_big_batch():
