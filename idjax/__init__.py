@@ -41,7 +41,8 @@ _EXPORTS = {
                 "fista_weights", "second_order_weights", "SolverResult", "default_lam", "solve_weights",
                 "WeightSolution"),
     "select": ("top_k_indices", "round_robin_order", "round_robin_indices", "per_task_indices", "task_groups",
-               "top_k", "top_k_lexicographic", "round_robin", "per_task", "task_budgets"),
+               "top_k", "top_k_lexicographic", "round_robin", "per_task", "task_budgets", "token_budget_cap",
+               "within_token_budget"),
     "passes": ("embed_pool",),
     "pipeline": ("Selection", "select_samples"),
 }

@@ -19,6 +19,7 @@ store as the embeddings, so an interrupted baseline resumes too.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from functools import partial
@@ -32,7 +33,7 @@ from flax import nnx
 
 from idjax import data as D
 from idjax import passes as P
-from idjax.pipeline import Selection
+from idjax.pipeline import Selection, cut_to_token_budget, ranking_size
 from idjax.grads import sample_losses
 from idjax.select import round_robin
 
@@ -100,17 +101,32 @@ def mid_ppl_rows(losses, k: int) -> np.ndarray:
     return order[start:start + k]
 
 
-def select_baseline(method: str, model, pool: Sequence[D.Example], targets: Sequence[D.Example], k: int, *,
-                    seed: int = 0, batch_size: int = 8, store_dir=None, chunk_rows: int = 256) -> Selection:
+def select_baseline(method: str, model, pool: Sequence[D.Example], targets: Sequence[D.Example], k: int | None,
+                    *, seed: int = 0, batch_size: int = 8, store_dir=None, chunk_rows: int = 256,
+                    budget_tokens: int | None = None) -> Selection:
     """Run one baseline; the Selection's scores are what the method ranks by (cosine, -|rank - median|,
-    or 0), its weights are uniform over the selected rows."""
+    or 0), its weights are uniform over the selected rows. budget_tokens: the longest prefix of the
+    selection order within that many response tokens (k, if given, caps the rows); mid-PPL's order is
+    then its closeness to the median."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: one of {', '.join(METHODS)} (or influence)")
     n = len(pool)
     if n == 0:
         raise D.DataError("the pool is empty")
     if method == "full":
-        k = n
+        k, budget_tokens = n, None
+    elif budget_tokens is not None:
+        selection = select_baseline(method, model, pool, targets, ranking_size(k, budget_tokens, pool), seed=seed,
+                                    batch_size=batch_size, store_dir=store_dir, chunk_rows=chunk_rows)
+        if method == "mid-ppl":  # its rows are a window around the median, listed by ascending loss
+            order = np.argsort(-selection.scores[selection.rows], kind="stable")
+            selection = dataclasses.replace(selection, rows=selection.rows[order])
+        selection = cut_to_token_budget(selection, pool, budget_tokens)
+        weights = np.zeros(n, np.float32)
+        weights[selection.rows] = 1.0 / len(selection.rows)
+        return dataclasses.replace(selection, weights=weights)
+    if k is None:
+        raise ValueError("give k or budget_tokens")
     if not 1 <= k <= n:
         raise ValueError(f"k = {k} must be between 1 and the pool size {n}")
     timings: dict = {}

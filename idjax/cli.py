@@ -184,12 +184,14 @@ def cmd_select(args) -> int:
     t0 = time.perf_counter()
     if not args.target and not args.target_task:
         return _usage("select", "give --target FILE (chat JSONL) or --target-task NAME")
+    if args.k is None and args.budget_tokens is None:
+        return _usage("select", "give --k (how many samples) or --budget-tokens (how many response tokens)")
     # Data first: bad input fails in seconds, before the model is loaded.
     tok = models.load_tokenizer(models.resolve(args.model))
     sets = stages.load_sets(tok, pool=args.train, target=args.target, target_task=args.target_task,
                             max_length=args.max_length)
     pool, stats, tstats = sets.pool, sets.stats["pool"], sets.stats["targets"]
-    if args.k > len(pool):
+    if args.k is not None and args.k > len(pool):
         return _usage("select", f"--k {args.k} is larger than the pool: {args.train} has {len(pool)} samples with "
                                 f"a response token ({len(stats.skipped_no_response)} skipped)")
     model, _ = models.load(args.model, dtype=args.dtype, tokenizer=False, mesh=_mesh())

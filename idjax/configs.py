@@ -53,7 +53,10 @@ class SelectConfig:
     """Everything that decides a selection besides the model and the data. Each field is also the flag
     of `idjax select` and the key of an `idjax run` config (idjax/options.py)."""
 
-    k: int = option(help="how many samples to select", check=O.AT_LEAST_1)
+    k: int | None = option(None, "how many samples to select (with --budget-tokens: at most this many)",
+                           check=O.AT_LEAST_1)
+    budget_tokens: int | None = option(None, "take rows in selection order while their response tokens sum to at "
+                                             "most this (equal-token selections)", check=O.AT_LEAST_1)
     landmarks: float = option(0.1, "landmarks: a fraction of the pool (< 1) or a count", check=landmarks_problem)
     exact: bool = option(False, "every sample is a landmark (no embeddings, no propagation; LESS-style)")
     landmark_method: str = option("random", choices=("random", "kmeans++"))
@@ -87,6 +90,8 @@ class SelectConfig:
 
     def __post_init__(self):
         O.validate(self)
+        if self.k is None and self.budget_tokens is None:
+            raise O.ConfigError("give k (how many samples) or budget_tokens (how many response tokens)", "k")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -209,6 +209,11 @@ class Example:
     labels: np.ndarray  # int32 [L], IGNORE_INDEX on every non-assistant token
     truncated: bool
 
+    @property
+    def response_tokens(self) -> int:
+        """The tokens the example trains on: its labelled tokens after the next-token shift."""
+        return int((self.labels[1:] != IGNORE_INDEX).sum())
+
 
 def examples_fingerprint(examples: Sequence[Example]) -> str:
     """A hash of ids and tokens (labels included): stores, caches and checkpoints made from other data

@@ -43,7 +43,7 @@ from idjax.passes import (
     model_fingerprint, open_store, save_targets, timed_stage, update_fingerprint,
 )
 from idjax.propagator import Propagator
-from idjax.select import per_task, round_robin, top_k, top_k_lexicographic
+from idjax.select import per_task, round_robin, token_budget_cap, top_k, top_k_lexicographic, within_token_budget
 from idjax.sketch import Projector, global_norm_sq
 from idjax.curvature import dense_matvec
 from idjax.scores import cosine_scores, curvature_matrix, influence_scores
@@ -64,6 +64,29 @@ class Selection:
     info: dict                # configuration, timings per stage, stores, solver report
 
 
+def ranking_size(k: int | None, budget_tokens: int | None, pool: Sequence[D.Example]) -> int:
+    """How many rows to rank: k, or with a token budget the most rows the budget can hold (at most k):
+    the budget's prefix of that ranking is the prefix of the whole pool's ranking."""
+    n = len(pool)
+    if k is not None and k > n:
+        raise ValueError(f"k={k} is larger than the pool ({n} samples with a response token)")
+    if budget_tokens is None:
+        return k
+    cap = token_budget_cap([e.response_tokens for e in pool], budget_tokens)
+    return min(cap, n if k is None else k)
+
+
+def cut_to_token_budget(selection: Selection, pool: Sequence[D.Example], budget_tokens: int) -> Selection:
+    """The selection's rows, in their order, while their response tokens sum to at most `budget_tokens`."""
+    tokens = np.asarray([e.response_tokens for e in pool], np.int64)
+    rows = within_token_budget(selection.rows, tokens, budget_tokens)
+    weights = np.asarray(selection.weights)
+    info = {**selection.info, "budget_tokens": {"budget": int(budget_tokens), "ranked": len(selection.rows),
+                                                "selected": len(rows), "response_tokens": int(tokens[rows].sum())}}
+    owners = None if selection.owners is None else selection.owners[:len(rows)]
+    return dataclasses.replace(selection, rows=rows, weights=weights, owners=owners, info=info)
+
+
 # ----------------------------------------------------------------------------- the whole selection
 
 
@@ -77,14 +100,20 @@ def select_samples(model, pool: Sequence[D.Example], targets: Sequence[D.Example
     (default sharding.get_mesh(): every local device; the selection does not depend on it).
     With several processes (jax.distributed), store_dir must be on a file system every process sees;
     process 0 returns the Selection, the others None.
+
+    config.budget_tokens: rank the rows `ranking_size` says (the first-order weights' lam is set for that
+    many), then keep the longest prefix of the selection order within the budget (cut_to_token_budget).
     """
     if not pool:
         raise D.DataError("the pool has no sample with a response token")
     if not targets:
         raise D.DataError("the target set has no sample with a response token")
-    n = len(pool)
-    if config.k > n:
-        raise ValueError(f"k={config.k} is larger than the pool ({n} samples with a response token)")
+    if config.budget_tokens is not None and len({t.task for t in targets if t.task}) > 1:
+        raise ValueError("budget_tokens with targets of several tasks (per-task budgets) is not supported: "
+                         "select for each task with its own budget, or give k")
+    k = ranking_size(config.k, config.budget_tokens, pool)
+    if k != config.k:
+        config = dataclasses.replace(config, k=k)
     if config.keep and config.order == 2:
         raise ValueError("order 2 works on whole parameter tensors: drop keep (the coordinate mask)")
     if store_dir is None:
@@ -99,7 +128,11 @@ def select_samples(model, pool: Sequence[D.Example], targets: Sequence[D.Example
         model = nnx.merge(*nnx.split(model))  # the same arrays; only this view recomputes activations
         model.remat = True
     with dist.failures_published():
-        return _select(model, pool, targets, config, update, Path(store_dir), shd.get_mesh() if mesh is None else mesh)
+        selection = _select(model, pool, targets, config, update, Path(store_dir),
+                            shd.get_mesh() if mesh is None else mesh)
+    if selection is None or config.budget_tokens is None:
+        return selection
+    return cut_to_token_budget(selection, pool, config.budget_tokens)
 
 
 def _select(model, pool, targets, config: SelectConfig, update, store_dir: Path, mesh) -> Selection | None:

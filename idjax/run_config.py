@@ -29,7 +29,9 @@ class RunConfig:
     are SelectConfig's and EmbedConfig's own declarations (`like`: same default, choices and range)."""
 
     pool: str = option(help="chat JSONL / Parquet / local HF dataset dir")
-    k: int | float = option(help="selection size: a count (int) or a fraction of the pool", check=_k_problem)
+    k: int | float = option(help="selection size: a count (int) or a fraction of the pool (with budget_tokens: "
+                                 "at most this many)", check=_k_problem)
+    budget_tokens: int | None = _select("budget_tokens")
     target: str | None = option(None, "chat JSONL; with target_task, a file in that task's HF format")
     target_task: str | None = option(None, choices=(None, "gsm8k", "mmlu", "squad", "humaneval"))
     eval: str | None = option(None, "chat JSONL; None: the task's eval set, else the target set")

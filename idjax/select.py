@@ -188,6 +188,30 @@ def top_k_lexicographic(primary, secondary, k: int, candidates=None) -> np.ndarr
     return order[:k]
 
 
+def token_budget_cap(tokens, budget: int) -> int:
+    """The most rows any selection can hold within `budget` response tokens (the shortest rows first): a
+    ranking of this many rows already holds every row that a longer ranking's budget prefix would."""
+    t = np.sort(np.asarray(tokens, np.int64))
+    cap = int(np.searchsorted(np.cumsum(t), budget, side="right"))
+    if cap == 0:
+        raise ValueError(f"budget_tokens={budget} is smaller than the shortest sample ({t[0]} response tokens)"
+                         if t.size else "no samples to select from")
+    return cap
+
+
+def within_token_budget(rows, tokens, budget: int) -> np.ndarray:
+    """The longest prefix of `rows` (in selection order) whose response tokens (`tokens`, per pool row) sum
+    to at most `budget`: equal-token selections, since selections of equal k can differ severalfold in the
+    tokens they train on."""
+    rows = np.asarray(rows, np.int64)
+    total = np.cumsum(np.asarray(tokens, np.int64)[rows])
+    m = int(np.searchsorted(total, budget, side="right"))
+    if m == 0:
+        raise ValueError(f"budget_tokens={budget} is smaller than the first selected row "
+                         f"({int(total[0]) if total.size else 0} response tokens)")
+    return rows[:m]
+
+
 def _round_robin(cols: np.ndarray, k: int, key: jax.Array, allowed: np.ndarray, mesh):
     """round_robin on checked inputs, its turns from `key`: (rows, owners)."""
     n, t = cols.shape

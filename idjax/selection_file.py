@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
-from idjax.data import IGNORE_INDEX, DataError, Example
+from idjax.data import DataError, Example
 from idjax.io import write_text
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ def write_selection(selection, pool: Sequence[Example], out, extra: dict | None 
     lines, tokens = [], 0
     for r, row in enumerate(selection.rows):
         ex = pool[int(row)]
-        n = response_tokens(ex)
+        n = ex.response_tokens
         tokens += n
         item = {"index": int(ex.index), "id": ex.id, "score": float(selection.scores[row]),
                 "weight": float(selection.weights[row]), "response_tokens": n}
@@ -53,11 +53,6 @@ def write_selection(selection, pool: Sequence[Example], out, extra: dict | None 
     write_text(meta, json.dumps({**selection.info, **(extra or {}), "selected": len(selection.rows),
                                  "response_tokens": tokens}, indent=2, default=str))
     return meta
-
-
-def response_tokens(example: Example) -> int:
-    """The tokens an example trains on: its labelled tokens after the next-token shift."""
-    return int((example.labels[1:] != IGNORE_INDEX).sum())
 
 
 def read_selection(path, records: list[dict], weighted: bool):

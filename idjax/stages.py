@@ -133,11 +133,11 @@ def read_update_model(directory: str | os.PathLike, model, *, params: str | None
 def select(model, pool: Sequence[D.Example], targets: Sequence[D.Example], config, *, store_dir,
            method: str = "influence", optimizer_state=None, out=None, meta: dict | None = None,
            timings: dict | None = None):
-    """Select `config.k` samples of `pool` for `targets` and write the selection file `out` (with `meta`
-    in its sidecar): Influence Distillation (config: a SelectConfig) with the update model of the
-    optimizer state in `optimizer_state` (a warm-up or train directory; None: plain GD), or a baseline
-    `method` (docs/method.md 9) on the same pool, budget, store and file. timings: stages timed before
-    this call (e.g. {"load": s}), put first in the sidecar's timings. Returns the Selection, or None on
+    """Select `config.k` samples (or `config.budget_tokens` response tokens) of `pool` for `targets` and
+    write the selection file `out` (with `meta` in its sidecar): Influence Distillation (config: a
+    SelectConfig) with the update model of the optimizer state in `optimizer_state` (a warm-up or train
+    directory; None: plain GD), or a baseline `method` (docs/method.md 9) on the same pool, budget,
+    store and file. timings: stages timed before this call (e.g. {"load": s}), put first in the sidecar's timings. Returns the Selection, or None on
     the processes of a multi-process run other than process 0 (which writes the file)."""
     from idjax import distributed, pipeline
     from idjax import sharding as shd
@@ -148,7 +148,7 @@ def select(model, pool: Sequence[D.Example], targets: Sequence[D.Example], confi
 
         selection = baselines.select_baseline(method, model, pool, targets, config.k, seed=config.seed,
                                               batch_size=config.batch_size, store_dir=store_dir,
-                                              chunk_rows=config.chunk_rows)
+                                              chunk_rows=config.chunk_rows, budget_tokens=config.budget_tokens)
         if not distributed.is_primary():
             return None
     else:

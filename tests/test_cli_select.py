@@ -43,7 +43,8 @@ def _run(argv, capsys):
 
 
 @pytest.mark.parametrize("case", ["k_too_large", "empty_target", "no_response_target", "malformed_pool",
-                                  "missing_field", "bad_optimizer_state", "usage"])
+                                  "missing_field", "bad_optimizer_state", "usage", "no_k_or_budget",
+                                  "budget_too_small"])
 def test_select_bad_input_is_one_line(case, target, tmp_path, capsys):
     argv = ["select", "--train", str(POOL), "--target", str(target), "--k", "2", "--out", str(tmp_path / "s.jsonl")]
     expect, code_want = None, 1
@@ -79,6 +80,12 @@ def test_select_bad_input_is_one_line(case, target, tmp_path, capsys):
     elif case == "usage":
         argv[argv.index("--k") + 1] = "0"
         expect, code_want = "--k must be >= 1", 2
+    elif case == "no_k_or_budget":
+        del argv[argv.index("--k"):argv.index("--k") + 2]
+        expect, code_want = "give --k .* or --budget-tokens", 2
+    elif case == "budget_too_small":  # every pool sample has more than one response token
+        argv[argv.index("--k"):argv.index("--k") + 2] = ["--budget-tokens", "1"]
+        expect = "budget_tokens=1 is smaller than the shortest sample"
     code, out, err = _run(argv, capsys)
     assert code == code_want, err
     lines = [line for line in err.splitlines() if "error" in line]
@@ -212,3 +219,37 @@ def test_select_with_skipped_target_and_pool_rows(mode, tmp_path, capsys, caplog
     assert all(pool[c["index"]]["id"] == c["id"] for c in clean)
     if mode == "round-robin":  # every kept target takes its turn, and only kept targets
         assert {r["by"] for r in dirty} == {t["id"] for t in targets}
+
+
+@pytest.mark.parametrize("method", ["influence", "random"])
+def test_select_with_a_token_budget(method, tmp_path, capsys, pool_stores):
+    """--budget-tokens: the selection is the longest prefix of the whole pool's selection order whose
+    response tokens fit the budget (a loop over a --k N run's file is the reference)."""
+    target_file = _write(tmp_path / "t.jsonl", [_chat(i) for i in range(4)])
+    common = ["select", "--train", str(POOL), "--target", str(target_file), "--method", method, "--exact",
+              "--proj-dim", "256", "--params", "down_proj", "--batch-size", "4",
+              "--max-length", "128", "--aggregate", "round-robin", "--seed", "3",
+              "--store", str(pool_stores / "clean.store")]
+    n = len(POOL.read_text().splitlines())
+    runs = {}
+    for name, flags in {"all": ["--k", str(n)], "budget": ["--budget-tokens", None]}.items():
+        if name == "budget":  # about half of the first six rows' tokens: several rows, not the whole pool
+            flags[1] = str(sum(r["response_tokens"] for r in runs["all"][:6]) // 2)
+        out = tmp_path / f"{name}.jsonl"
+        code, stdout, err = _run(common + flags + ["--out", str(out)], capsys)
+        assert code == 0, err
+        runs[name] = [json.loads(line) for line in out.read_text().splitlines()]
+    budget = int(flags[1])
+    want, total = [], 0
+    for r in runs["all"]:
+        if total + r["response_tokens"] > budget:
+            break
+        want.append(r["id"])
+        total += r["response_tokens"]
+    assert 1 <= len(want) < 6
+    assert [r["id"] for r in runs["budget"]] == want
+    meta = json.loads((tmp_path / "budget.meta.json").read_text())
+    assert meta["response_tokens"] == total <= budget
+    assert meta["budget_tokens"]["budget"] == budget and meta["budget_tokens"]["selected"] == len(want)
+    if method == "random":  # uniform weights over the rows kept
+        assert all(r["weight"] == pytest.approx(1 / len(want)) for r in runs["budget"])

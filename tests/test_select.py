@@ -4,7 +4,9 @@ import jax
 import numpy as np
 import pytest
 
-from idjax.select import per_task, round_robin, task_budgets, top_k, top_k_lexicographic
+from idjax.select import (
+    per_task, round_robin, task_budgets, token_budget_cap, top_k, top_k_lexicographic, within_token_budget,
+)
 
 
 def _permutations(key, t):
@@ -98,3 +100,26 @@ def test_task_budgets_and_per_task():
     left = np.ones(40, bool)
     left[rows[:5]] = False
     np.testing.assert_array_equal(rows[5:], top_k(cols[:, [1, 3]].mean(1), 5, candidates=left))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_token_budget_is_the_longest_prefix_within_the_budget(seed):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(1, 300, 50)
+    order = rng.permutation(50)
+    budget = int(rng.integers(300, 3000))
+    want, total = [], 0
+    for r in order:  # the definition: rows in selection order while the running total fits
+        if total + tokens[r] > budget:
+            break
+        want.append(int(r))
+        total += tokens[r]
+    assert within_token_budget(order, tokens, budget).tolist() == want
+    # the cap: the most rows any order fits, the shortest first; ranking that many rows is enough
+    cap = token_budget_cap(tokens, budget)
+    assert sum(sorted(tokens)[:cap]) <= budget < sum(sorted(tokens)[:cap + 1])
+    assert within_token_budget(order[:cap], tokens, budget).tolist() == want
+    with pytest.raises(ValueError, match="smaller than the shortest sample"):
+        token_budget_cap(tokens, int(tokens.min()) - 1)
+    with pytest.raises(ValueError, match="smaller than the first selected row"):
+        within_token_budget(order, tokens, int(tokens[order[0]]) - 1)
