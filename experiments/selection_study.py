@@ -58,9 +58,13 @@ sys.path.insert(0, str(ROOT))
 
 DEMO = ROOT / "idjax" / "assets" / "demo"
 TASKS = ("code", "definitions", "jargon")
-METHODS = ("random", "rds", "mid-ppl", "influence", "exact")
+METHODS = ("random", "rds", "mid-ppl", "influence", "exact", "influence-rr")
 LABELS = {"random": "random", "rds": "RDS+", "mid-ppl": "mid-PPL", "influence": "ID (10% landmarks)",
-          "exact": "ID exact (LESS-style)", "full": "full pool"}
+          "exact": "ID exact (LESS-style)", "influence-rr": "ID round-robin (10% landmarks)", "full": "full pool"}
+ID_METHODS = ("influence", "exact", "influence-rr")
+# Their selection order does not depend on k (top-k by score, round-robin turns, a seeded permutation), so
+# one ranking of the whole pool serves every budget, in rows and in tokens (what --budget-tokens does).
+PREFIX_METHODS = ("random", "rds", "influence", "exact", "influence-rr")
 
 
 class Results:
@@ -95,7 +99,7 @@ class Study:
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.results = Results(self.out / "results.json")
-        self._memo: dict = {}
+        self._rankings: dict = {}
         self._trained: tuple = (None, None)  # (rows, seed, unweighted) -> last fine-tune, kept for reuse
         self.tok = models.load_tokenizer(models.resolve(demo.MODEL))
         self.pad = self.tok.pad_token_id or 0
@@ -121,25 +125,30 @@ class Study:
         spec, opt_state = load_optimizer_state(self.out / "warmup", self.model)
         self.update = update_model(spec, opt_state, nnx.state(self.model, nnx.Param))
         self.domains = [demo.domain(self.pool_records[e.index]) for e in self.pool]
+        self.tokens = np.asarray([e.response_tokens for e in self.pool], np.int64)
 
     # -- selection
 
-    def select_top(self, method: str, task: str, k: int, seed: int, **overrides):
-        """(rows, Selection, seconds): a ranking by score (first order, aggregate mean) does not depend
-        on k, so one selection at the largest budget serves every smaller one (its first k rows); the
-        target gradient, recomputed on every select_samples call, is then computed once per cell."""
-        k_max = max(1, round(max(self.args.budgets) * len(self.pool)))
-        by_score = method in ("influence", "exact") and overrides.get("order", 1) == 1 and k <= k_max
-        if not by_score:
-            sel, sec = self.select(method, task, k, seed, **overrides)
-            return [int(r) for r in sel.rows][:k], sel, sec
-        key = (method, task, seed, repr(sorted(overrides.items())))
-        if key not in self._memo:
-            self._memo = {key: self.select(method, task, k_max, seed, **overrides)}  # keep one: they are big
-        sel, sec = self._memo[key]
-        return [int(r) for r in sel.rows][:k], sel, sec
+    def select_top(self, method: str, task: str, k: int | None, seed: int, budget_tokens: int | None = None,
+                   weighted: bool = False, **overrides):
+        """(rows, Selection, seconds) of k rows, or of the longest prefix within `budget_tokens` response
+        tokens. Where the order does not depend on k (PREFIX_METHODS, first order, unweighted), one ranking
+        of the whole pool serves every budget and the target gradient is computed once per cell; otherwise
+        (weights are wanted for k rows, mid-PPL's window) the library selects with k or budget_tokens."""
+        from idjax.select import within_token_budget
 
-    def select(self, method: str, task: str, k: int, seed: int, store=None, pool=None, **overrides):
+        if method not in PREFIX_METHODS or overrides.get("order", 1) != 1 or weighted:
+            sel, sec = self.select(method, task, k, seed, budget_tokens=budget_tokens, **overrides)
+            return [int(r) for r in sel.rows], sel, sec
+        key = (method, task, seed, repr(sorted(overrides.items())))
+        if key not in self._rankings:
+            self._rankings[key] = self.select(method, task, len(self.pool), seed, **overrides)
+        sel, sec = self._rankings[key]
+        rows = sel.rows[:k] if budget_tokens is None else within_token_budget(sel.rows, self.tokens, budget_tokens)
+        return [int(r) for r in rows], sel, sec
+
+    def select(self, method: str, task: str, k: int | None, seed: int, store=None, pool=None,
+               budget_tokens: int | None = None, **overrides):
         """(Selection, seconds) of one method; store: the array store (default OUT/store, shared);
         pool: the tokenized rows to select from (default the study's pool)."""
         from idjax import baselines, pipeline
@@ -149,8 +158,9 @@ class Study:
         pool = self.pool if pool is None else pool
         store = self.out / "store" if store is None else store
         t0 = time.perf_counter()
-        if method in ("influence", "exact"):
-            cfg = dict(k=k, landmarks=self.args.landmarks, exact=method == "exact", params="down_proj",
+        if method in ID_METHODS:
+            cfg = dict(k=k, budget_tokens=budget_tokens, landmarks=self.args.landmarks, exact=method == "exact",
+                       aggregate="round-robin" if method == "influence-rr" else "mean", params="down_proj",
                        proj_dim=1024, seed=seed, batch_size=8,
                        embed=EmbedConfig(num_blocks=4, num_tangents=2, dim=1152, seed=0))
             cfg.update(overrides)
@@ -160,7 +170,7 @@ class Study:
                                           update=update, store_dir=store)
         else:
             sel = baselines.select_baseline(method, self.model, pool, targets, k, seed=seed, batch_size=8,
-                                            store_dir=store)
+                                            store_dir=store, budget_tokens=budget_tokens)
         return sel, time.perf_counter() - t0
 
     def base_model(self):
@@ -205,21 +215,23 @@ class Study:
         share = sum(self.domains[int(r)] == task for r in rows) / max(len(rows), 1)
         return round(share, 3)
 
-    def run_one(self, key, method, task, k, seed, weighted=False, **overrides):
+    def run_one(self, key, method, task, k, seed, weighted=False, budget_tokens=None, **overrides):
         """Select, fine-tune, evaluate and record one cell unless it is already in results.json."""
         if key in self.results:
             return self.results[key]
-        rows, sel, sec = self.select_top(method, task, k, seed, **overrides)
+        rows, sel, sec = self.select_top(method, task, k, seed, budget_tokens=budget_tokens, weighted=weighted,
+                                         **overrides)
         ft = self.finetune(task, rows, seed, weights=sel.weights if weighted else None)
-        value = {"method": method, "task": task, "k": k, "seed": seed, "select_s": round(sec, 2),
+        value = {"method": method, "task": task, "k": len(rows), "seed": seed, "select_s": round(sec, 2),
                  "select_stages_s": sel.info.get("timings_s", {}), "target_share": self.composition(rows, task),
-                 "rows": rows, **ft}
-        if method in ("influence", "exact"):
+                 "response_tokens": int(self.tokens[rows].sum()), "budget_tokens": budget_tokens, "rows": rows, **ft}
+        if method in ID_METHODS:
             value["scores"] = np.asarray(sel.scores, np.float32).round(5).tolist()
             value["landmarks"] = [int(i) for i in sel.landmarks]
         self.results.put(key, value)
-        print(f"{key}: loss {ft['loss']:.4f} (target-domain share {value['target_share']:.2f}, "
-              f"select {sec:.1f} s, train {ft['train_s']} s)", flush=True)
+        print(f"{key}: loss {ft['loss']:.4f} ({len(rows)} rows, {value['response_tokens']} response tokens, "
+              f"target-domain share {value['target_share']:.2f}, select {sec:.1f} s, train {ft['train_s']} s)",
+              flush=True)
         return value
 
     def before(self, task):
@@ -289,10 +301,14 @@ def main_run(args) -> None:
         study.before(task)
     for seed in args.seeds:
         for task in args.tasks:
-            for method in METHODS:  # budgets innermost: one selection at the largest k serves them all
+            for method in args.methods:  # budgets innermost: one ranking serves them all
                 for frac in args.budgets:
                     k = max(1, round(frac * n))
                     study.run_one(f"main/{task}/{method}/{frac:g}/{seed}", method, task, k, seed)
+                    if args.equal_tokens:  # the same share of the pool's response tokens for every method
+                        budget = max(1, round(frac * int(study.tokens.sum())))
+                        study.run_one(f"tokens/{task}/{method}/{frac:g}/{seed}", method, task, None, seed,
+                                      budget_tokens=budget)
     for seed in args.full_seeds:
         for task in args.tasks:
             study.run_one(f"main/{task}/full/1/{seed}", "full", task, n, seed)
@@ -327,6 +343,8 @@ def ablations(study, args) -> None:
     task, frac = args.ablation_task, max(args.budgets)
     k = max(1, round(frac * len(study.pool)))
     for name, (over, weighted) in ABLATIONS.items():
+        if args.ablation_names and name not in args.ablation_names:
+            continue
         over = dict(over)
         blocks, tangents = over.pop("embed_blocks", 4), over.pop("embed_tangents", 2)
         if (blocks, tangents) != (4, 2):
@@ -354,8 +372,9 @@ def report(args) -> None:
             cells.setdefault((task, frac, method), []).append(v)
     tasks = [t for t in TASKS if any(c[0] == t for c in cells)]
     fracs = sorted({c[1] for c in cells if c[2] != "full"}, key=float)
-    lines = ["| task | budget | " + " | ".join(LABELS[m] for m in METHODS) + " | full pool | before |",
-             "|---|---|" + "---|" * (len(METHODS) + 2)]
+    methods = [m for m in METHODS if any(c[2] == m for c in cells)]
+    lines = ["| task | budget | " + " | ".join(LABELS[m] for m in methods) + " | full pool | before |",
+             "|---|---|" + "---|" * (len(methods) + 2)]
     wins = []
     for task in tasks:
         full = cells.get((task, "1", "full"))
@@ -363,7 +382,7 @@ def report(args) -> None:
         for frac in fracs:
             row = []
             stats = {}
-            for m in METHODS:
+            for m in methods:
                 vals = [v["loss"] for v in cells.get((task, frac, m), [])]
                 if vals:
                     mu, sd = _ms(vals)
@@ -372,7 +391,7 @@ def report(args) -> None:
                 else:
                     row.append("-")
             best = min(stats, key=stats.get) if stats else None
-            row = [f"**{c}**" if best and m == best else c for m, c in zip(METHODS, row)]
+            row = [f"**{c}**" if best and m == best else c for m, c in zip(methods, row)]
             fl = f"{_ms([v['loss'] for v in full])[0]:.3f}" if full else "-"
             lines.append(f"| {task} | {float(frac):.0%} | " + " | ".join(row) + f" | {fl} | "
                          + (f"{before:.3f}" if before else "-") + " |")
@@ -380,12 +399,12 @@ def report(args) -> None:
                 wins.append(stats)
     table = "\n".join(lines)
     # target-domain share of the selections
-    share = ["| task | budget | " + " | ".join(LABELS[m] for m in METHODS) + " |", "|---|---|" + "---|" * len(METHODS)]
+    share = ["| task | budget | " + " | ".join(LABELS[m] for m in methods) + " |", "|---|---|" + "---|" * len(methods)]
     for task in tasks:
         for frac in fracs:
             share.append(f"| {task} | {float(frac):.0%} | " + " | ".join(
                 f"{np.mean([v['target_share'] for v in cells.get((task, frac, m), [])]):.2f}"
-                if cells.get((task, frac, m)) else "-" for m in METHODS) + " |")
+                if cells.get((task, frac, m)) else "-" for m in methods) + " |")
     # agreement of landmark scores with exact scores (same task, same seed)
     agree = []  # one per (task, seed): every budget is cut from the same ranking
     for key, v in res.items():
@@ -422,6 +441,7 @@ def report(args) -> None:
             cl.append(f"| {LABELS[m]} | {c['seconds']:.1f} | {stages} | {c.get('seconds_with_compile', 0):.1f} | "
                       f"{est} |")
         text += ["", "\n".join(cl)]
+    text += _equal_tokens_section(res, cells)
     abl = _ablation_table(res)
     if abl:
         text += ["", abl]
@@ -488,10 +508,12 @@ def _mean_se(d) -> str:
 
 
 def _paired_differences(cells) -> str:
-    lines = ["| method | vs random | vs RDS+ | vs mid-PPL |", "|---|---|---|---|"]
-    for m in ("influence", "exact"):
+    present = {c[2] for c in cells}
+    baselines = [b for b in ("random", "rds", "mid-ppl") if b in present]
+    lines = ["| method | " + " | ".join(f"vs {LABELS[b]}" for b in baselines) + " |", "|---|" + "---|" * len(baselines)]
+    for m in (m for m in ID_METHODS if m in present):
         row = []
-        for b in ("random", "rds", "mid-ppl"):
+        for b in baselines:
             d = []
             for (task, frac, method), vals in cells.items():
                 if method != m:
@@ -501,6 +523,37 @@ def _paired_differences(cells) -> str:
             row.append(f"{_mean_se(d)} ({len(d)} pairs)" if d else "-")
         lines.append(f"| {LABELS[m]} | " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def _equal_tokens_section(res, main_cells) -> list[str]:
+    """The tokens/ cells (every method given the same share of the pool's response tokens) next to the
+    equal-k cells: loss, rows and response tokens per method, and the paired differences."""
+    cells: dict = {}
+    for key, v in res.items():
+        if key.startswith("tokens/"):
+            _, task, method, frac, _seed = key.split("/")
+            cells.setdefault((task, frac, method), []).append(v)
+    if not cells:
+        return []
+    methods = [m for m in METHODS if any(c[2] == m for c in cells)]
+    lines = ["| task | budget | selected at | " + " | ".join(LABELS[m] for m in methods) + " |",
+             "|---|---|---|" + "---|" * len(methods)]
+    for task, frac in sorted({(c[0], c[1]) for c in cells}, key=lambda c: (TASKS.index(c[0]), float(c[1]))):
+        for mode, cs in (("equal k", main_cells), ("equal tokens", cells)):
+            row = []
+            for m in methods:
+                vals = cs.get((task, frac, m), [])
+                if not vals or "response_tokens" not in vals[0]:
+                    row.append("-")
+                    continue
+                mu, sd = _ms([v["loss"] for v in vals])
+                row.append(f"{mu:.3f} ± {sd:.3f} ({len(vals)}); {np.mean([v['k'] for v in vals]):.0f} rows, "
+                           f"{np.mean([v['response_tokens'] for v in vals]):.0f} tok")
+            lines.append(f"| {task} | {float(frac):.0%} | {mode} | " + " | ".join(row) + " |")
+    return ["", "Equal k against equal response tokens (target loss mean ± std (seeds); mean rows and response "
+                "tokens per selection; the token budget is the budget's share of the pool's response tokens):",
+            "", "\n".join(lines), "", "Paired differences at equal response tokens (ID minus baseline, same task, "
+            "budget and seed; mean ± standard error; negative = ID better):", "", _paired_differences(cells)]
 
 
 def _ablation_table(res) -> str:
@@ -586,6 +639,10 @@ def main(argv=None) -> int:
     ap.add_argument("--ablations", action="store_true")
     ap.add_argument("--ablation-task", default="definitions")
     ap.add_argument("--ablation-seeds", default="0,1,2")
+    ap.add_argument("--ablation-names", default="", help="';'-separated ABLATIONS names to run (default: all)")
+    ap.add_argument("--methods", default=",".join(METHODS), help="the main grid's methods")
+    ap.add_argument("--equal-tokens", action="store_true",
+                    help="also select each budget as that share of the pool's response tokens (tokens/ cells)")
     ap.add_argument("--skip-cost", action="store_true")
     ap.add_argument("--cost-only", action="store_true", help="measure the selection cost and stop")
     ap.add_argument("--cost-methods", default=",".join(METHODS))
@@ -599,6 +656,11 @@ def main(argv=None) -> int:
     args.full_seeds = [int(s) for s in args.full_seeds.split(",") if s]
     args.ablation_seeds = [int(s) for s in args.ablation_seeds.split(",") if s]
     args.cost_methods = [m for m in args.cost_methods.split(",") if m]
+    args.methods = [m for m in args.methods.split(",") if m]
+    args.ablation_names = [a for a in args.ablation_names.split(";") if a]
+    bad = [m for m in args.methods if m not in METHODS] + [a for a in args.ablation_names if a not in ABLATIONS]
+    if bad:
+        ap.error(f"unknown method(s) or ablation(s) {bad}: methods {METHODS}, ablations {list(ABLATIONS)}")
     bad = [t for t in args.tasks if t not in TASKS]
     if bad:
         ap.error(f"unknown task(s) {bad}: choose from {TASKS}")
