@@ -65,11 +65,12 @@ def sample_features(model, examples: Sequence[D.Example], what: str, *, batch_si
     if not examples:
         raise D.DataError("no examples")
     graphdef, state = nnx.split(model)
-    buckets, pad = D.example_buckets(examples, tight=True), model.config.pad_token_id or 0
+    pad = model.config.pad_token_id or 0
+    ladder = P.sorted_ladder(examples, batch_size, chunk_rows if store_dir is not None else None, f"{what} features")
     dim = model.config.hidden_size if what == "rds" else 1
 
     def chunk(start, stop):
-        return D.collect_rows(D.make_batches(examples[start:stop], batch_size, buckets, pad_id=pad),
+        return D.collect_rows(D.sorted_batches(examples[start:stop], batch_size, pad_id=pad, ladder=ladder),
                               lambda b: _features(graphdef, state, b.input_ids, b.attention_mask, b.labels, what),
                               progress=False)
 
@@ -161,4 +162,6 @@ def select_baseline(method: str, model, pool: Sequence[D.Example], targets: Sequ
     timings["total"] = round(time.perf_counter() - t0, 3)
     info = {"method": method, "k": int(k), "seed": seed, "pool": n, "targets": len(targets),
             "timings_s": timings}
+    if method in ("rds", "mid-ppl"):  # the features pass over the pool, in length-sorted batches
+        info["real_token_fraction"] = {"features": P.real_tokens(pool, batch_size, chunk_rows)}
     return Selection(np.asarray(rows, np.int64), scores, weights, owners, np.zeros(0, np.int64), info)

@@ -164,6 +164,21 @@ def fill_store(store: ArrayStore, fn, desc: str) -> None:
                          "process finished its part: do all processes see the same --store directory?")
 
 
+def real_tokens(examples: Sequence[D.Example], batch_size: int, chunk_rows: int | None = None) -> float:
+    """The share of the computed tokens that are real when a pass batches `examples` (each chunk of
+    chunk_rows on its own) in length-sorted batches: what the stage logs and the sidecar reports."""
+    lengths = [len(e.input_ids) for e in examples]
+    return round(D.real_token_fraction(lengths, batch_size, D.length_ladder(max(lengths)), chunk_rows=chunk_rows), 4)
+
+
+def sorted_ladder(examples: Sequence[D.Example], batch_size: int, chunk_rows: int | None, stage: str):
+    """The padded lengths of a pass's length-sorted batches, one ladder for every chunk so that they share
+    compilations; logs the share of the computed tokens that are real."""
+    log.info("%s: %.1f%% of the computed tokens are real (%d rows in length-sorted batches of %d)",
+             stage, 100 * real_tokens(examples, batch_size, chunk_rows), len(examples), batch_size)
+    return D.length_ladder(max(len(e.input_ids) for e in examples))
+
+
 def mesh_batch(batch_size: int, mesh) -> int:
     """The batch size rounded up to fill every device of `mesh` (unchanged without one)."""
     return shd.fit_batch_size(batch_size, mesh) if shd.active(mesh) else batch_size
@@ -185,11 +200,12 @@ def embed_pool(model, examples: Sequence[D.Example], config: EmbedConfig, store_
         fp = {"kind": "jvp-embeddings", "model": model_fp or model_fingerprint(model),
               "data": data_fp or D.examples_fingerprint(examples), "embed": dataclasses.asdict(config)}
         store = open_store(Path(store_dir), "embeddings", (len(examples), embedder.dim), chunk_rows, fp)
-        buckets, pad = D.example_buckets(examples, tight=True), model.config.pad_token_id or 0
+        pad = model.config.pad_token_id or 0
         batch_size = mesh_batch(batch_size, mesh)
+        ladder = sorted_ladder(examples, batch_size, chunk_rows, "embed pool")
 
         def chunk(start, stop):
-            return embedder.run(D.make_batches(examples[start:stop], batch_size, buckets, pad_id=pad),
+            return embedder.run(D.sorted_batches(examples[start:stop], batch_size, pad_id=pad, ladder=ladder),
                                 progress=False)
 
         fill_store(store, chunk, "embed pool")
@@ -202,11 +218,12 @@ def gradient_store(model, examples, rows, projector, gcfg, precondition, store_d
     grads = PerExampleGradients(model, projector, gcfg, precondition=precondition, mesh=mesh)
     dim = out_dim(grads.selected, projector, grads.mask)
     store = open_store(Path(store_dir), "gradients", (len(rows), dim), chunk_rows, fp)
-    buckets, pad = D.example_buckets(examples, tight=True), model.config.pad_token_id or 0
+    pad = model.config.pad_token_id or 0
+    ladder = sorted_ladder([examples[int(r)] for r in rows], batch_size, chunk_rows, "landmark gradients")
 
     def chunk(start, stop):
         part = [examples[int(r)] for r in rows[start:stop]]
-        return grads.run(D.make_batches(part, batch_size, buckets, pad_id=pad), progress=False)
+        return grads.run(D.sorted_batches(part, batch_size, pad_id=pad, ladder=ladder), progress=False)
 
     fill_store(store, chunk, "landmark gradients")
     return store, grads
@@ -225,11 +242,12 @@ def curvature_store(model, examples, rows, projector, gcfg, precondition, target
                               mesh=mesh)
     dim = out_dim(curv.selected, projector, None)
     store = open_store(Path(store_dir), "curvature", (len(rows), dim), chunk_rows, fp)
-    buckets, pad = D.example_buckets(examples, tight=True), model.config.pad_token_id or 0
+    pad = model.config.pad_token_id or 0
+    ladder = sorted_ladder([examples[int(r)] for r in rows], batch_size, chunk_rows, "landmark curvature")
 
     def chunk(start, stop):
         part = [examples[int(r)] for r in rows[start:stop]]
-        return D.collect_rows(D.make_batches(part, batch_size, buckets, pad_id=pad), lambda b: curv(b)[1],
+        return D.collect_rows(D.sorted_batches(part, batch_size, pad_id=pad, ladder=ladder), lambda b: curv(b)[1],
                               progress=False)
 
     fill_store(store, chunk, "landmark curvature")

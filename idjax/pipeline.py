@@ -40,7 +40,7 @@ from idjax.landmarks import choose_landmarks
 from idjax.optim import UpdateModel
 from idjax.passes import (
     curvature_store, embed_pool, fill_store, gradient_store, load_targets, mesh_batch,
-    model_fingerprint, open_store, save_targets, timed_stage, update_fingerprint,
+    model_fingerprint, open_store, real_tokens, save_targets, timed_stage, update_fingerprint,
 )
 from idjax.propagator import Propagator
 from idjax.select import per_task, round_robin, token_budget_cap, top_k, top_k_lexicographic, within_token_budget
@@ -180,8 +180,10 @@ def _select(model, pool, targets, config: SelectConfig, update, store_dir: Path,
                                    batch_size, config.chunk_rows, mesh)
         stores["gradients"] = str(gstore.path)
 
-    target_batches = D.make_batches(targets, batch_size, D.example_buckets(targets, tight=True),
-                                    pad_id=model.config.pad_token_id or 0)
+    target_batches = D.sorted_batches(targets, batch_size, pad_id=model.config.pad_token_id or 0)
+    real = {"embed": None if config.exact else real_tokens(pool, batch_size, config.chunk_rows),
+            "gradients": real_tokens([pool[int(r)] for r in landmarks], batch_size, config.chunk_rows),
+            "targets": real_tokens(targets, batch_size)}
     h_l = None
     if config.order == 2:
         with timed_stage("curvature", timings):
@@ -292,7 +294,8 @@ def _select(model, pool, targets, config: SelectConfig, update, store_dir: Path,
             "pool_size": n, "targets": len(targets), "landmarks": int(len(landmarks)),
             "update_model": update.name if update is not None else "gd",
             "fingerprints": {"model": model_fp, "pool": pool_fp, "targets": D.examples_fingerprint(targets)},
-            "target_norm": v_norm, "gradient_dim": int(g_l.shape[1]), "devices": dist.describe(mesh)}
+            "target_norm": v_norm, "gradient_dim": int(g_l.shape[1]), "devices": dist.describe(mesh),
+            "real_token_fraction": {stage: f for stage, f in real.items() if f is not None}}
     if prop is not None:
         info["propagation"] = {"kind": prop.kind, "bandwidth": float(getattr(prop, "bandwidth", math.nan) or 0.0)}
     return Selection(rows=np.asarray(rows, np.int64), scores=scores, weights=weights, owners=owners,

@@ -137,8 +137,9 @@ def select(model, pool: Sequence[D.Example], targets: Sequence[D.Example], confi
     write the selection file `out` (with `meta` in its sidecar): Influence Distillation (config: a
     SelectConfig) with the update model of the optimizer state in `optimizer_state` (a warm-up or train
     directory; None: plain GD), or a baseline `method` (docs/method.md 9) on the same pool, budget,
-    store and file. timings: stages timed before this call (e.g. {"load": s}), put first in the sidecar's timings. Returns the Selection, or None on
-    the processes of a multi-process run other than process 0 (which writes the file)."""
+    store and file. timings: stages timed before this call (e.g. {"load": s}), put first in the sidecar's
+    timings. Returns the Selection, or None on the processes of a multi-process run other than process 0
+    (which writes the file)."""
     from idjax import distributed, pipeline
     from idjax import sharding as shd
     from idjax.selection_file import write_selection

@@ -256,6 +256,9 @@ def _loop(trainer: Trainer, state: TrainState, examples, w_all, steps: int, spe:
             if s // spe != epoch:
                 epoch = s // spe
                 batches = epoch_batches(examples, config, epoch, pad_id)
+                log.info("epoch %d: %.1f%% of the computed tokens are real (%d batches, power-of-two buckets)",
+                         epoch, 100 * sum(int(b.attention_mask.sum()) for b in batches)
+                         / sum(b.input_ids.size for b in batches), len(batches))
             batch = batches[s % spe]
             lr, t = trainer.lr(s), time.perf_counter()
             state, m = trainer.step(state, batch, _row_weights(batch, w_all, s))
@@ -263,7 +266,8 @@ def _loop(trainer: Trainer, state: TrainState, examples, w_all, steps: int, spe:
             dt = time.perf_counter() - t
             tokens = int(batch.attention_mask.sum())
             row = {"step": s + 1, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": float(m["grad_norm"]),
-                   "tokens": tokens, "tokens_per_s": tokens / dt, "seconds": elapsed0 + time.perf_counter() - t0}
+                   "tokens": tokens, "computed_tokens": int(batch.input_ids.size), "tokens_per_s": tokens / dt,
+                   "seconds": elapsed0 + time.perf_counter() - t0}
             if not math.isfinite(loss):
                 raise TrainingError(f"step {s + 1}: the loss is {loss}; lower --lr or keep --clip-norm on "
                                     "(the last checkpoint is intact)")

@@ -151,6 +151,9 @@ def test_select_writes_rows_and_sidecar(tmp_path, capsys):
     # what the selection trains on: every row's response tokens, and their sum in the sidecar
     assert all(1 <= r["response_tokens"] <= 128 for r in got)
     assert meta["response_tokens"] == sum(r["response_tokens"] for r in got)
+    # the share of computed tokens that are real, per pass (counted against the batches in test_data)
+    assert set(meta["real_token_fraction"]) == {"embed", "gradients", "targets"}
+    assert all(0.5 < f <= 1 for f in meta["real_token_fraction"].values())
     assert {"load", "embed", "landmarks", "gradients", "targets", "propagate", "weights", "select"} <= set(
         meta["timings_s"])
 

@@ -240,6 +240,64 @@ def test_collect_rows_follows_the_examples_not_their_file_rows():
         data.collect_rows(batches[1:], lambda b: b.input_ids[:, :1])
 
 
+def test_length_ladder_steps_and_bounds():
+    ladder = data.length_ladder(1024)
+    assert ladder[0] == 64 and ladder[-1] == 1024 and list(ladder) == sorted(set(ladder))
+    assert all(b % 16 == 0 for b in ladder)
+    assert all(hi / lo <= 2 ** 0.25 * 1.2 for lo, hi in zip(ladder, ladder[1:]))  # ~4 steps per doubling
+    assert {64, 128, 256, 512} <= set(ladder)
+    assert data.length_ladder(40) == (40,) and data.length_ladder(100)[-1] == 100
+    with pytest.raises(ValueError):
+        data.length_ladder(0)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sorted_batches_cover_every_example_once_with_little_padding(seed):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(2, 300, 37).tolist()
+    exs = fake_examples(lengths)
+    ladder = data.length_ladder(max(lengths))
+    batches = data.sorted_batches(exs, 4, pad_id=0)
+    seen = []
+    for i, b in enumerate(batches):
+        rows = b.indices[b.sample_mask]
+        longest = max(len(exs[r].input_ids) for r in rows)
+        assert b.bucket == bucket_for(longest, ladder)  # the smallest ladder length that holds the batch
+        assert b.sample_mask.all() or i == len(batches) - 1  # only the last batch has padding rows
+        for r in range(len(rows)):
+            n = len(exs[rows[r]].input_ids)
+            assert np.array_equal(b.input_ids[r, :n], exs[rows[r]].input_ids) and not b.attention_mask[r, n:].any()
+        seen += rows.tolist()
+    assert sorted(seen) == list(range(len(exs)))
+    assert [len(exs[r].input_ids) for r in seen] == sorted(lengths)
+    row = lambda ids: np.array([ids.sum(), len(ids)], np.int64)  # noqa: E731
+    got = data.collect_rows(batches, lambda b: np.stack([row(x[m.astype(bool)]) for x, m in
+                                                         zip(b.input_ids, b.attention_mask)]))
+    np.testing.assert_array_equal(got, np.stack([row(e.input_ids) for e in exs]))
+
+
+def test_real_token_fraction_counts_the_batches_the_passes_build():
+    """Against a count over the batches themselves, chunk by chunk, for both batchings."""
+    lengths = np.random.default_rng(3).integers(2, 500, 101).tolist()
+    exs = fake_examples(lengths)
+    ladder = data.length_ladder(max(lengths))
+    buckets = default_buckets(max(lengths), min_length=64)
+
+    def counted(make):
+        real = computed = 0
+        for lo in range(0, len(exs), 32):
+            for b in make(exs[lo:lo + 32]):
+                real += int(b.attention_mask.sum())
+                computed += b.input_ids.size
+        return real / computed
+
+    before = counted(lambda part: make_batches(part, 4, buckets, pad_id=0))
+    after = counted(lambda part: data.sorted_batches(part, 4, pad_id=0, ladder=ladder))
+    assert data.real_token_fraction(lengths, 4, None, chunk_rows=32) == pytest.approx(before)
+    assert data.real_token_fraction(lengths, 4, ladder, chunk_rows=32) == pytest.approx(after)
+    assert after > before
+
+
 def test_make_batches_shuffle_is_seeded():
     exs = fake_examples(list(range(1, 60)))
     order = lambda bs: [int(i) for b in bs for i in b.indices if i >= 0]
