@@ -19,8 +19,10 @@ from flax import nnx
 from idjax import sharding as shd
 from idjax.data import IGNORE_INDEX
 from idjax.grads import (
-    GradientConfig, batch_arrays, local_microbatch, map_in_steps, sample_losses, single_sample_loss, split_params,
+    LOSS_CHUNK_BYTES, GradientConfig, batch_arrays, local_microbatch, map_in_steps, sample_losses, single_sample_loss,
+    split_params,
 )
+from idjax.models.modeling import head_logits
 from idjax.sketch import Projector, global_norm_sq
 
 HESSIANS = ("exact", "gauss-newton")
@@ -87,29 +89,74 @@ def hvp(loss, params, vectors):
     return jax.vmap(lambda v: jax.jvp(grad, (params,), (v,))[1])(vectors)
 
 
-def gauss_newton_vp(model, targets, vectors, *, params=None):
+def gauss_newton_vp(model, targets, vectors, *, params=None, chunk_bytes: int = LOSS_CHUNK_BYTES):
     """Gauss-Newton products G v = sum_j w_j J_j^T H_out J_j v of L_T (always PSD), for a stack of vectors.
 
     J_j is the Jacobian of the logits of trained token j and H_out = diag(p) - p p^T the softmax
     cross-entropy Hessian there; w_j = 1 / (response tokens of its sample * real samples), the weights
     of L_T. `vectors`: a pytree like the selected params with a leading axis of n; same shape out.
+
+    The model is linearised up to its final hidden states and lm-head matrix; the logits, their tangents
+    and H_out u are formed per chunk of positions where [B, L, V] float32 would exceed chunk_bytes (as
+    in the chunked loss, grads.hidden_loss_sums), so no full-vocabulary array of the whole batch exists.
     """
     graphdef, selected, rest = split_params(model, params)
     targets = as_targets(targets)
+    whole = nnx.merge(graphdef, selected, rest)
+    config = whole.config  # static: the vocabulary and whether the head is tied
+    tied = bool(config.tie_word_embeddings)
+    # The head matrix is linearised only when it is among the differentiated parameters: as a constant
+    # output of jax.linearize (a symbolic-zero tangent), linear_transpose under jit returned garbage.
+    owner = "embed_tokens." if tied else "lm_head."
+    head_selected = any(shd.param_name(path).startswith(owner)
+                        for path, _ in jax.tree_util.tree_flatten_with_path(selected)[0])
+    fixed_matrix = None if head_selected else whole.head()[0]
 
     def gv(v):
         out = jax.tree.map(jnp.zeros_like, selected)
         for ids, mask, labels, real in targets.arrays:
-            def logits_fn(p):
-                return nnx.merge(graphdef, p, rest)(ids, mask)[:, :-1].astype(jnp.float32)
+            def features(p):
+                m = nnx.merge(graphdef, p, rest)
+                hidden = m.hidden_states(ids, mask)[0][:, :-1]
+                return (hidden, m.head()[0]) if head_selected else (hidden,)
 
-            logits, lin = jax.linearize(logits_fn, selected)
-            u = lin(v)
-            prob = jax.nn.softmax(logits, axis=-1)
-            hu = prob * u - prob * jnp.sum(prob * u, axis=-1, keepdims=True)
+            primal, lin = jax.linearize(features, selected)
+            tangent = lin(v)
+            hidden, d_hidden = primal[0], tangent[0]
+            matrix, d_matrix = (primal[1], tangent[1]) if head_selected else (fixed_matrix, None)
             tok = labels[:, 1:] != IGNORE_INDEX
             weight = tok / jnp.maximum(tok.sum(-1, keepdims=True), 1) * real[:, None] / targets.total
-            (back,) = jax.linear_transpose(lin, selected)(hu * weight[..., None])
+            b, length, dim = hidden.shape
+
+            def piece(h, dh, w):
+                """(cotangent of h, of the head matrix) of sum_j w_j <H_out u_j, logits_j> for one chunk."""
+                logits, head_vjp = jax.vjp(lambda x, mat: head_logits(x, mat, tied), h, matrix)
+                u = head_logits(dh, matrix, tied)
+                if d_matrix is not None:
+                    u = u + head_logits(h, d_matrix, tied)
+                prob = jax.nn.softmax(logits, axis=-1)
+                hu = prob * u - prob * jnp.sum(prob * u, axis=-1, keepdims=True)
+                return head_vjp(hu * w[..., None])
+
+            per_chunk = max(1, chunk_bytes // (4 * b * config.vocab_size))
+            if per_chunk >= length:
+                cot_hidden, cot_matrix = piece(hidden, d_hidden, weight)
+            else:
+                steps = -(-length // per_chunk)
+                pad = steps * per_chunk - length
+                split = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)).reshape(  # noqa: E731
+                    b, steps, per_chunk, *x.shape[2:]).swapaxes(0, 1)
+
+                def body(acc, xs):
+                    ch, cm = piece(*xs)
+                    return acc + cm.astype(jnp.float32), ch
+
+                acc, chunks = jax.lax.scan(body, jnp.zeros(matrix.shape, jnp.float32),
+                                           (split(hidden), split(d_hidden), split(weight)))
+                cot_hidden = chunks.swapaxes(0, 1).reshape(b, steps * per_chunk, dim)[:, :length]
+                cot_matrix = acc.astype(matrix.dtype)
+            cots = (cot_hidden, cot_matrix) if head_selected else (cot_hidden,)
+            (back,) = jax.linear_transpose(lin, selected)(cots)
             out = jax.tree.map(jnp.add, out, back)
         return out
 

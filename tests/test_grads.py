@@ -1,6 +1,7 @@
 """Per-example gradients and HVPs against independent references (loops, dense Hessians, FD)."""
 
 import contextlib
+import dataclasses
 import functools
 import logging
 
@@ -210,14 +211,25 @@ def test_hvp_equals_dense_hessian_and_finite_differences(target):
         assert float(jnp.linalg.norm(fd - h) / jnp.linalg.norm(h)) < 1e-2
 
 
-def test_gauss_newton_equals_dense_jacobian_product(target):
-    graphdef, sel, rest, batches = target
+@pytest.mark.parametrize("tied,pattern,chunk_bytes", [
+    (True, "layers.mlp.down_proj", None), (True, "down_proj|embed_tokens", 4 * 2 * 61 * 4),
+    (False, "layers.mlp.down_proj", 4 * 2 * 61 * 4), (False, "down_proj|lm_head", 4 * 2 * 61 * 4)],
+    ids=["whole", "tied-head-in-chunks", "untied-head-fixed", "untied-head-in-chunks"])
+def test_gauss_newton_equals_dense_jacobian_product(model, target, tied, pattern, chunk_bytes):
+    """Against explicit per-token Jacobians, jitted with the parameters and data as arguments (as
+    target_direction calls it): with the lm-head among the parameters or not, tied or not, and the
+    logits formed 4 positions at a time (chunk_bytes), where the head's own tangent and cotangent count."""
+    *_, batches = target
+    if not tied:
+        model = CausalLM(dataclasses.replace(CFG, tie_word_embeddings=False), rngs=nnx.Rngs(3))
+    graphdef, sel, rest = split_params(model, pattern)
     rng = np.random.default_rng(5)
     flat0 = _flat(sel)
     vecs = jnp.asarray(rng.standard_normal((2, flat0.size)), jnp.float32)
     targets = target_arrays(batches)
-    gv = jax.jit(lambda vs: gauss_newton_vp((graphdef, rest), targets, vs, params=sel))
-    got = jax.vmap(_flat)(gv(jax.vmap(lambda v: _unflat(v, sel))(vecs)))
+    kw = {} if chunk_bytes is None else {"chunk_bytes": chunk_bytes}
+    gv = jax.jit(lambda s, r, t, vs: gauss_newton_vp((graphdef, r), t, vs, params=s, **kw))
+    got = jax.vmap(_flat)(gv(sel, rest, targets, jax.vmap(lambda v: _unflat(v, sel))(vecs)))
     # Reference: explicit J (per trained token), explicit softmax Hessian, weights of the mean loss.
     total = sum(int(b.sample_mask.sum()) for b in batches)
     ref = np.zeros_like(np.asarray(vecs))
