@@ -13,7 +13,9 @@ One run, the same samples for every method:
 
     python experiments/bench_engine.py --samples 24 --proj-dim 1024 --params 'mlp\\.down_proj'
 
-The markdown table is printed and appended to experiments/RESULTS.md (--no-record to skip).
+The markdown table is printed and appended to experiments/RESULTS.md (--no-record to skip); --json PATH
+also writes the figures as JSON (experiments/device_suite.sh reads it). The torch baselines run on CUDA
+when torch sees a GPU (--torch-device), in float32 like idjax.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import argparse
 import datetime
 import importlib
 import inspect
+import json
 import math
 import os
 import platform
@@ -156,15 +159,28 @@ def idjax_layout(named, selected) -> list[tuple[int, bool]]:
     return [member for _, members in leaf_layout(named, selected) for member in members]
 
 
+def torch_device(choice: str, torch):
+    """'auto' = CUDA when torch sees a GPU (the device suite's baselines should not be CPU-bound there)."""
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(choice)
+
+
+def torch_synchronizer(device, torch):
+    """A function that waits for the device: CUDA kernels run asynchronously, so a timed call must wait."""
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
 def torch_rademacher_project(flat, k: int, block: int, seed: int, torch):
-    """flat [d] @ R [d, k] / sqrt(k), R +-1 generated block by block (32 signs per int32 word)."""
-    out = torch.zeros(k, dtype=torch.float32)
+    """flat [d] @ R [d, k] / sqrt(k), R +-1 generated block by block (32 signs per int32 word), on flat's device."""
+    dev = flat.device
+    out = torch.zeros(k, dtype=torch.float32, device=dev)
     words = -(-k // 32)
-    shifts = torch.arange(32, dtype=torch.int32)
-    g = torch.Generator().manual_seed(seed)
+    shifts = torch.arange(32, dtype=torch.int32, device=dev)
+    g = torch.Generator(device=dev).manual_seed(seed)
     for s in range(0, flat.numel(), block):
         x = flat[s:s + block]
-        w = torch.randint(-2**31, 2**31, (x.numel(), words), dtype=torch.int32, generator=g)
+        w = torch.randint(-2**31, 2**31, (x.numel(), words), dtype=torch.int32, generator=g, device=dev)
         bits = ((w.unsqueeze(-1) >> shifts) & 1).reshape(x.numel(), words * 32)[:, :k]
         out += x @ (1.0 - 2.0 * bits.to(torch.float32))
     return out / math.sqrt(k)
@@ -185,7 +201,11 @@ def main(argv=None):
     ap.add_argument("--tangents", type=int, default=2)
     ap.add_argument("--block-size", type=int, default=2**14, help="sketch rows generated at a time")
     ap.add_argument("--skip", default="", help="comma list of: torch_loop,torch_vmap,embed")
+    ap.add_argument("--torch-device", default="auto", help="auto (cuda if available, else cpu), cpu or cuda")
+    ap.add_argument("--torch-threads", type=int, default=None, help="torch.set_num_threads (default: every CPU; "
+                    "1 is several times faster for the batch-1 loop on a machine shared with other jobs)")
     ap.add_argument("--no-record", action="store_true")
+    ap.add_argument("--json", default=None, metavar="PATH", help="also write the figures to PATH as JSON")
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     proj = None if args.proj_dim == "none" else int(args.proj_dim)
@@ -193,14 +213,17 @@ def main(argv=None):
     import torch
     from transformers import AutoModelForCausalLM
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.torch_threads or os.cpu_count() or 1)
     torch.manual_seed(0)
+    device = torch_device(args.torch_device, torch)
+    sync = torch_synchronizer(device, torch)
 
     print("loading models ...", flush=True)
     model, tok = models.load("smollm2-135m", dtype="float32")
     path = models.resolve("smollm2-135m")
     hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    hf.eval()
+    hf.to(device).eval()
+    print(f"torch baselines on {device}; jax backend {jax.default_backend()}", flush=True)
 
     recs = docstring_records(args.samples)
     examples, _ = data.tokenize(recs, tok, max_length=128)
@@ -247,8 +270,8 @@ def main(argv=None):
         notes.append(f"{len(named) - len(layout)} torch parameters have no idjax counterpart in the layout")
 
     def torch_one(ex):
-        ids = torch.as_tensor(ex.input_ids[None].astype(np.int64))
-        lab = torch.as_tensor(ex.labels[None].astype(np.int64))
+        ids = torch.as_tensor(ex.input_ids[None].astype(np.int64), device=device)
+        lab = torch.as_tensor(ex.labels[None].astype(np.int64), device=device)
         loss = hf(input_ids=ids, labels=lab).loss  # mean CE over response tokens (shifted)
         grads = torch.autograd.grad(loss, tparams)
         flat = torch.cat([(grads[i].T if t else grads[i]).reshape(-1) for i, t in layout])
@@ -259,10 +282,12 @@ def main(argv=None):
 
     if "torch_loop" not in skip:
         torch_one(examples[0])  # warm-up
+        sync()
         outs = {}
 
         def torch_loop(ex):
             outs[ex.index] = torch_one(ex)
+            sync()
 
         results["grad_torch_loop"] = throughput(torch_loop, examples, n, args.repeats, "torch loop grads")
         if proj is not None:
@@ -272,7 +297,7 @@ def main(argv=None):
             notes.append(f"sketch norms (should be ~1): idjax {a.mean():.3f}+-{a.std():.3f}; torch "
                          f"{np.mean([float(v.norm()) for v in outs.values()]):.3f}")
         else:
-            cos = [float(np.dot(idjax_out[p], outs[e.index].numpy())) for p, e in enumerate(examples)]
+            cos = [float(np.dot(idjax_out[p], outs[e.index].cpu().numpy())) for p, e in enumerate(examples)]
             notes.append(f"idjax vs torch per-sample normalized gradient cosine: min {min(cos):.5f}")
 
     # ------------------------------------------------------------------ gradients: torch.func vmap
@@ -298,13 +323,14 @@ def main(argv=None):
         vg = vmap(per_sample, in_dims=(None, 0, 0, 0))
 
         def vbatch(b):
-            ids = torch.as_tensor(b.input_ids.astype(np.int64))
-            mask = torch.as_tensor(b.attention_mask.astype(np.int64))
-            lab = torch.as_tensor(b.labels.astype(np.int64))
+            ids = torch.as_tensor(b.input_ids.astype(np.int64), device=device)
+            mask = torch.as_tensor(b.attention_mask.astype(np.int64), device=device)
+            lab = torch.as_tensor(b.labels.astype(np.int64), device=device)
             g = vg(sel, ids, mask, lab)
-            if proj is None:
-                return g
-            return torch.stack([torch_rademacher_project(r, proj, args.block_size, 0, torch) for r in g])
+            if proj is not None:
+                g = torch.stack([torch_rademacher_project(r, proj, args.block_size, 0, torch) for r in g])
+            sync()
+            return g
 
         try:
             vbatch(batches[0])  # warm-up
@@ -341,16 +367,19 @@ def main(argv=None):
             base.config.layer_types = base.config.layer_types[:args.blocks]
         tp = {nm: p.detach() for nm, p in base.named_parameters()}
         g = torch.Generator().manual_seed(0)
-        tangents = [{nm: torch.randn(p.shape, generator=g) for nm, p in tp.items()} for _ in range(args.tangents)]
+        tangents = [{nm: torch.randn(p.shape, generator=g).to(device) for nm, p in tp.items()}
+                    for _ in range(args.tangents)]
 
         def torch_embed(ex):
-            ids = torch.as_tensor(ex.input_ids[None].astype(np.int64))
+            ids = torch.as_tensor(ex.input_ids[None].astype(np.int64), device=device)
 
             def f(params):
                 h = functional_call(base, params, (), {"input_ids": ids}).last_hidden_state
                 return h[0, -1]
 
-            return torch.cat([jvp(f, (tp,), (v,))[1] for v in tangents])
+            out = torch.cat([jvp(f, (tp,), (v,))[1] for v in tangents])
+            sync()
+            return out
 
         torch_embed(examples[0])
         results["emb_torch_loop"] = throughput(torch_embed, examples, n, args.repeats, "torch jvp embeddings")
@@ -400,7 +429,8 @@ def main(argv=None):
         f"- machine: {os.cpu_count()} CPUs (`nproc`), {cpu.split(':', 1)[-1].strip()}; shared with other jobs "
         "during the run, so absolute numbers are noisy",
         f"- versions: python {platform.python_version()}, jax {jax.__version__}, flax {flax.__version__}, "
-        f"torch {torch.__version__}, transformers {transformers.__version__}",
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}; "
+        f"jax backend {jax.default_backend()}, torch device {device}",
         f"- model: SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to float32), N = {N:,} "
         f"(config.num_params); gradient w.r.t. {n_sel:,} parameters"
         f"{'' if not args.params else f' matching `{args.params}`'}; projection: "
@@ -418,12 +448,46 @@ def main(argv=None):
     ]
     text = "\n".join(desc) + "\n\n" + table + "\n\n" + "\n".join(f"- {t}" for t in targets + notes) + "\n"
     print("\n" + text)
+    if args.json:
+        write_json(args.json, {
+            "command": cmd, "args": vars(args), "jax_backend": jax.default_backend(),
+            "jax_devices": [str(d) for d in jax.devices()], "torch_device": str(device),
+            "torch_threads": torch.get_num_threads(), "samples": n, "tokens": tokens, "batches": len(batches),
+            "matmul_peak_flops": peak, "params_selected": n_sel, "samples_per_s": results,
+            "idjax_speedup": {key: (None if results.get(base) is None else results[mine] / results[base])
+                              for key, mine, base in [("gradients_vs_torch_loop", "grad_idjax", "grad_torch_loop"),
+                                                      ("gradients_vs_torch_vmap", "grad_idjax", "grad_torch_vmap"),
+                                                      ("embeddings_vs_torch_loop", "emb_idjax", "emb_torch_loop")]
+                              if base in results},
+            "idjax_compile_first_batch_s": {str(k): v for k, v in first.items()},
+            "targets": targets, "notes": notes})
     if not args.no_record:
         out = ROOT / "experiments" / "RESULTS.md"
         head = "" if out.exists() else "# Experiment results\n"
         with out.open("a") as fh:
             fh.write(head + "\n## Engine throughput (issue 3)\n\n" + text)
         print(f"appended to {out}")
+
+
+def json_ready(x):
+    """numpy scalars as Python numbers, NaN / inf as null: strict JSON that any reader parses."""
+    if isinstance(x, dict):
+        return {str(k): json_ready(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_ready(v) for v in x]
+    if isinstance(x, (np.generic, np.ndarray)):
+        return json_ready(x.tolist())
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def write_json(path, record: dict) -> None:
+    """The run's figures for scripts (experiments/device_suite.sh); the markdown stays the human record."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(json_ready(record), indent=1, default=str, allow_nan=False) + "\n")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -107,7 +107,7 @@ class Study:
         self.pool, _ = data.tokenize(self.pool_records, self.tok, max_length=args.max_length, source="pool")
         self.targets, self.evals = {}, {}
         for task in args.tasks:
-            t = data.read_records(DEMO / "targets" / f"{task}.jsonl")
+            t = data.read_records(DEMO / "targets" / f"{task}.jsonl", limit=args.target_limit)
             e = data.read_records(DEMO / "eval" / f"{task}.jsonl", limit=args.eval_limit)
             self.targets[task], _ = data.tokenize(t, self.tok, max_length=args.max_length, source=f"{task} targets")
             self.evals[task], _ = data.tokenize(e, self.tok, max_length=args.max_length, source=f"{task} eval")
@@ -632,6 +632,7 @@ def main(argv=None) -> int:
     ap.add_argument("--full-seeds", default="0", help="seeds of the full-pool fine-tune ('' for none)")
     ap.add_argument("--pool-limit", type=int, default=300)
     ap.add_argument("--eval-limit", type=int, default=None)
+    ap.add_argument("--target-limit", type=int, default=None, help="the first N target rows of each task (16)")
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--landmarks", type=float, default=0.1)
     ap.add_argument("--epochs", type=float, default=2.0)

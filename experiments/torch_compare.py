@@ -30,7 +30,9 @@ each idjax configuration run twice (first call = compile + run; second call = st
 
     python experiments/torch_compare.py --limit 48 --torch-threads 1
 
-The markdown section is appended to experiments/RESULTS.md (--no-record to only print).
+The markdown section is appended to experiments/RESULTS.md (--no-record to only print); --json PATH also
+writes the figures as JSON (experiments/device_suite.sh reads it). The torch side runs on CUDA when torch
+sees a GPU (--torch-device), float32; the shared sketch then copies each gradient to the host.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ sys.path.insert(0, str(ROOT / "experiments"))
 import jax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from bench_engine import leaf_layout, torch_name  # noqa: E402
+from bench_engine import leaf_layout, torch_device, torch_name, torch_synchronizer, write_json  # noqa: E402
 from idjax import data, models, pipeline  # noqa: E402
 from idjax.embed import JVPEmbedder  # noqa: E402
 from idjax.grads import split_params  # noqa: E402
@@ -129,8 +131,9 @@ def run_idjax(model, pool, targets, config, clock, keep_dir=None):
 class TorchInfluence:
     """First-order Influence Distillation in PyTorch, per sample, batch size 1."""
 
-    def __init__(self, hf, hf_trunc, selected, projector, params_rx, torch):
-        self.torch, self.hf, self.projector = torch, hf, projector
+    def __init__(self, hf, hf_trunc, selected, projector, params_rx, torch, device):
+        self.torch, self.hf, self.projector, self.device = torch, hf, projector, device
+        self.sync = torch_synchronizer(device, torch)
         rx = re.compile(params_rx) if params_rx else None
         for p in hf.parameters():
             p.requires_grad_(False)
@@ -149,7 +152,8 @@ class TorchInfluence:
 
     def _ids(self, ex):
         t = self.torch
-        return (t.as_tensor(ex.input_ids[None].astype(np.int64)), t.as_tensor(ex.labels[None].astype(np.int64)))
+        return (t.as_tensor(ex.input_ids[None].astype(np.int64), device=self.device),
+                t.as_tensor(ex.labels[None].astype(np.int64), device=self.device))
 
     def flat_grad(self, ex):
         """The gradient of the sample's mean response-token loss, flattened in idjax's order."""
@@ -160,9 +164,11 @@ class TorchInfluence:
                                for _, members in self.layout for i, tr in members])
 
     def sketch(self, flat):
-        """idjax's Projector on the torch vector (numpy, reshaped to idjax's leaves); timed apart."""
+        """idjax's Projector on the torch vector (numpy, reshaped to idjax's leaves); timed apart, after
+        the device has finished the gradient (which is torch's time, not the sketch's)."""
+        self.sync()
         t0 = time.perf_counter()
-        x = flat.detach().numpy()
+        x = flat.detach().cpu().numpy()
         leaves, off = [], 0
         for shape, _ in self.layout:
             size = int(np.prod(shape))
@@ -216,13 +222,13 @@ class TorchInfluence:
                     x = x[int(layer.group(1))]
                 if key.endswith(".kernel"):
                     x = x.T
-                tk[nm] = t.from_numpy(np.array(x, np.float32))  # a writable copy
+                tk[nm] = t.from_numpy(np.array(x, np.float32)).to(self.device)  # a writable copy
                 if tuple(tk[nm].shape) != tuple(p.shape):
                     raise RuntimeError(f"tangent for {nm}: {tuple(tk[nm].shape)} vs {tuple(p.shape)}")
             self.tangents.append(tk)
         self.primals = {nm: p.detach() for nm, p in self.base.named_parameters()}
         proj = embedder.projection
-        self.embed_projection = None if proj is None else t.from_numpy(np.asarray(proj))
+        self.embed_projection = None if proj is None else t.from_numpy(np.asarray(proj)).to(self.device)
 
     def embed(self, ex):
         """[K * d_model] (or projected): d/de of the last token's final-normed hidden state along
@@ -245,7 +251,8 @@ def torch_krr(torch, e, landmarks, values, delta):
     """C @ values for RBF KRR: C = K(E, E_L) (K_LL + delta * mean(diag K_LL) I)^-1, bandwidth = median
     distance between distinct landmarks (distances on data centred at the landmark mean); landmark
     rows keep their exact values. Returns (propagated [N], bandwidth)."""
-    lm = torch.as_tensor(landmarks)
+    dev = e.device
+    lm = torch.as_tensor(landmarks, device=dev)
     el = e[lm]
     mu = el.mean(0)
     x, xl = e - mu, el - mu
@@ -255,16 +262,16 @@ def torch_krr(torch, e, landmarks, values, delta):
 
     d2 = sqdist(xl, xl)
     d2.fill_diagonal_(0.0)
-    iu = torch.triu_indices(len(lm), len(lm), 1)
+    iu = torch.triu_indices(len(lm), len(lm), 1, device=dev)
     s = float(torch.quantile(d2[iu[0], iu[1]].double().sqrt(), 0.5))  # numpy-style median
     a = torch.exp(-d2 / (2 * s * s))
-    a = a + delta * a.diagonal().mean() * torch.eye(len(lm))
+    a = a + delta * a.diagonal().mean() * torch.eye(len(lm), device=dev)
     chol = torch.linalg.cholesky(a)
-    v = torch.as_tensor(values, dtype=torch.float32)[:, None]
+    v = torch.as_tensor(values, dtype=torch.float32, device=dev)[:, None]
     alpha = torch.cholesky_solve(v, chol)
     out = (torch.exp(-sqdist(x, xl) / (2 * s * s)) @ alpha)[:, 0]
     out[lm] = v[:, 0]
-    return out.double().numpy(), s
+    return out.double().cpu().numpy(), s
 
 
 # ----------------------------------------------------------------------------- main
@@ -279,6 +286,7 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=96, help="the first N rows of the pool")
     ap.add_argument("--pool", default=str(DEMO / "pool.jsonl"))
     ap.add_argument("--task", default="definitions", help="target set idjax/assets/demo/targets/<task>.jsonl")
+    ap.add_argument("--target-limit", type=int, default=None, help="the first N target rows (default all 16)")
     ap.add_argument("--params", default=r"mlp\.down_proj", help="regex over idjax parameter paths")
     ap.add_argument("--proj-dim", type=int, default=4096)
     ap.add_argument("--proj-kind", default="srht", choices=("srht", "rademacher", "gaussian"))
@@ -294,8 +302,12 @@ def main(argv=None) -> int:
                     help="torch.set_num_threads (default: every CPU). On a machine shared with other jobs, 1 is "
                     "several times faster for batch-1 loops: many small ops, each an OpenMP region")
     ap.add_argument("--hf-dir", default=str(HF_DIR), help="HF safetensors copy of the model for torch")
+    ap.add_argument("--scratch-dir", default=str(ROOT / "experiments" / ".store"),
+                    help="where idjax's array stores live during the run (removed after it)")
+    ap.add_argument("--torch-device", default="auto", help="auto (cuda if available, else cpu), cpu or cuda")
     ap.add_argument("--skip-landmarks", action="store_true", help="exact comparison only")
     ap.add_argument("--no-record", action="store_true")
+    ap.add_argument("--json", default=None, metavar="PATH", help="also write the figures to PATH as JSON")
     args = ap.parse_args(argv)
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
@@ -309,6 +321,8 @@ def main(argv=None) -> int:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.set_num_threads(args.torch_threads or os.cpu_count() or 1)
+    device = torch_device(args.torch_device, torch)
+    log.info("torch on %s; jax backend %s", device, jax.default_backend())
     t_start = time.perf_counter()
 
     # ---------------------------------------------------------------- shared inputs
@@ -320,8 +334,8 @@ def main(argv=None) -> int:
     records = data.read_records(args.pool, limit=args.limit)
     pool, pstats = data.tokenize(records, tok, max_length=args.max_length, source=args.pool)
     target_file = DEMO / "targets" / f"{args.task}.jsonl"
-    targets, _ = data.tokenize(data.read_records(target_file), tok, max_length=args.max_length,
-                               source=str(target_file))
+    targets, _ = data.tokenize(data.read_records(target_file, limit=args.target_limit), tok,
+                               max_length=args.max_length, source=str(target_file))
     n, t = len(pool), len(targets)
     k = max(1, round(args.k * n))
     lens = np.array([len(e.input_ids) for e in pool])
@@ -336,7 +350,8 @@ def main(argv=None) -> int:
     projector = Projector(args.proj_kind, args.proj_dim, seed=args.seed)
 
     # ---------------------------------------------------------------- idjax
-    keep = Path(tempfile.mkdtemp(prefix="torch-compare-", dir=ROOT / "experiments" / ".store"))
+    Path(args.scratch_dir).mkdir(parents=True, exist_ok=True)
+    keep = Path(tempfile.mkdtemp(prefix="torch-compare-", dir=args.scratch_dir))
     runs = {}
     try:
         log.info("idjax exact, call 1 (compiles)")
@@ -363,7 +378,7 @@ def main(argv=None) -> int:
 
     # ---------------------------------------------------------------- torch
     log.info("loading the HF model from %s (peak RSS so far %.2f GiB)", hf_dir, peak_rss_gib())
-    hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).to(device).eval()
     ecfg = cfg_lm.embed
     if getattr(ecfg, "pooling", "last") != "last":
         raise SystemExit(f"the torch JVP embedding implements last-token features only, not {ecfg.pooling!r}")
@@ -373,14 +388,15 @@ def main(argv=None) -> int:
         tcfg.layer_types = tcfg.layer_types[:ecfg.num_blocks]
     # SDPA's CPU kernel has no forward-mode AD: the JVP model uses eager attention.
     hf_trunc = AutoModelForCausalLM.from_pretrained(str(hf_dir), config=tcfg, dtype=torch.float32,
-                                                    attn_implementation="eager").eval()
+                                                    attn_implementation="eager").to(device).eval()
     _, selected, _ = split_params(model, args.params)
-    ti = TorchInfluence(hf, hf_trunc, selected, projector, args.params, torch)
+    ti = TorchInfluence(hf, hf_trunc, selected, projector, args.params, torch, device)
     tt = {}  # torch stage -> (torch seconds, sketch seconds)
 
     def timed(name, fn):
         s0, t0 = ti.sketch_s, time.perf_counter()
         out = fn()
+        ti.sync()
         total = time.perf_counter() - t0
         tt[name] = (total - (ti.sketch_s - s0), ti.sketch_s - s0)
         log.info("torch %s: %.1f s (of which idjax sketch %.1f s); peak RSS so far %.2f GiB", name, total,
@@ -390,6 +406,7 @@ def main(argv=None) -> int:
     # warm-up outside the clocks: torch's first backward, and the sketch's compilation (idjax code)
     t0 = time.perf_counter()
     ti.gradients(pool[:1])
+    ti.sync()
     torch_warm = time.perf_counter() - t0
     ti.sketch_s = 0.0
 
@@ -408,6 +425,7 @@ def main(argv=None) -> int:
         ti.set_tangents(emb)
         del emb
         ti.embed(pool[0])  # warm-up
+        ti.sync()
         e_torch = timed("embeddings", lambda: ti.embeddings(pool))
         num = cfg_lm.num_landmarks(n)
         lm_torch = timed("landmark choice",
@@ -422,7 +440,7 @@ def main(argv=None) -> int:
         (s_lm_torch, bw_torch) = timed("propagation", propagate)
         rows_lm_torch = timed("select (landmarks)",
                               lambda: torch.topk(torch.from_numpy(s_lm_torch), k).indices.numpy())
-        res.update(e_torch=e_torch.numpy(), lm=lm_torch, s_lm=s_lm_torch, rows_lm=rows_lm_torch, bw=bw_torch)
+        res.update(e_torch=e_torch.cpu().numpy(), lm=lm_torch, s_lm=s_lm_torch, rows_lm=rows_lm_torch, bw=bw_torch)
     rss_gb = peak_rss_gib()
     total_s = time.perf_counter() - t_start
 
@@ -432,15 +450,23 @@ def main(argv=None) -> int:
     s_naive = s_torch / (1.0 + err)  # torch scores had the gradients been normalised with Tensor.norm()
     rows_naive = np.argsort(-s_naive, kind="stable")[:k]
     cos = np.sum(g_idjax * g_torch, 1) / np.linalg.norm(g_idjax, axis=1) / np.linalg.norm(g_torch, axis=1)
+    agreement = {  # the figures for --json; the table below formats the same numbers
+        "exact_spearman": spearman(s_idjax, s_torch),
+        "exact_max_abs_diff": float(np.max(np.abs(s_idjax - s_torch))),
+        "exact_topk_overlap": overlap(sel_exact.rows, rows_torch),
+        "gradients_max_abs_diff": float(np.max(np.abs(g_idjax - g_torch))),
+        "gradients_min_cosine": float(cos.min()),
+        "torch_norm_relative_error_min_max": [float(err.min()), float(err.max())],
+    }
     agree = [
-        ("exact scores: Spearman idjax vs torch", f"{spearman(s_idjax, s_torch):.6f}"),
+        ("exact scores: Spearman idjax vs torch", f"{agreement['exact_spearman']:.6f}"),
         ("exact scores: max abs diff (range of the scores)",
-         f"{np.max(np.abs(s_idjax - s_torch)):.2e} ({s_idjax.min():.3f} .. {s_idjax.max():.3f})"),
-        (f"exact: top-{k} (top {args.k:.0%}) overlap", f"{overlap(sel_exact.rows, rows_torch):.2f}"),
+         f"{agreement['exact_max_abs_diff']:.2e} ({s_idjax.min():.3f} .. {s_idjax.max():.3f})"),
+        (f"exact: top-{k} (top {args.k:.0%}) overlap", f"{agreement['exact_topk_overlap']:.2f}"),
         ("projected per-sample gradients: max abs diff (rows have norm ~1)",
-         f"{np.max(np.abs(g_idjax - g_torch)):.2e}"),
-        ("projected per-sample gradients: min cosine idjax vs torch", f"{cos.min():.7f}"),
-        ("torch float32 `Tensor.norm()` relative error on these gradients (CPU), min .. max",
+         f"{agreement['gradients_max_abs_diff']:.2e}"),
+        ("projected per-sample gradients: min cosine idjax vs torch", f"{agreement['gradients_min_cosine']:.7f}"),
+        (f"torch float32 `Tensor.norm()` relative error on these gradients ({device.type.upper()}), min .. max",
          f"{err.min():+.2e} .. {err.max():+.2e}"),
         ("exact scores with torch gradients normalised by `Tensor.norm()`: Spearman vs idjax / max abs diff / "
          f"top-{k} overlap",
@@ -453,18 +479,30 @@ def main(argv=None) -> int:
         rest = np.setdiff1d(np.arange(n), res["lm"])
         rel = np.linalg.norm(e_idjax - res["e_torch"], axis=1) / np.linalg.norm(e_idjax, axis=1)
         bw_idjax = sel_lm.info.get("propagation", {}).get("bandwidth", float("nan"))
+        agreement.update({
+            "embeddings_max_relative_row_diff": float(rel.max()),
+            "same_landmarks": bool(same_lm),
+            "krr_bandwidth_idjax_torch": [float(bw_idjax), float(res["bw"])],
+            "propagated_spearman": spearman(sel_lm.scores, res["s_lm"]),
+            "propagated_spearman_non_landmark": spearman(sel_lm.scores[rest], res["s_lm"][rest]),
+            "propagated_max_abs_diff": float(np.max(np.abs(sel_lm.scores - res["s_lm"]))),
+            "propagated_topk_overlap": overlap(sel_lm.rows, res["rows_lm"]),
+            "propagated_vs_exact_spearman_non_landmark_idjax_torch": [spearman(sel_lm.scores[rest], s_idjax[rest]),
+                                                                      spearman(res["s_lm"][rest], s_torch[rest])],
+        })
         agree += [
-            ("JVP embeddings: max relative row difference, norm(E_idjax - E_torch) / norm(E_idjax)", f"{rel.max():.2e}"),
+            ("JVP embeddings: max relative row difference, norm(E_idjax - E_torch) / norm(E_idjax)",
+             f"{agreement['embeddings_max_relative_row_diff']:.2e}"),
             (f"landmarks: the same {len(res['lm'])} indices", str(same_lm)),
             ("KRR bandwidth idjax / torch", f"{bw_idjax:.6g} / {res['bw']:.6g}"),
-            ("propagated scores: Spearman idjax vs torch (all rows)", f"{spearman(sel_lm.scores, res['s_lm']):.6f}"),
+            ("propagated scores: Spearman idjax vs torch (all rows)", f"{agreement['propagated_spearman']:.6f}"),
             ("propagated scores: Spearman idjax vs torch (non-landmark rows)",
-             f"{spearman(sel_lm.scores[rest], res['s_lm'][rest]):.6f}"),
-            ("propagated scores: max abs diff", f"{np.max(np.abs(sel_lm.scores - res['s_lm'])):.2e}"),
-            (f"propagated: top-{k} overlap idjax vs torch", f"{overlap(sel_lm.rows, res['rows_lm']):.2f}"),
+             f"{agreement['propagated_spearman_non_landmark']:.6f}"),
+            ("propagated scores: max abs diff", f"{agreement['propagated_max_abs_diff']:.2e}"),
+            (f"propagated: top-{k} overlap idjax vs torch", f"{agreement['propagated_topk_overlap']:.2f}"),
             ("(for scale, not a framework comparison) propagated vs exact scores, Spearman on non-landmark "
-             "rows: idjax / torch",
-             f"{spearman(sel_lm.scores[rest], s_idjax[rest]):.3f} / {spearman(res['s_lm'][rest], s_torch[rest]):.3f}"),
+             "rows: idjax / torch", "{:.3f} / {:.3f}".format(
+                 *agreement["propagated_vs_exact_spearman_non_landmark_idjax_torch"])),
         ]
 
     # ---------------------------------------------------------------- speed table
@@ -492,11 +530,16 @@ def main(argv=None) -> int:
         tsec = sum(a + b for a, b in got) if got else None
         return "| " + " | ".join([label] + cells(path, stage, tsec, sum(b for _, b in got))) + " |"
 
+    totals = {}  # path -> the select_samples figures of its total row, for --json
+
     def total_row(label, path, tkeys):
         tsec = sum(sum(tt[x]) for x in tkeys)
         walls = [runs[r][3] for r in (path + "1", path + "2") if r in runs]
         comps = [sum(runs[r][2].values()) for r in (path + "1", path + "2") if r in runs]
         steady = min(w - c for w, c in zip(walls, comps))
+        totals["exact" if path == "exact" else "landmarks"] = {
+            "idjax_wall_s": walls, "idjax_compile_s": comps, "idjax_excl_compile_s": steady,
+            "torch_plus_sketch_s": tsec, "torch_stages": list(tkeys)}
         return "| " + " | ".join([label, f"{walls[0]:.2f}", f"{comps[0]:.1f}",
                                   f"{walls[1]:.2f}" if len(walls) > 1 else "-",
                                   f"{comps[1]:.1f}" if len(comps) > 1 else "-", f"{steady:.2f}",
@@ -540,9 +583,10 @@ def main(argv=None) -> int:
         f"- command: `{cmd}`",
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; whole run {total_s:.0f} s, "
         f"peak RSS {rss_gb:.1f} GiB",
-        f"- machine: {os.cpu_count()} CPUs (`nproc`), {cpu.split(':', 1)[-1].strip()}, CPU only; SHARED with "
-        f"other heavy jobs during the run (load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
-        "on 2 cores), so absolute times are noisy and both frameworks were slowed",
+        f"- machine: {os.cpu_count()} CPUs (`nproc`), {cpu.split(':', 1)[-1].strip()}; jax backend "
+        f"{jax.default_backend()}, torch device {device}; load average at the end {load[0]:.1f} / {load[1]:.1f} / "
+        f"{load[2]:.1f} on {os.cpu_count()} cores (a load above the core count means other jobs shared the "
+        "machine: absolute times are then noisy and both frameworks were slowed)",
         f"- versions: python {platform.python_version()}, jax {jax.__version__}, flax {flax.__version__}, "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}",
         f"- model: SmolLM2-135M-Instruct float32 (torch: `idjax convert` of the same GGUF); gradients w.r.t. "
@@ -563,6 +607,16 @@ def main(argv=None) -> int:
     text = "\n".join(desc) + "\n\nAgreement:\n\n| quantity | value |\n|---|---|\n" + "\n".join(
         f"| {a} | {b} |" for a, b in agree) + "\n\nTime per stage (seconds):\n\n" + "\n".join(table) + "\n"
     print("\n" + text, flush=True)
+    if args.json:
+        write_json(args.json, {
+            "command": cmd, "args": vars(args), "jax_backend": jax.default_backend(),
+            "jax_devices": [str(d) for d in jax.devices()], "torch_device": str(device),
+            "torch_threads": torch.get_num_threads(), "pool": n, "pool_tokens": int(lens.sum()), "targets": t,
+            "k": k, "whole_run_s": total_s, "peak_rss_gib": rss_gb, "torch_warm_up_s": torch_warm,
+            "agreement": agreement, "totals": totals,
+            "idjax_calls": {key: {"wall_s": wall, "stages_s": stages, "compile_s": compile_s}
+                            for key, (_, stages, compile_s, wall) in runs.items()},
+            "torch_stages": {name: {"torch_s": a, "sketch_s": b} for name, (a, b) in tt.items()}})
     if not args.no_record:
         out = ROOT / "experiments" / "RESULTS.md"
         with out.open("a") as fh:  # one write: another job may append to the same file
