@@ -12,6 +12,11 @@ sorted by length and cut into consecutive batches, each padded to the smallest l
   --long-max-length, --rows rows (instruction pools such as Tulu V2 have this shape).
 
     python experiments/bench_padding.py
+    python experiments/bench_padding.py --time-embed 256   # also time JVP embeddings of 256 bundled rows
+
+--time-embed N: the seconds of idjax's JVP embeddings (JVPEmbedder, the default EmbedConfig) of the bundled
+pool's first N rows at --max-length, batched both ways, each twice (the first call compiles its shapes), in
+one process; and the largest difference between the two batchings' embeddings (the maths is unchanged).
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sigma", type=float, default=1.0)
     ap.add_argument("--long-max-length", type=int, default=2048)
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--time-embed", type=int, default=0, metavar="N", help="time JVP embeddings of N bundled rows")
     args = ap.parse_args(argv)
 
     from idjax import data as D
@@ -84,9 +90,46 @@ def main(argv=None) -> int:
     for name, rows in results.items():
         for scheme, r in rows.items():
             print(f"| {name} | {scheme} | {r['real_token_fraction']:.1%} | {r['shapes']} |")
+    if args.time_embed:
+        results["timed"] = time_embeddings(pool[:args.time_embed], args.batch_size, tok.pad_token_id or 0)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0
+
+
+def time_embeddings(examples, batch_size: int, pad_id: int) -> dict:
+    import time
+
+    from idjax import data as D
+    from idjax import demo, models
+    from idjax.embed import EmbedConfig, JVPEmbedder
+
+    model, _ = models.load(demo.MODEL, tokenizer=False)
+    embedder = JVPEmbedder(model, EmbedConfig())
+    longest = max(len(e.input_ids) for e in examples)
+    batchings = {
+        "power-of-two buckets (before)": lambda: D.make_batches(
+            examples, batch_size, D.default_buckets(longest, min_length=min(64, longest)), pad_id=pad_id),
+        "length-sorted, 4 lengths per octave (now)": lambda: D.sorted_batches(examples, batch_size, pad_id=pad_id)}
+    out, embeddings = {}, {}
+    print(f"\nJVP embeddings of {len(examples)} bundled rows (longest {longest} tokens), batch {batch_size}:\n")
+    print("| batching | real tokens / computed | first call, with compilation (s) | second call (s) |")
+    print("|---|---|---|---|")
+    for name, make in batchings.items():
+        batches = make()
+        seconds = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            embeddings[name] = embedder.run(batches, progress=False)
+            seconds.append(time.perf_counter() - t0)
+        real = sum(int(b.attention_mask.sum()) for b in batches) / sum(b.input_ids.size for b in batches)
+        out[name] = {"real_token_fraction": real, "first_s": seconds[0], "second_s": seconds[1]}
+        print(f"| {name} | {real:.1%} | {seconds[0]:.1f} | {seconds[1]:.1f} |", flush=True)
+    a, b = embeddings.values()
+    out["max_abs_difference"] = float(np.abs(a - b).max())
+    print(f"\nlargest difference between the two batchings' embeddings: {out['max_abs_difference']:.2e} "
+          f"(largest entry {float(np.abs(a).max()):.2e})")
+    return out
 
 
 if __name__ == "__main__":

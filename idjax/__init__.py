@@ -20,7 +20,8 @@ __version__ = "0.1.0"
 # module -> the names it exports, in the order data flows through the method
 _EXPORTS = {
     "configs": ("EmbedConfig", "SelectConfig", "TrainRecipe", "WarmupRecipe"),
-    "data": ("read_records", "tokenize", "make_batches", "Example", "Batch", "DataError"),
+    "data": ("read_records", "tokenize", "Example", "DataError"),
+    "batching": ("make_batches", "sorted_batches", "Batch"),
     "models": ("load",),
     "sketch": ("Projector", "project_tree", "global_norm_sq"),
     "grads": ("token_losses", "response_loss_sums", "mean_response_loss", "hidden_loss_sums", "sample_losses",

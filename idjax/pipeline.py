@@ -80,11 +80,10 @@ def cut_to_token_budget(selection: Selection, pool: Sequence[D.Example], budget_
     """The selection's rows, in their order, while their response tokens sum to at most `budget_tokens`."""
     tokens = np.asarray([e.response_tokens for e in pool], np.int64)
     rows = within_token_budget(selection.rows, tokens, budget_tokens)
-    weights = np.asarray(selection.weights)
     info = {**selection.info, "budget_tokens": {"budget": int(budget_tokens), "ranked": len(selection.rows),
                                                 "selected": len(rows), "response_tokens": int(tokens[rows].sum())}}
     owners = None if selection.owners is None else selection.owners[:len(rows)]
-    return dataclasses.replace(selection, rows=rows, weights=weights, owners=owners, info=info)
+    return dataclasses.replace(selection, rows=rows, owners=owners, info=info)
 
 
 # ----------------------------------------------------------------------------- the whole selection
