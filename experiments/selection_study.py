@@ -365,11 +365,7 @@ def _ms(values):
 def report(args) -> None:
     out = Path(args.out)
     res = json.loads((out / "results.json").read_text())
-    cells: dict = {}
-    for key, v in res.items():
-        if key.startswith("main/"):
-            _, task, method, frac, _seed = key.split("/")
-            cells.setdefault((task, frac, method), []).append(v)
+    cells = _cells(res, "main")
     tasks = [t for t in TASKS if any(c[0] == t for c in cells)]
     fracs = sorted({c[1] for c in cells if c[2] != "full"}, key=float)
     methods = [m for m in METHODS if any(c[2] == m for c in cells)]
@@ -525,14 +521,20 @@ def _paired_differences(cells) -> str:
     return "\n".join(lines)
 
 
+def _cells(res, prefix: str) -> dict:
+    """{(task, budget, method): [result of each seed]} of the `prefix`/task/method/budget/seed keys."""
+    cells: dict = {}
+    for key, v in res.items():
+        if key.startswith(prefix + "/"):
+            _, task, method, frac, _seed = key.split("/")
+            cells.setdefault((task, frac, method), []).append(v)
+    return cells
+
+
 def _equal_tokens_section(res, main_cells) -> list[str]:
     """The tokens/ cells (every method given the same share of the pool's response tokens) next to the
     equal-k cells: loss, rows and response tokens per method, and the paired differences."""
-    cells: dict = {}
-    for key, v in res.items():
-        if key.startswith("tokens/"):
-            _, task, method, frac, _seed = key.split("/")
-            cells.setdefault((task, frac, method), []).append(v)
+    cells = _cells(res, "tokens")
     if not cells:
         return []
     methods = [m for m in METHODS if any(c[2] == m for c in cells)]

@@ -163,5 +163,6 @@ def select_baseline(method: str, model, pool: Sequence[D.Example], targets: Sequ
     info = {"method": method, "k": int(k), "seed": seed, "pool": n, "targets": len(targets),
             "timings_s": timings}
     if method in ("rds", "mid-ppl"):  # the features pass over the pool, in length-sorted batches
-        info["real_token_fraction"] = {"features": P.real_tokens(pool, batch_size, chunk_rows)}
+        info["real_token_fraction"] = {"features": P.real_tokens(pool, batch_size,
+                                                                 chunk_rows if store_dir is not None else None)}
     return Selection(np.asarray(rows, np.int64), scores, weights, owners, np.zeros(0, np.int64), info)

@@ -38,8 +38,12 @@ def example_buckets(examples: Sequence[Example], *, tight: bool = False) -> tupl
     and the first min(64, longest), so no row is padded past the longest sample of the set."""
     longest = max(len(e.input_ids) for e in examples)
     if tight:
-        return default_buckets(max(longest, 1), min_length=min(64, longest))
+        return _tight_buckets(longest)
     return default_buckets(max(64, 1 << (longest - 1).bit_length()))
+
+
+def _tight_buckets(longest: int) -> tuple[int, ...]:
+    return default_buckets(max(longest, 1), min_length=min(64, longest))
 
 
 def bucket_for(length: int, buckets: Iterable[int]) -> int:
@@ -156,12 +160,11 @@ def real_token_fraction(lengths, batch_size: int, ladder: Sequence[int] | None =
     make_batches with example_buckets(tight=True) would pad them."""
     lengths = np.asarray(lengths, np.int64)
     chunk_rows = chunk_rows or max(len(lengths), 1)
+    buckets = _tight_buckets(int(lengths.max())) if ladder is None else None
     computed = 0
     for lo in range(0, len(lengths), chunk_rows):
         part = lengths[lo:lo + chunk_rows]
         if ladder is None:
-            longest = int(lengths.max())
-            buckets = default_buckets(max(longest, 1), min_length=min(64, longest))
             sizes: dict[int, int] = {}
             for n in part:
                 b = bucket_for(int(n), buckets)

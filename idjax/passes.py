@@ -164,19 +164,25 @@ def fill_store(store: ArrayStore, fn, desc: str) -> None:
                          "process finished its part: do all processes see the same --store directory?")
 
 
+def _ladder_and_real_tokens(examples: Sequence[D.Example], batch_size: int, chunk_rows: int | None):
+    lengths = [len(e.input_ids) for e in examples]
+    ladder = D.length_ladder(max(lengths))
+    return ladder, round(D.real_token_fraction(lengths, batch_size, ladder, chunk_rows=chunk_rows), 4)
+
+
 def real_tokens(examples: Sequence[D.Example], batch_size: int, chunk_rows: int | None = None) -> float:
     """The share of the computed tokens that are real when a pass batches `examples` (each chunk of
     chunk_rows on its own) in length-sorted batches: what the stage logs and the sidecar reports."""
-    lengths = [len(e.input_ids) for e in examples]
-    return round(D.real_token_fraction(lengths, batch_size, D.length_ladder(max(lengths)), chunk_rows=chunk_rows), 4)
+    return _ladder_and_real_tokens(examples, batch_size, chunk_rows)[1]
 
 
 def sorted_ladder(examples: Sequence[D.Example], batch_size: int, chunk_rows: int | None, stage: str):
     """The padded lengths of a pass's length-sorted batches, one ladder for every chunk so that they share
     compilations; logs the share of the computed tokens that are real."""
+    ladder, real = _ladder_and_real_tokens(examples, batch_size, chunk_rows)
     log.info("%s: %.1f%% of the computed tokens are real (%d rows in length-sorted batches of %d)",
-             stage, 100 * real_tokens(examples, batch_size, chunk_rows), len(examples), batch_size)
-    return D.length_ladder(max(len(e.input_ids) for e in examples))
+             stage, 100 * real, len(examples), batch_size)
+    return ladder
 
 
 def mesh_batch(batch_size: int, mesh) -> int:
