@@ -122,3 +122,16 @@ print(model(jnp.asarray(b.input_ids), jnp.asarray(b.attention_mask)).shape)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == "(4, 64, 49152)"
     assert any((tmp_path / "cache" / "tokenizers").iterdir())  # built here, not read from a cache
+
+
+def test_the_cached_tokenizer_equals_the_built_one(smollm2_path, tmp_path, monkeypatch):
+    """load_tokenizer builds a GGUF tokenizer once, then reads it back from the cache by its class name."""
+    from idjax.models import load_tokenizer
+
+    monkeypatch.setenv("IDJAX_CACHE", str(tmp_path))
+    built = load_tokenizer(smollm2_path)
+    assert len(list((tmp_path / "tokenizers").iterdir())) == 1
+    cached = load_tokenizer(smollm2_path)
+    records = _records()[:200]
+    texts = [m["content"] for r in records for m in r["messages"]] + ["", "émoji 🙂 中文", "<|im_start|>user\nhi"]
+    _assert_same(cached, built, texts, [r["messages"] for r in records[:50]])

@@ -174,10 +174,10 @@ def _tokenizer_from(p: Path, make):
 def load_tokenizer(path: str | os.PathLike):
     """The HF tokenizer of a checkpoint directory or GGUF file (GGUF conversions are cached)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoTokenizer
-
     p = resolve(path)
     if p.is_dir():
+        from transformers import AutoTokenizer
+
         if not any((p / f).is_file() for f in _TOKENIZER_FILES):
             raise CheckpointError(f"{p}: no tokenizer in the checkpoint directory (expected one of "
                                   f"{', '.join(_TOKENIZER_FILES)})")
@@ -191,7 +191,11 @@ def load_tokenizer(path: str | os.PathLike):
         key = f"gguf_tokenizer-1:{p.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
         cached = _cache_dir() / "tokenizers" / hashlib.sha256(key.encode()).hexdigest()[:16]
         if (cached / "tokenizer_config.json").exists():
-            tok = AutoTokenizer.from_pretrained(str(cached))
+            # The class gguf_tokenizer builds, named directly: AutoTokenizer would import torch where it
+            # is installed, two seconds of every start.
+            from transformers import PreTrainedTokenizerFast
+
+            tok = PreTrainedTokenizerFast.from_pretrained(str(cached))
         else:
             tok = gguf_tokenizer(p)
             try:  # written aside, then renamed: an interrupted write leaves no half cache behind
