@@ -94,11 +94,8 @@ def _like(tree, mesh, dtype=None, *, lead: int = 0, lead_shape: tuple = ()):
 
     from idjax import sharding as shd
 
-    def one(path, x):
-        shape = (*lead_shape, *x.shape)
-        return jax.ShapeDtypeStruct(shape, dtype or x.dtype, sharding=shd.param_sharding(
-            shd.param_name(path), shape, mesh, lead=lead))
-    return jax.tree_util.tree_map_with_path(one, tree)
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct((*lead_shape, *x.shape), dtype or x.dtype), tree)
+    return shd.abstract_arrays(shapes, shd.param_shardings(shapes, mesh, lead=lead))
 
 
 def _first_fit(stage: str, settings: list, compile_one: Callable, budget: int, flops: Callable) -> StagePlan:

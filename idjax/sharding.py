@@ -276,6 +276,12 @@ def param_shardings(tree, mesh: Mesh, rules: dict[str, str | None] = RULES, *, l
         lambda path, x: param_sharding(param_name(path), getattr(x, "shape", ()), mesh, rules, lead=lead), tree)
 
 
+def abstract_arrays(tree, shardings):
+    """ShapeDtypeStructs like the leaves of `tree` (arrays or shapes), each with the matching sharding of
+    `shardings` (a pytree of the same structure): inputs or restore targets, nothing allocated."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
 def shard_params(tree, mesh: Mesh | None, rules: dict[str, str | None] = RULES, *, lead: int = 0):
     """Place a parameter pytree on the mesh: replicated, or FSDP-sharded by `rules` when fsdp > 1."""
     if not active(mesh) or tree is None:

@@ -218,7 +218,7 @@ class Trainer:
         shapes = self._shapes()
         if self.shardings is None:
             return shapes
-        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, self.shardings)
+        return shd.abstract_arrays(shapes, self.shardings)
 
     def params(self, state: TrainState):
         """Full float32 parameters of `state` (LoRA merged into the base)."""
@@ -309,9 +309,8 @@ def compile_step(model_config, spec: OptimizerSpec, mesh, *, rows: int, grad_acc
     state = jax.eval_shape(lambda p: TrainState(p, spec.build().init(p), jnp.zeros((), jnp.int32),
                                                 jax.random.key_data(jax.random.key(0))), params)
     shardings = shd.param_shardings(state, mesh)
-    sds = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
-    state = jax.tree.map(sds, state, shardings)
-    rest = jax.tree.map(sds, rest, shd.param_shardings(rest, mesh))
+    state = shd.abstract_arrays(state, shardings)
+    rest = shd.abstract_arrays(rest, shd.param_shardings(rest, mesh))
     per = rows // grad_accum
     batch = NamedSharding(mesh, P(None, shd.ROWS))
     ids = jax.ShapeDtypeStruct((grad_accum, per, length), jnp.int32, sharding=batch)
