@@ -6,7 +6,41 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+def _session_compilation_cache() -> None:
+    """One persistent XLA compilation cache for this test run, inherited by every CLI subprocess a test
+    starts: dozens of processes compile the same SmolLM2 programs. A fresh folder each run (removed at
+    exit), so every program is still compiled once per run and nothing carries over between runs."""
+    import atexit
+    import shutil
+    import tempfile
+
+    if "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return
+    folder = tempfile.mkdtemp(prefix="idjax-test-xla-cache-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+
+
+_session_compilation_cache()
+
 import pytest  # noqa: E402
+
+
+#: The longest modules (end-to-end runs of minutes each) run first: with the suite split over two
+#: workers by module (.ci/run: pytest -n 2 --dist loadscope), a long module started last would leave
+#: one worker idle while the other finishes it.
+LONG_MODULES_FIRST = ("test_device_suite.py", "test_readme.py", "test_demo.py", "test_distributed.py",
+                      "test_notebook.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        name = item.path.name
+        return LONG_MODULES_FIRST.index(name) if name in LONG_MODULES_FIRST else len(LONG_MODULES_FIRST)
+
+    items.sort(key=rank)  # stable: each module's tests stay together and in their order
 
 
 @pytest.fixture(autouse=True)
