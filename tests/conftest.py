@@ -29,8 +29,9 @@ import pytest  # noqa: E402
 
 
 #: The longest modules (end-to-end runs of minutes each) run first: with the suite split over two
-#: workers by module (.ci/run: pytest -n 2 --dist loadscope), a long module started last would leave
-#: one worker idle while the other finishes it.
+#: workers by module (.ci/run: pytest -n 2 --dist loadscope --no-loadscope-reorder; xdist would otherwise
+#: start the modules with the most tests first), a long module started last would leave one worker idle
+#: while the other finishes it.
 LONG_MODULES_FIRST = ("test_device_suite.py", "test_readme.py", "test_demo.py", "test_distributed.py",
                       "test_notebook.py")
 

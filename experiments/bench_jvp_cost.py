@@ -1,0 +1,189 @@
+"""What a JVP embedding costs against its own limit (issue 19, waste 4).
+
+A JVP embedding runs the first B decoder blocks once for the primal and, for each of K tangents, a tangent
+pass: every matmul y = W x gets dy = dW x + W dx, two matmuls. Its limit is therefore (1 + 2K) primal
+passes of B blocks, (1 + 2K) * B / layers of the full forward pass that RDS+ features take (no lm-head in
+either). This script times, on the same length-sorted batches in one process:
+
+* the full forward pass to the final hidden states (what RDS+ computes);
+* the primal of the truncated model alone (the pooled features, no tangent);
+* JVP embeddings (idjax.embed.jvp_embeddings, the default EmbedConfig otherwise) with K = 1, 2, 4 tangents,
+  and with K = 2 over the decoder blocks' parameters only (no tangent on the embedding table);
+
+each as its compiled XLA program, with the compiler's own FLOP count (cost_analysis) next to the seconds, so
+that the measured cost can be split into "more FLOPs than the count" and "the same FLOPs run slower".
+
+    python experiments/bench_jvp_cost.py                  # 64 bundled rows, max 128 tokens, batch 8
+    python experiments/bench_jvp_cost.py --rows 128 --repeats 5 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def compiled_flops(compiled) -> float | None:
+    """The compiler's FLOP count of one compiled call (cost_analysis is a dict or a list of one dict)."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def time_program(name: str, fn, args_per_batch, repeats: int, scan_trips: int) -> dict:
+    """Compile fn for every batch shape, then time `repeats` passes over all batches; median seconds.
+    The decoder blocks run under one lax.scan, whose body the compiler counts once: its FLOPs are
+    multiplied by scan_trips (the blocks the program runs; the embedding lookup and norm are noise)."""
+    import jax
+
+    jitted = jax.jit(fn)
+    flops, compiled = 0.0, {}
+    shape = lambda args: args[-1].shape  # noqa: E731 (the batch's [B, L]; the rest is the same for every batch)
+    for args in args_per_batch:
+        key = shape(args)
+        if key not in compiled:
+            compiled[key] = jitted.lower(*args).compile()
+        f = compiled_flops(compiled[key])
+        f = None if f is None else f * scan_trips
+        flops = None if f is None or flops is None else flops + f
+    for args in args_per_batch:  # warm: the first run of an executable allocates
+        jax.block_until_ready(compiled[shape(args)](*args))
+    seconds = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for args in args_per_batch:
+            jax.block_until_ready(compiled[shape(args)](*args))
+        seconds.append(time.perf_counter() - t0)
+    out = {"seconds": statistics.median(seconds), "all_seconds": seconds, "flops": flops}
+    print(f"{name}: {out['seconds']:.2f} s, compiler count {flops / 1e9 if flops else float('nan'):.1f} GFLOP",
+          flush=True)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=64, help="first rows of the bundled pool")
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from idjax import data as D
+    from idjax import demo, models
+    from idjax.configs import EmbedConfig
+    from idjax.embed import jvp_embeddings, pooled_features, random_tangents, truncate
+    from idjax.grads import split_params
+
+    cfg = EmbedConfig()
+    model, tok = models.load(demo.MODEL)
+    records = D.read_records(ROOT / "idjax" / "assets" / "demo" / "pool.jsonl", limit=args.rows)
+    examples, _ = D.tokenize(records, tok, max_length=args.max_length, source="pool")
+    batches = D.sorted_batches(examples, args.batch_size, pad_id=tok.pad_token_id or 0)
+    real_tokens = sum(int(b.attention_mask.sum()) for b in batches)
+    rows = len(examples)
+    layers, blocks = model.config.num_layers, cfg.num_blocks
+    print(f"{rows} rows, {real_tokens} real tokens in {len(batches)} length-sorted batches of {args.batch_size}; "
+          f"SmolLM2-135M, {layers} layers, JVP of the first {blocks}", flush=True)
+
+    full_def, full_state = nnx.split(model)
+    short = truncate(model, blocks)
+    short_def, short_state = nnx.split(short)
+    inputs = [(jnp.asarray(b.input_ids), jnp.asarray(b.attention_mask)) for b in batches]
+
+    def full_forward(state, ids, mask):  # RDS+'s pass: the final hidden states, no lm-head
+        hidden, _ = nnx.merge(full_def, state).hidden_states(ids, mask)
+        return hidden.astype(jnp.float32).mean(axis=1)
+
+    def primal(state, ids, mask):
+        return pooled_features(nnx.merge(short_def, state), ids, mask, None, cfg.pooling)
+
+    results = {"rows": rows, "real_tokens": real_tokens, "layers": layers, "blocks": blocks,
+               "batch_size": args.batch_size, "max_length": args.max_length, "programs": {}}
+    programs = results["programs"]
+    programs["full forward (RDS+)"] = time_program(
+        "full forward (RDS+)", full_forward, [(full_state, *x) for x in inputs], args.repeats, layers)
+    programs["primal, truncated"] = time_program(
+        "primal, truncated", primal, [(short_state, *x) for x in inputs], args.repeats, blocks)
+
+    def jvp_program(params, k):
+        _, selected, _ = split_params((short_def, short_state), params)
+        tangents = random_tangents(selected, k, cfg.seed)
+
+        def embed(state, tangents, ids, mask):
+            return jvp_embeddings((short_def, state), ids, mask, None, tangents=tangents, params=params,
+                                  pooling=cfg.pooling)
+
+        return embed, tangents
+
+    variants = [(f"JVP, K = {k}", None, k) for k in (1, 2, 4)] + [("JVP, K = 2, decoder blocks only", "layers", 2)]
+    for name, params, k in variants:
+        fn, tangents = jvp_program(params, k)
+        programs[name] = time_program(name, fn, [(short_state, tangents, *x) for x in inputs], args.repeats,
+                                      blocks)
+        programs[name]["tangents"] = k
+
+    # The same rows through the shells the selection uses: what the pipeline's stages cost, host included.
+    from idjax.baselines import sample_features
+    from idjax.embed import JVPEmbedder
+
+    embedder = JVPEmbedder(model, cfg)
+    stages = results["stages"] = {}
+    for name, run in (("RDS+ features (baselines.sample_features)", lambda: sample_features(model, examples, "rds")),
+                      ("JVP embeddings (JVPEmbedder.run)", lambda: embedder.run(batches, progress=False))):
+        run()  # compiles
+        seconds = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            run()
+            seconds.append(time.perf_counter() - t0)
+        stages[name] = statistics.median(seconds)
+        print(f"{name}: {stages[name]:.2f} s", flush=True)
+
+    full = programs["full forward (RDS+)"]
+    base = programs["primal, truncated"]
+    print("\n| program | seconds | / primal | limit / primal | / full forward | limit / full | "
+          "compiler GFLOP | FLOPs / primal's | GFLOP/s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, p in programs.items():
+        k = p.get("tangents")
+        limit = None if k is None else 1 + 2 * k
+        if name == "primal, truncated":
+            limit = 1
+        p["per_primal"] = p["seconds"] / base["seconds"]
+        p["per_full"] = p["seconds"] / full["seconds"]
+        p["limit_per_full"] = None if limit is None else limit * blocks / layers
+        p["flops_per_primal"] = None if not (p["flops"] and base["flops"]) else p["flops"] / base["flops"]
+        p["gflop_per_s"] = None if not p["flops"] else p["flops"] / p["seconds"] / 1e9
+
+        def fmt(x, spec=".2f"):
+            return "-" if x is None else format(x, spec)
+
+        print(f"| {name} | {p['seconds']:.2f} | {p['per_primal']:.2f} | {fmt(limit, 'd')} | {p['per_full']:.3f} | "
+              f"{fmt(p['limit_per_full'], '.3f')} | {fmt(p['flops'] and p['flops'] / 1e9, '.1f')} | "
+              f"{fmt(p['flops_per_primal'])} | {fmt(p['gflop_per_s'], '.1f')} |")
+    rds, jvp = stages.values()
+    limit = (1 + 2 * cfg.num_tangents) * blocks / layers
+    results["stage_ratio"], results["stage_limit"] = jvp / rds, limit
+    print(f"\nstages: JVP embeddings / RDS+ features = {jvp / rds:.3f} (limit {limit:.3f})")
+    print(f"\nmachine: {jax.devices()[0].platform}, jax {jax.__version__}; numpy {np.__version__}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
