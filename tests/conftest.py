@@ -8,9 +8,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def _session_compilation_cache() -> None:
-    """One persistent XLA compilation cache for this test run, inherited by every CLI subprocess a test
-    starts: dozens of processes compile the same SmolLM2 programs. A fresh folder each run (removed at
-    exit), so every program is still compiled once per run and nothing carries over between runs."""
+    """One persistent XLA compilation cache for this test run, shared by the pytest workers and inherited by
+    every CLI subprocess a test starts: they compile many of the same SmolLM2 programs. A fresh folder each
+    run (removed at exit), so every program is still compiled once per run and nothing carries over."""
     import atexit
     import shutil
     import tempfile
