@@ -118,6 +118,7 @@ def main(argv=None) -> int:
         "full forward (RDS+)", full_forward, [(full_state, *x) for x in inputs], args.repeats, layers)
     programs["primal, truncated"] = time_program(
         "primal, truncated", primal, [(short_state, *x) for x in inputs], args.repeats, blocks)
+    programs["primal, truncated"]["passes"] = 1  # the limit, in primal passes
 
     def jvp_program(params, k):
         _, selected, _ = split_params((short_def, short_state), params)
@@ -134,7 +135,7 @@ def main(argv=None) -> int:
         fn, tangents = jvp_program(params, k)
         programs[name] = time_program(name, fn, [(short_state, tangents, *x) for x in inputs], args.repeats,
                                       blocks)
-        programs[name]["tangents"] = k
+        programs[name]["passes"] = 1 + 2 * k
 
     # The same rows through the shells the selection uses: what the pipeline's stages cost, host included.
     from idjax.baselines import sample_features
@@ -158,25 +159,22 @@ def main(argv=None) -> int:
     print("\n| program | seconds | / primal | limit / primal | / full forward | limit / full | "
           "compiler GFLOP | FLOPs / primal's | GFLOP/s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+
+    def fmt(x, spec=".2f"):
+        return "-" if x is None else format(x, spec)
+
     for name, p in programs.items():
-        k = p.get("tangents")
-        limit = None if k is None else 1 + 2 * k
-        if name == "primal, truncated":
-            limit = 1
+        limit = p.get("passes")
         p["per_primal"] = p["seconds"] / base["seconds"]
         p["per_full"] = p["seconds"] / full["seconds"]
         p["limit_per_full"] = None if limit is None else limit * blocks / layers
         p["flops_per_primal"] = None if not (p["flops"] and base["flops"]) else p["flops"] / base["flops"]
         p["gflop_per_s"] = None if not p["flops"] else p["flops"] / p["seconds"] / 1e9
-
-        def fmt(x, spec=".2f"):
-            return "-" if x is None else format(x, spec)
-
         print(f"| {name} | {p['seconds']:.2f} | {p['per_primal']:.2f} | {fmt(limit, 'd')} | {p['per_full']:.3f} | "
               f"{fmt(p['limit_per_full'], '.3f')} | {fmt(p['flops'] and p['flops'] / 1e9, '.1f')} | "
               f"{fmt(p['flops_per_primal'])} | {fmt(p['gflop_per_s'], '.1f')} |")
     rds, jvp = stages.values()
-    limit = (1 + 2 * cfg.num_tangents) * blocks / layers
+    limit = programs[f"JVP, K = {cfg.num_tangents}"]["passes"] * blocks / layers
     results["stage_ratio"], results["stage_limit"] = jvp / rds, limit
     print(f"\nstages: JVP embeddings / RDS+ features = {jvp / rds:.3f} (limit {limit:.3f})")
     print(f"\nmachine: {jax.devices()[0].platform}, jax {jax.__version__}; numpy {np.__version__}")
