@@ -109,7 +109,7 @@ def cmd_warmup(args) -> int:
     examples = train.warmup_examples(records, tok, fraction=recipe.fraction, seed=args.seed,
                                      max_length=args.max_length)
     result = stages.warm_up(model, examples, tok, recipe, args.out, pool_size=len(records), seed=args.seed,
-                            keep_checkpoints=True)
+                            donate_model=True)
     hist = result.history
     print(json.dumps({"out": str(args.out), "steps": int(result.state.step), "samples": len(examples),
                       "pool": len(records), "optimizer": recipe.optimizer,
@@ -363,6 +363,9 @@ def _interrupted(args) -> str:
     if args.command == "train" and (Path(args.out) / "checkpoints").is_dir():
         return (f"idjax: interrupted; checkpoints are kept in {Path(args.out) / 'checkpoints'}, re-run with "
                 f"--resume {args.out} to continue")
+    if args.command == "warmup" and (Path(args.out) / "checkpoints").is_dir():
+        return (f"idjax: interrupted; checkpoints are kept in {Path(args.out) / 'checkpoints'}, re-run the same "
+                "command to resume")
     if args.command in ("demo", "run"):
         where = f" in {args.out}" if getattr(args, "out", None) else ""
         return f"idjax: interrupted; finished stages are kept{where}, re-run the same command to resume"

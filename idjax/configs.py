@@ -152,4 +152,6 @@ class WarmupRecipe(Recipe):
     optimizer state."""
 
     schedule: str = like(Recipe, "schedule", default="constant")
+    checkpoint_every: int = like(Recipe, "checkpoint_every", help="save a checkpoint every N steps, for a re-run to "
+                                 "resume an interrupted warm-up from (0: only on Ctrl-C); deleted when it ends")
     fraction: float = option(0.05, "fraction of the pool to train on", check=O.FRACTION)

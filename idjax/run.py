@@ -249,7 +249,9 @@ class _Runner:
             w = c.warmup
             inputs = {"data": self.fps["data"], "model": model_fp, "dtype": c.dtype, "remat": c.remat,
                       "recipe": dataclasses.asdict(w), "batch_size": w.batch_size or c.batch_size, "seed": c.seed}
-            warm_info = self.stage("warmup", inputs, lambda sd: self._warmup(sd, pool, data_info))
+            # resumable: the same warm-up cut short continues from its checkpoints (stages.warm_up)
+            warm_info = self.stage("warmup", inputs, lambda sd, resume: self._warmup(sd, pool, data_info),
+                                   resumable=True)
 
         # 3. selection: every selection key but chunk_rows (stores of each chunk size live apart)
         sel_keys = [f.name for f in dataclasses.fields(c) if f.metadata.get("same_as", (None,))[0] in
@@ -326,10 +328,9 @@ class _Runner:
         n_records = int(data_info["pool"]["records"])
         chosen = set(train.warmup_subset(n_records, w.fraction, c.seed).tolist())
         examples = [e for e in pool if e.index in chosen]  # what train.warmup_examples would tokenize
-        # The trainer owns the base model (no float32 copy beside it); the exported model and optimizer
-        # state are what selection reads, so no Orbax checkpoint of the finished run is written.
+        # The trainer owns the base model (no float32 copy beside it).
         result = stages.warm_up(self.take_model(c.model), examples, self.tokenizer(), w, d, pool_size=n_records,
-                                seed=c.seed, batch_size=c.batch_size, final_checkpoint=False, donate_model=True)
+                                seed=c.seed, batch_size=c.batch_size, donate_model=True)
         return {"samples": len(examples), "steps": int(result.state.step),
                 "losses": [round(h["loss"], 4) for h in result.history]}
 

@@ -196,20 +196,33 @@ def finetune_config(examples: Sequence[D.Example], recipe: Recipe, *, seed: int 
 
 
 def warm_up(model, examples: Sequence[D.Example], tokenizer, recipe: WarmupRecipe, out_dir, *, pool_size: int,
-            seed: int = 0, batch_size: int = 8, keep_checkpoints: bool = False, **train_options):
+            seed: int = 0, batch_size: int = 8, **train_options):
     """Train the warm-up (docs/method.md 8) on `examples` (the warm-up subset) and export its model and
-    optimizer state to out_dir, which selection reads (read_update_model). The Orbax checkpoint (the
-    parameters and both Adam moments again) only serves to resume an unfinished run: it is deleted
-    unless keep_checkpoints. train_options: passed to train.warmup (donate_model, final_checkpoint)."""
+    optimizer state to out_dir, which selection reads (read_update_model).
+
+    Its Orbax checkpoints (every recipe.checkpoint_every steps, and on Ctrl-C) hold the parameters and
+    both Adam moments again and only serve an unfinished warm-up: a re-run into the same out_dir resumes
+    from the latest (refused, with the differing fields named, when the recipe or data changed), and they
+    are deleted once it ends. No checkpoint of the finished run is written. train_options: passed to
+    train.warmup (donate_model)."""
     import shutil
 
     from idjax import train
+    from idjax.checkpoint import CheckpointError
 
     if not examples:
         raise ValueError("no warm-up sample has a response token: raise the warm-up fraction or max_length")
     config = finetune_config(examples, recipe, seed=seed, batch_size=batch_size)
-    result = train.warmup(model, examples, tokenizer, config, out_dir, pool_size=pool_size,
-                          fraction=recipe.fraction, **train_options)
-    if not keep_checkpoints:
-        shutil.rmtree(Path(out_dir) / "checkpoints", ignore_errors=True)
+    ckpt = Path(out_dir) / "checkpoints"
+    resume = out_dir if ckpt.is_dir() and any(ckpt.iterdir()) else None
+    if resume is not None:
+        log.info("warm-up: resuming from the checkpoints in %s", ckpt)
+    try:
+        result = train.warmup(model, examples, tokenizer, config, out_dir, pool_size=pool_size,
+                              fraction=recipe.fraction, resume=resume, final_checkpoint=False, **train_options)
+    except CheckpointError as e:
+        if resume is None:
+            raise
+        raise CheckpointError(f"{e} (the checkpoints of an unfinished warm-up: delete {ckpt} to start over)") from e
+    shutil.rmtree(ckpt)
     return result

@@ -326,19 +326,20 @@ def warmup_examples(records: Sequence[dict], tokenizer, *, fraction: float = 0.0
 
 
 def warmup(model: CausalLM, examples: Sequence[D.Example], tokenizer, config: TrainConfig, out_dir, *,
-           pool_size: int | None = None, fraction: float | None = None, progress: bool = True,
+           pool_size: int | None = None, fraction: float | None = None, progress: bool = True, resume=None,
            final_checkpoint: bool = True, donate_model: bool = False) -> TrainResult:
     """docs/method.md 8: train briefly on a random part of the pool (warmup_examples); save model + optimizer state.
 
     Full fine-tuning only (the update model needs a state per model parameter). out_dir is a
     model directory for `idjax select --model`, and its optimizer.json + opt_state/ are what
-    load_optimizer_state reads for `--optimizer-state`. warmup.json lists the ids trained on.
+    load_optimizer_state reads for `--optimizer-state`. warmup.json lists the ids trained on. resume:
+    out_dir (or its checkpoints/) to continue an interrupted warm-up from, as in train().
     """
     if config.lora is not None:
         raise ValueError("warm-up trains every parameter (selection reads an optimizer state per parameter); "
                          "drop the LoRA option")
     log.info("warm-up on %d samples%s", len(examples), f" of {pool_size}" if pool_size else "")
-    result = train(model, examples, config, out_dir=out_dir, tokenizer=tokenizer, progress=progress,
+    result = train(model, examples, config, out_dir=out_dir, resume=resume, tokenizer=tokenizer, progress=progress,
                    final_checkpoint=final_checkpoint, donate_model=donate_model)
     meta = {"fraction": fraction, "seed": config.seed, "pool_size": pool_size, "samples": len(examples),
             "steps": int(result.state.step), "ids": [e.id for e in examples]}

@@ -535,15 +535,16 @@ def test_debug_shows_the_traceback_of_a_bad_file(files, tiny, capsys):
     assert err.rstrip().splitlines()[-1].startswith(f"idjax: error: {files['role']}:2: field 'messages[1].role'")
 
 
-@pytest.mark.parametrize("command", ["select", "train", "chat"])
+@pytest.mark.parametrize("command", ["select", "train", "warmup", "chat"])
 def test_interrupt_in_process(command, tiny, files, tmp_path, capsys, monkeypatch):
     """Ctrl-C anywhere in a command: exit 130 and one line that says what was kept and how to go on."""
     def interrupt(*a, **k):
-        if command == "train":
-            (tmp_path / "o" / "checkpoints" / "3").mkdir(parents=True)  # what an interrupted train leaves
+        if command in ("train", "warmup"):
+            (tmp_path / "o" / "checkpoints" / "3").mkdir(parents=True)  # what an interrupted run leaves
         raise KeyboardInterrupt
 
-    target = {"select": (pipeline, "select_samples"), "train": (train, "train"), "chat": (models, "chat")}[command]
+    target = {"select": (pipeline, "select_samples"), "train": (train, "train"), "warmup": (train, "train"),
+              "chat": (models, "chat")}[command]
     monkeypatch.setattr(*target, interrupt)
     argv = _model_argv(command, tiny, tmp_path, files) + (["--max-length", 64] if command != "chat" else [])
     code, out, err = _run(argv, capsys)
@@ -552,6 +553,8 @@ def test_interrupt_in_process(command, tiny, files, tmp_path, capsys, monkeypatc
                       + ", re-run the same command to resume",
             "train": f"idjax: interrupted; checkpoints are kept in {tmp_path / 'o' / 'checkpoints'}, re-run with "
                      f"--resume {tmp_path / 'o'} to continue",
+            "warmup": f"idjax: interrupted; checkpoints are kept in {tmp_path / 'o' / 'checkpoints'}, re-run the "
+                      "same command to resume",
             "chat": "idjax: interrupted"}[command]
     assert _one_error(err, "interrupted") == want
 

@@ -1,6 +1,7 @@
 """Training: one step against a hand-written jax.grad + optax reference, weights, accumulation,
 LoRA, bfloat16, bit-exact resume, warm-up state for the update model, SmolLM2 loss, CLI errors."""
 
+import dataclasses
 import functools
 import json
 from pathlib import Path
@@ -376,6 +377,43 @@ def test_warmup_state_gives_the_adam_update_model(tmp_path):
         load_optimizer_state(tmp_path, model)
 
 
+def test_an_interrupted_warmup_resumes_on_a_rerun_and_leaves_no_checkpoints(tmp_path, monkeypatch):
+    """Ctrl-C inside a warm-up: re-running it into the same directory continues from the checkpoint and
+    ends where the uninterrupted warm-up ends; a finished warm-up keeps only the model and its optimizer
+    state; a re-run with another recipe is refused with a way out."""
+    from idjax.configs import WarmupRecipe
+    from idjax.stages import warm_up
+
+    exs = synthetic(12, seed=4)
+    recipe = WarmupRecipe(steps=4, lr=1e-3, batch_size=2, checkpoint_every=1, fraction=0.5)
+    straight = warm_up(tiny(), exs, None, recipe, tmp_path / "a", pool_size=24)
+    assert not (tmp_path / "a" / "checkpoints").exists()
+    assert (tmp_path / "a" / "opt_state").is_dir() and (tmp_path / "a" / "warmup.json").is_file()
+
+    real_step = T.Trainer.step
+    calls = {"n": 0}
+
+    def stop_after_3(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise KeyboardInterrupt
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(T.Trainer, "step", stop_after_3)
+    with pytest.raises(KeyboardInterrupt):
+        warm_up(tiny(), exs, None, recipe, tmp_path / "b", pool_size=24)
+    monkeypatch.setattr(T.Trainer, "step", real_step)
+    assert max(int(p.name) for p in (tmp_path / "b" / "checkpoints").iterdir() if p.name.isdigit()) == 3
+    with pytest.raises(CheckpointError, match=r"different run.*delete .*checkpoints to start over"):
+        warm_up(tiny(), exs, None, dataclasses.replace(recipe, lr=2e-3), tmp_path / "b", pool_size=24)
+    resumed = warm_up(tiny(), exs, None, recipe, tmp_path / "b", pool_size=24)
+    assert [r["step"] for r in resumed.history] == [4]
+    assert resumed.history[0]["loss"] == straight.history[-1]["loss"]
+    _tree_equal(resumed.state.trainable, straight.state.trainable)
+    _tree_equal(load_optimizer_state(tmp_path / "b", tiny())[1], load_optimizer_state(tmp_path / "a", tiny())[1])
+    assert not (tmp_path / "b" / "checkpoints").exists()
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -404,6 +442,7 @@ def test_cli_warmup_train_selection_resume(tiny_dir, tmp_path, capsys):
                    "--steps", 2, "--batch-size", 2, "--lr", 1e-3, "--max-length", 64) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["samples"] == 4 and out["steps"] == 2
+    assert not (tmp_path / "w" / "checkpoints").exists()  # only an unfinished warm-up keeps them
     spec, state = load_optimizer_state(tmp_path / "w", __import__("idjax").models.load(tmp_path / "w")[0])
     assert spec.name == "adamw" and int(state[-1][0].count) == 2  # clip, then adamw
 
