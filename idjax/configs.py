@@ -78,6 +78,8 @@ class SelectConfig:
     params: str | None = option(None, "regex over parameter names (e.g. down_proj); default all", check=O.regex)
     keep: int | None = option(None, "a fixed random subset of this many coordinates before projecting",
                               check=O.AT_LEAST_1, cli=False)
+    first_layer: int = option(0, "only the --params of layers N and above (0: every layer): the backward pass of "
+                                 "each per-example gradient stops at layer N", check=O.NON_NEGATIVE)
     normalize: bool = option(True, "inner products instead of cosines")
     microbatch: int | None = option(None, "samples per vmapped gradient (default: the most, dividing --batch-size, "
                                           "whose compiled program fits the device's memory)", check=O.AT_LEAST_1)

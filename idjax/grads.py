@@ -165,6 +165,67 @@ def restrict(tree, selected):
         raise ValueError(f"the tree has no entry for parameter {'.'.join(map(str, e.args[0]))}") from None
 
 
+def _in_layer_stack(path) -> bool:
+    return getattr(path[0], "key", path[0]) == "layers"
+
+
+def layer_mask(tree, first_layer: int):
+    """`tree` (a State like the parameters, e.g. a gradient, the update model's a or b) with its
+    stacked layer leaves zero below layer `first_layer`: the restriction to layers first_layer..
+    that per_example_gradients(first_layer=...) computes. None stays None."""
+    if tree is None or not first_layer:
+        return tree
+
+    def cut(path, x):
+        if not _in_layer_stack(path):
+            return x
+        keep = (jnp.arange(x.shape[0]) >= first_layer).reshape((-1,) + (1,) * (x.ndim - 1))
+        return jnp.where(keep, x, jnp.zeros_like(x))
+
+    return jax.tree_util.tree_map_with_path(cut, tree)
+
+
+def check_first_layer(selected, first_layer: int, num_layers: int) -> None:
+    """ValueError unless layers first_layer.. are a proper part of the stack and every selected
+    parameter lies in or above them (the token embedding is below every layer)."""
+    if not 0 <= first_layer < num_layers:
+        raise ValueError(f"first_layer must be in [0, {num_layers}) for this {num_layers}-layer model, "
+                         f"got {first_layer}")
+    if first_layer:
+        below = [".".join(map(str, p)) for p, _ in nnx.to_flat_state(selected) if str(p[0]) == "embed_tokens"]
+        if below:
+            raise ValueError(f"first_layer={first_layer}: the selected parameters include {below[0]}, which "
+                             "the layers below feed; restrict --params to layer (or lm-head) parameters")
+
+
+def _upper_layer_gradients(graphdef, selected, rest, first_layer: int, input_ids, attention_mask):
+    """(grad(ids, mask, labels, residual), residuals [B, L, D]) for gradients of the selected parameters of
+    layers first_layer.. only: the layers below run forward once for the batch, outside every
+    gradient, and each sample's backward pass stops at first_layer. Gradients come back in the full
+    layout, zero below first_layer (layer_mask)."""
+    below = nnx.merge(graphdef, selected, rest)
+    residuals, _ = below.hidden_states(input_ids, attention_mask, num_blocks=first_layer, final_norm=False)
+
+    def upper(tree):
+        return jax.tree_util.tree_map_with_path(lambda p, x: x[first_layer:] if _in_layer_stack(p) else x, tree)
+
+    up_selected, up_rest = upper(selected), upper(rest)
+
+    def loss(sel, ids, mask, labels, residual):
+        model = nnx.merge(graphdef, sel, up_rest)
+        hidden, _ = model.hidden_states(ids[None], mask[None], residual=residual[None])
+        total, count = hidden_loss_sums(model, hidden, labels[None])
+        return (total / jnp.maximum(count, 1.0))[0]
+
+    def grad(ids, mask, labels, residual):
+        g = jax.grad(loss)(up_selected, ids, mask, labels, residual)
+        return jax.tree_util.tree_map_with_path(
+            lambda p, x: jnp.concatenate([jnp.zeros((first_layer,) + x.shape[1:], x.dtype), x])
+            if _in_layer_stack(p) else x, g)
+
+    return grad, residuals
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class CoordinateMask:
     """A fixed random subset of gradient coordinates (about `keep` of them), per leaf.
@@ -242,7 +303,7 @@ def single_sample_loss(graphdef, rest):
 def per_example_gradients(model, input_ids, attention_mask, labels, *, params=None,
                           projector: Projector | None = None, precondition=None, offset=None,
                           normalize: bool = False, microbatch: int | None = None,
-                          mask: CoordinateMask | None = None, shards: int = 1):
+                          mask: CoordinateMask | None = None, shards: int = 1, first_layer: int = 0):
     """Projected per-example gradients P u_i, float32 [B, k] (docs/method.md 4.3 and 6).
 
         g_i = grad_theta l(theta; x_i)        (mean response-token loss of row i, selected params only)
@@ -255,14 +316,26 @@ def per_example_gradients(model, input_ids, attention_mask, labels, *, params=No
     a sketch.Projector; None keeps the flattened gradient (k = d). microbatch: vmap over that many
     samples at a time under a lax.map (must divide B, else all B at once), so only that many full
     gradients are alive; None: all at once. shards: the batch axis is split in that many contiguous
-    device blocks (a mesh), `microbatch` then counts per device. Pure: jit, vmap and shard_map it.
+    device blocks (a mesh), `microbatch` then counts per device. first_layer > 0: g_i is the gradient of
+    the selected parameters of layers first_layer.. only (zero below, as layer_mask makes it): the lower
+    layers run forward once per batch and no backward pass goes below first_layer.
+    Pure: jit, vmap and shard_map it.
     """
     graphdef, selected, rest = split_params(model, params)
     projector = Projector("none", 0) if projector is None else projector
-    loss = single_sample_loss(graphdef, rest)
+    args = (input_ids, attention_mask, labels)
+    if first_layer:  # and the shift: a * (g - offset) is then zero below too
+        offset = layer_mask(offset, first_layer)
+        grad, residuals = _upper_layer_gradients(graphdef, selected, rest, first_layer, input_ids, attention_mask)
+        args = (*args, residuals)
+    else:
+        loss = single_sample_loss(graphdef, rest)
 
-    def one(ids, attn, labels):
-        g = jax.grad(loss)(selected, ids, attn, labels)
+        def grad(ids, attn, labels):
+            return jax.grad(loss)(selected, ids, attn, labels)
+
+    def one(*row):
+        g = grad(*row)
         if offset is not None:
             g = jax.tree.map(lambda x, o: x - o.astype(x.dtype), g, offset)
         if precondition is not None:
@@ -271,7 +344,6 @@ def per_example_gradients(model, input_ids, attention_mask, labels, *, params=No
             g = mask.apply(g)
         return projector.project(g, normalize=normalize)
 
-    args = (input_ids, attention_mask, labels)
     b = input_ids.shape[0]
     mb = b if microbatch is None else microbatch
     if shards > 1:  # `mb` samples per device at a time
@@ -307,6 +379,7 @@ class GradientConfig:
     normalize: bool = True           # L2-normalise a(.)g before projecting (cosine scores)
     microbatch: int | None = None    # samples per vmapped gradient computation (None: the most that fit the device)
     seed: int = 0
+    first_layer: int = 0             # only the selected parameters of layers first_layer.. (the backward stops there)
 
 
 def _gradients(graphdef, projector, config: GradientConfig, mask, shards: int,
@@ -315,7 +388,7 @@ def _gradients(graphdef, projector, config: GradientConfig, mask, shards: int,
     return per_example_gradients((graphdef, rest), ids, attention_mask, labels, params=selected,
                                  projector=projector, precondition=precondition, offset=offset,
                                  normalize=config.normalize, microbatch=config.microbatch, mask=mask,
-                                 shards=shards)
+                                 shards=shards, first_layer=config.first_layer)
 
 
 def gradient_settings(rows_per_device: int, *, remat: bool = True) -> list:
@@ -340,6 +413,7 @@ class PerExampleGradients:
         self.config = config
         self.projector = projector
         self.graphdef, self.selected, self.rest = split_params(model, config.params)
+        check_first_layer(self.selected, config.first_layer, model.config.num_layers)
         # Pytrees like the selected params (restrict() cuts them from full-model trees), or None:
         self.precondition = precondition  # the update model's a: each gradient becomes a * g
         self.offset = offset              # subtracted from each gradient first (targets: eta * H_T b)

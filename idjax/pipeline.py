@@ -26,6 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -33,7 +34,7 @@ from idjax import data as D
 from idjax import distributed as dist
 from idjax import sharding as shd
 from idjax.configs import EmbedConfig, SelectConfig  # noqa: F401 (re-exported)
-from idjax.grads import GradientConfig, PerExampleGradients, restrict, split_params
+from idjax.grads import GradientConfig, PerExampleGradients, check_first_layer, layer_mask, restrict, split_params
 from idjax.hessian import target_direction
 from idjax.io import fingerprint
 from idjax.landmarks import choose_landmarks
@@ -144,10 +145,14 @@ def _select(model, pool, targets, config: SelectConfig, update, store_dir: Path,
     _, selected, _ = split_params(model, config.params)
     a = restrict(update.a, selected) if update is not None else None
     b = restrict(update.b, selected) if update is not None else None
+    if config.first_layer:  # the selection's parameters are those of layers first_layer.. alone
+        check_first_layer(selected, config.first_layer, model.config.num_layers)
+        if config.order == 2:  # u = a g is zero below (first order: the gradients themselves are)
+            a = layer_mask(a if a is not None else jax.tree.map(jnp.ones_like, selected), config.first_layer)
+        b = layer_mask(b, config.first_layer)
     projector = Projector("none" if config.proj_dim == 0 else config.proj_kind, config.proj_dim, seed=config.seed)
     gcfg = GradientConfig(params=config.params, keep=config.keep, normalize=config.normalize,
-                          microbatch=config.microbatch,
-                          seed=config.seed)
+                          microbatch=config.microbatch, seed=config.seed, first_layer=config.first_layer)
     model_fp, pool_fp = model_fingerprint(model), D.examples_fingerprint(pool)
     stores = {}
 
@@ -174,7 +179,8 @@ def _select(model, pool, targets, config: SelectConfig, update, store_dir: Path,
     with timed_stage("gradients", timings):
         fp = {"kind": "gradients", "model": model_fp, "data": pool_fp, "rows": fingerprint(landmarks),
               "update": update_fingerprint(update), "params": config.params, "keep": config.keep,
-              "normalize": config.normalize, "projection": [projector.kind, config.proj_dim, config.seed]}
+              "first_layer": config.first_layer, "normalize": config.normalize,
+              "projection": [projector.kind, config.proj_dim, config.seed]}
         gstore, grads = gradient_store(model, pool, landmarks, projector, gcfg, a, store_dir, fp,
                                    batch_size, config.chunk_rows, mesh)
         stores["gradients"] = str(gstore.path)
@@ -204,13 +210,15 @@ def _select(model, pool, targets, config: SelectConfig, update, store_dir: Path,
         with timed_stage("targets", timings):
             tfp = {"kind": "targets", "model": model_fp, "targets": D.examples_fingerprint(targets),
                    "update": update_fingerprint(update), "eta": eta, "hessian": config.hessian,
-                   "params": config.params, "keep": config.keep, "seed": config.seed, "columns": want_columns,
+                   "params": config.params, "keep": config.keep, "first_layer": config.first_layer,
+                   "seed": config.seed, "columns": want_columns,
                    "projection": [projector.kind, config.proj_dim]}
             tpath = store_dir / f"targets-{fingerprint(tfp)[:12]}.npz"
             cached = load_targets(tpath, tfp)
             if cached is None:
                 v, offset = target_direction(model, target_batches, config.params, shift=b, eta=eta,
                                              hessian=config.hessian)
+                v = layer_mask(v, config.first_layer)
                 v_sel = v if grads.mask is None else grads.mask.apply(v)
                 v_norm = float(jnp.sqrt(global_norm_sq(v_sel)))
                 v_proj = np.asarray(projector.project(v_sel), np.float64)

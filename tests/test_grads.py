@@ -456,6 +456,42 @@ def test_per_example_gradients_with_offset_precondition_and_sketch(model):
         np.testing.assert_allclose(got[i], ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("pattern", ["layers", "down_proj|^norm"])
+def test_gradients_from_a_first_layer_equal_the_loop_with_the_layers_below_zeroed(pattern):
+    """first_layer=2 of 3: the backward pass stops at layer 2, the layers below run forward only. Against
+    the full loop gradient with layers 0-1 zeroed (numpy), through the shell's buckets, padded rows and
+    microbatches, with a preconditioner and a shift; the final norm (above every layer) is kept whole."""
+    model = CausalLM(dataclasses.replace(CFG, num_layers=3), rngs=nnx.Rngs(7))
+    exs = examples(7, np.random.default_rng(21), no_response={3})
+    batches = data.make_batches(exs, 4, (8, 16, 32), pad_id=0)
+    _, sel, _ = split_params(model, pattern)
+    rng = np.random.default_rng(22)
+    a = jax.tree.map(lambda x: jnp.asarray(rng.uniform(0.5, 2.0, x.shape), jnp.float32), sel)
+    off = jax.tree.map(lambda x: jnp.asarray(1e-2 * rng.standard_normal(x.shape), jnp.float32), sel)
+    pg = PerExampleGradients(model, Projector("none", 0),
+                             GradientConfig(params=pattern, normalize=False, microbatch=2, first_layer=2),
+                             precondition=a, offset=off)
+    got = pg.run(batches)
+    below = np.concatenate([np.ravel(np.broadcast_to(
+        (np.arange(x.shape[0]) < 2).reshape((-1,) + (1,) * (x.ndim - 1)) if "layers" in jax.tree_util.keystr(p)
+        else np.zeros((1,) * x.ndim, bool), x.shape)) for p, x in jax.tree_util.tree_leaves_with_path(sel)])
+    assert 0 < below.sum() < below.size
+    for ex in exs:
+        ref = np.asarray(_flat(a)) * (loop_grad(model, ex, pattern) - np.asarray(_flat(off)))
+        ref[below] = 0.0
+        if ex.index == 3:
+            ref[:] = 0.0  # no response token: no gradient
+        np.testing.assert_allclose(got[ex.index], ref, atol=2e-6, rtol=1e-4)
+    assert np.abs(got[:, below]).max() == 0 and np.abs(got[:, ~below]).max() > 0
+
+
+def test_a_first_layer_needs_parameters_at_or_above_it(model):
+    with pytest.raises(ValueError, match="embed_tokens.embedding, which the layers below feed"):
+        PerExampleGradients(model, Projector("none", 0), GradientConfig(params="embed|down_proj", first_layer=1))
+    with pytest.raises(ValueError, match=r"first_layer must be in \[0, 2\) for this 2-layer model, got 2"):
+        PerExampleGradients(model, Projector("none", 0), GradientConfig(params="down_proj", first_layer=2))
+
+
 def test_landmark_curvature_and_hessian_products_on_arrays(model, target):
     """landmark_curvature on one target batch of arrays in a user's jit equals the shell, and h is the
     exact Hessian product (hessian_products) of u."""

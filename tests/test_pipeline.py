@@ -173,9 +173,10 @@ def _simplex_qp(p, q, eta, lam):
     return best.x
 
 
-@pytest.mark.parametrize("hessian", ["exact", "gauss-newton"])
-def test_second_order_adamw_weights_match_dense_reference(hessian, tmp_path):
-    """p = U (g_T - eta H b), Q = U H U^T with U the normalised rows a * g_i (docs/method.md 3), H a dense Hessian."""
+@pytest.mark.parametrize("hessian, first_layer", [("exact", 0), ("gauss-newton", 0), ("exact", 1)])
+def test_second_order_adamw_weights_match_dense_reference(hessian, first_layer, tmp_path):
+    """p = U (g_T - eta H b), Q = U H U^T with U the normalised rows a * g_i (docs/method.md 3), H a dense Hessian.
+    first_layer=1: the same over the coordinates of layer 1 alone (H its block, g and b their parts)."""
     cfg = M.ModelConfig(model_type="llama", vocab_size=VOCAB, hidden_size=16, intermediate_size=12, num_layers=2,
                         num_heads=4, num_kv_heads=2, head_dim=4, tie_word_embeddings=True)
     model = M.CausalLM(cfg, rngs=nnx.Rngs(5))
@@ -217,6 +218,9 @@ def test_second_order_adamw_weights_match_dense_reference(hessian, tmp_path):
                 h += jac[t].T @ hout @ jac[t] / tok.sum() / len(targets)
     g_t = np.asarray(jax.jit(jax.grad(target))(flat0), np.float64)
     u = np.stack([a * np.asarray(jax.jit(jax.grad(loss_of([e])))(flat0), np.float64) for e in pool])
+    if first_layer:  # the parameters of layer 1 alone: the second half of the stacked down_proj
+        upper = np.arange(flat0.size) >= flat0.size // 2
+        h, g_t, u, b = h[np.ix_(upper, upper)], g_t[upper], u[:, upper], b[upper]
     u /= np.linalg.norm(u, axis=1, keepdims=True)
     q = u @ h @ u.T
     # Pick eta so that the curvature term is as large as the budget's ridge: order 2 must matter.
@@ -227,7 +231,7 @@ def test_second_order_adamw_weights_match_dense_reference(hessian, tmp_path):
     p = u @ v
     lam = float(budget_lam(p))
     sc = SelectConfig(k=3, exact=True, proj_dim=0, order=2, hessian=hessian, params="down_proj", lam=lam,
-                      batch_size=4)
+                      batch_size=4, first_layer=first_layer)
     sel = select_samples(model, pool, targets, sc, update=update, store_dir=tmp_path)
     np.testing.assert_allclose(sel.scores, p / np.linalg.norm(v), atol=2e-4)
     w = _simplex_qp(p, q, eta, lam)

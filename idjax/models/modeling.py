@@ -173,11 +173,16 @@ class CausalLM(nnx.Module):
         self.remat = False  # recompute each layer in the backward pass (saves activation memory)
 
     def hidden_states(self, input_ids, attention_mask=None, *, positions=None, num_blocks=None,
-                      cache: KVCache | None = None):
+                      cache: KVCache | None = None, residual=None, final_norm: bool = True):
         """Final-normed hidden states after the first `num_blocks` layers (all by default).
 
         Positions default to cumsum(attention_mask) - 1, so left and right padding give the same
         values on real tokens. Returns (hidden [B, L, D], new cache or None).
+
+        residual: start from this residual stream [B, L, D] instead of the token embeddings; the
+        model's layers continue it (a model holding only the upper layers' state finishes what
+        final_norm=False, num_blocks=s computed: grads.per_example_gradients with first_layer=s).
+        final_norm=False: the raw residual stream, without the final norm.
         """
         b, l = input_ids.shape
         if attention_mask is None:
@@ -194,7 +199,7 @@ class CausalLM(nnx.Module):
         else:
             index = cache.index
             key_mask = jax.lax.dynamic_update_slice(cache.valid, attention_mask, (0, index))
-        x = self.embed_tokens(input_ids)
+        x = self.embed_tokens(input_ids) if residual is None else residual
         inv_freq = jnp.asarray(rope_inverse_frequencies(self.config.head_dim, self.config.rope), jnp.float32)
 
         graphdef, layer_state = nnx.split(self.layers)
@@ -214,7 +219,7 @@ class CausalLM(nnx.Module):
         new_cache = None
         if cache is not None:
             new_cache = KVCache(new_layers, key_mask, index + l)
-        return self.norm(x), new_cache
+        return (self.norm(x) if final_norm else x), new_cache
 
     def head(self):
         """(matrix, tied) of the lm-head in the compute dtype: the embedding [V, D] when tied, else the
