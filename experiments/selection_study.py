@@ -334,6 +334,8 @@ ABLATIONS = {
     "GD update model": ({"update": None, "learning_rate": 5e-5}, False),
     # the base model has no optimizer state, so the update model is GD here too; compare with the row above
     "no warm-up (base model, GD)": ({"model": "base", "update": None, "learning_rate": 5e-5}, False),
+    # issue 19, waste 3: the down_proj of layers 15-29 of 30 only (the backward pass stops at layer 15)
+    "down_proj of the upper half of the layers": ({"first_layer": 15}, False),
 }
 
 
@@ -566,23 +568,32 @@ def _ablation_table(res) -> str:
             cells.setdefault((name, task, frac), []).append(v)
     if not cells:
         return ""
+    from idjax.landmarks import spearman
+
     lines = ["| ablation (ID, one setting changed) | task | budget | target loss | minus default, paired by seed "
-             "(mean ± s.e.) | Spearman vs exact | select (s, stores shared with earlier runs) |",
-             "|---|---|---|---|---|---|---|"]
+             "(mean ± s.e.) | Spearman vs exact | Spearman vs default ID: its landmarks / all rows | select (s, "
+             "stores shared with earlier runs) |",
+             "|---|---|---|---|---|---|---|---|"]
     for (name, task, frac), vals in cells.items():
         base = [res.get(f"main/{task}/influence/{frac}/{v['seed']}") for v in vals]
         mu, sd = _ms([v["loss"] for v in vals])
-        rhos = []
-        for v in vals:
+        rhos, same = [], []
+        for v, b in zip(vals, base):
             ex = res.get(f"main/{task}/exact/{frac}/{v['seed']}")
             if ex and "scores" in v:
                 rhos.append(_spearman_off_landmarks(v, ex))
+            if b and "scores" in v and "scores" in b:  # at the default's landmarks, exact scores on both sides
+                lm = b.get("landmarks", [])
+                same.append((spearman(np.asarray(v["scores"])[lm], np.asarray(b["scores"])[lm]),
+                             spearman(np.asarray(v["scores"]), np.asarray(b["scores"]))))
         ref = [b["loss"] for b in base if b]
         delta = f" (default {_ms(ref)[0]:.3f})" if ref else ""
         d = [v["loss"] - b["loss"] for v, b in zip(vals, base) if b]
         paired = _mean_se(d) if d else "-"
         lines.append(f"| {name} | {task} | {float(frac):.0%} | {mu:.3f} ± {sd:.3f} ({len(vals)}){delta} | {paired} | "
-                     + (f"{np.mean(rhos):.3f}" if rhos else "-") + f" | {np.mean([v['select_s'] for v in vals]):.0f} |")
+                     + (f"{np.mean(rhos):.3f}" if rhos else "-") + " | "
+                     + (" / ".join(f"{x:.3f}" for x in np.mean(same, axis=0)) if same else "-")
+                     + f" | {np.mean([v['select_s'] for v in vals]):.0f} |")
     return "\n".join(lines)
 
 
