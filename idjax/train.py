@@ -230,8 +230,7 @@ def train(model: CausalLM, examples: Sequence[D.Example], config: TrainConfig, *
         if final_checkpoint and manager.latest_step() != int(state.step):
             checkpoint(state)
         manager.close()
-        if dist.is_primary():  # Orbax saves above are collective; the exported model is written once
-            export(final, out, tokenizer)
+        export(final, out, tokenizer)  # collective like the Orbax saves: gathered from every process, written once
         if config.lora is None:
             save_optimizer_state(out, spec, state.opt_state, int(state.step))
     if history:

@@ -374,6 +374,43 @@ def test_broadcast_of_a_large_array_goes_through_the_shared_directory(tmp_path):
     assert len(files) == 1 and files[0].startswith(".broadcast-") and files[0].endswith("-big_values.npy"), files
 
 
+_SAVE = textwrap.dedent("""
+    import json, sys
+    from idjax import distributed as dist
+    port, i, src, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    dist.initialize(f"127.0.0.1:{port}", 2, i, heartbeat_timeout_s=30, fault_tolerant=False)
+    import jax
+    from idjax import models as M, sharding as shd
+    model, _ = M.load(src, tokenizer=False, mesh=shd.make_mesh(fsdp=4, devices=jax.devices()))
+    kernel = model.layers.mlp.down_proj.kernel[...]
+    M.save(model, out)
+    dist.barrier("saved")
+    print(json.dumps({"spans_processes": not kernel.is_fully_addressable,
+                      "local_shards": len(kernel.addressable_shards)}))
+""")
+
+
+def test_a_model_sharded_over_two_processes_saves_whole(tmp_path):
+    """A model loaded with an FSDP mesh over both processes' devices (no process holds all of it) is saved
+    by both together: each tensor is gathered, process 0 writes, and the files equal the ones it was
+    loaded from, bit for bit."""
+    from safetensors.numpy import load_file
+
+    src = _tiny_llama(tmp_path / "tiny")
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", _SAVE, str(port), str(i), str(src), str(tmp_path / "out")],
+                              cwd=ROOT, env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=2"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+        assert json.loads(out.strip().splitlines()[-1]) == {"spans_processes": True, "local_shards": 2}
+    before, after = load_file(src / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    assert sorted(before) == sorted(after) and len(after) > 10
+    for name, value in before.items():
+        np.testing.assert_array_equal(after[name], value, err_msg=name)
+
+
 def test_a_dead_process_fails_the_run_cleanly_and_a_rerun_resumes(cli_model, reference, tmp_path):
     model, target = cli_model
     port, store, out = _free_port(), tmp_path / "store", tmp_path / "sel.jsonl"

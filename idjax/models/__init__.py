@@ -24,7 +24,7 @@ from idjax.models.tokenizer import gguf_tokenizer
 from idjax.models.params import (
     CheckpointError,
     gguf_config,
-    hf_tensors,
+    iter_hf_tensors,
     model_from_hf_tensors,
     open_gguf,
     read_gguf,
@@ -209,13 +209,21 @@ def load_tokenizer(path: str | os.PathLike):
 
 
 def save(model: CausalLM, path: str | os.PathLike, tokenizer=None, *, dtype=None) -> Path:
-    """Write config.json + safetensors (+ tokenizer) that transformers' PyTorch models load."""
+    """Write config.json + safetensors (+ tokenizer) that transformers' PyTorch models load.
+
+    A model sharded over several processes' devices is gathered tensor by tensor: every process calls
+    save, and process 0 writes."""
+    import jax
     import numpy as np
 
     p = Path(path)
+    primary = jax.process_index() == 0
+    tensors = {name: value for name, value in iter_hf_tensors(model, dtype=None if dtype is None else
+                                                              np.dtype(_dtype(dtype))) if primary}
+    if not primary:
+        return p
     p.mkdir(parents=True, exist_ok=True)
     hf = model.config.to_hf()
-    tensors = hf_tensors(model, dtype=None if dtype is None else np.dtype(_dtype(dtype)))
     hf["dtype"] = str(next(iter(tensors.values())).dtype)
     (p / "config.json").write_text(json.dumps(hf, indent=2))
     write_safetensors_dir(tensors, p)

@@ -15,6 +15,7 @@ import struct
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -95,7 +96,6 @@ def model_from_hf_tensors(
     jax.make_array_from_callback, every device's block read from the tensors on its own (a `Tensor`
     reads only that slice), so no device ever holds a whole sharded matrix. None: the default device.
     """
-    import jax
 
     abstract = abstract_model(config, dtype=dtype)
     graphdef, state = nnx.split(abstract)
@@ -157,20 +157,34 @@ def model_from_hf_tensors(
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def hf_tensors(model: CausalLM, *, dtype=None) -> dict[str, np.ndarray]:
-    """The model's parameters under HF names and layouts (for safetensors export)."""
-    out = {}
+def host_array(value) -> np.ndarray:
+    """The whole array as numpy. One that spans several processes (a model sharded over every host's
+    devices) is gathered from all of them: a collective, which every process must call alike."""
+    if isinstance(value, jax.Array) and not value.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(value, tiled=True))
+    return np.asarray(value)
+
+
+def iter_hf_tensors(model: CausalLM, *, dtype=None):
+    """(HF name, array) of every parameter in HF layout, one stacked leaf gathered at a time (host_array:
+    with several processes every process iterates, and each may drop what it does not write)."""
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        value = np.asarray(var.get_value())
+        value = host_array(var.get_value())
         if dtype is not None:
             value = value.astype(dtype)
         transpose = path[-1] == "kernel"
         if path[0] == "layers":
             for i in range(value.shape[0]):
-                out[_hf_name(path, i)] = np.ascontiguousarray(value[i].T if transpose else value[i])
+                yield _hf_name(path, i), np.ascontiguousarray(value[i].T if transpose else value[i])
         else:
-            out[_hf_name(path, None)] = np.ascontiguousarray(value.T if transpose else value)
-    return out
+            yield _hf_name(path, None), np.ascontiguousarray(value.T if transpose else value)
+
+
+def hf_tensors(model: CausalLM, *, dtype=None) -> dict[str, np.ndarray]:
+    """The model's parameters under HF names and layouts (for safetensors export)."""
+    return dict(iter_hf_tensors(model, dtype=dtype))
 
 
 # ----------------------------------------------------------------------------- safetensors
