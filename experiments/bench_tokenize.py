@@ -4,8 +4,10 @@
 
 Writes a Tulu V2-format JSONL pool of `rows` chat records (1-3 turns, long-tailed lengths: most
 responses a few hundred words, some several thousand, as in Tulu V2's mixture of ShareGPT, FLAN,
-code and science rows), then times `data.read_records` and `data.tokenize` (chat template, prompt
-masking, truncation) with the embedded SmolLM2 tokenizer, one process, as `idjax select` does.
+code and science rows), then times `data.read_records` and the tokenization `idjax select` runs
+(`stages.cached_tokenize` into an empty store: chat template, prompt masking, truncation, with the
+embedded SmolLM2 tokenizer, one process, and the tokenized pool written to the store), then the same
+call again, as a later selection on that store makes it (the records' fingerprint and reading the file).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 
 from idjax import data as D
 from idjax.models import load_tokenizer
+from idjax.stages import cached_tokenize
 
 WORDS = ("the of and to in is was for on that with as by at from it an be this are which or model data "
          "function return value number step answer question because therefore first then result").split()
@@ -54,12 +57,24 @@ def main() -> None:
         t = time.perf_counter()
         records = D.read_records(path)
         read_s = time.perf_counter() - t
+        store = Path(d) / "store"
         t = time.perf_counter()
-        examples, stats = D.tokenize(records, tokenizer, max_length=args.max_length, source=str(path))
+        examples, stats = cached_tokenize(records, tokenizer, max_length=args.max_length, source=str(path),
+                                          directory=store)
         tok_s = time.perf_counter() - t
+        t = time.perf_counter()
+        D.records_fingerprint(records)
+        fp_s = time.perf_counter() - t
+        t = time.perf_counter()
+        again, _ = cached_tokenize(records, tokenizer, max_length=args.max_length, source=str(path),
+                                   directory=store)
+        cached_s = time.perf_counter() - t
+        assert D.examples_fingerprint(again) == D.examples_fingerprint(examples)
         tokens = sum(len(e.input_ids) for e in examples)
         print(json.dumps({"rows": args.rows, "bytes": path.stat().st_size, "read_s": round(read_s, 1),
                           "tokenize_s": round(tok_s, 1), "rows_per_s": round(args.rows / tok_s),
+                          "cached_s": round(cached_s, 1), "records_fingerprint_s": round(fp_s, 1),
+                          "store_bytes": sum(f.stat().st_size for f in store.iterdir()),
                           "tokens": tokens, "mean_tokens": round(tokens / len(examples), 1),
                           "truncated": stats.n_truncated, "kept": stats.n_kept}))
 

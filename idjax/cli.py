@@ -163,7 +163,7 @@ def cmd_embed(args) -> int:
 
     _start_distributed(args)
     model, tok = models.load(args.model, dtype=args.dtype, mesh=_mesh())
-    sets = stages.load_sets(tok, pool=args.train, max_length=args.max_length)
+    sets = stages.load_sets(tok, pool=args.train, max_length=args.max_length, cache_dir=args.store)
     examples, stats = sets.pool, sets.stats["pool"]
     store = passes.embed_pool(model, examples, _embed_config(args), args.store, batch_size=args.batch_size,
                                 chunk_rows=args.chunk_rows)
@@ -188,15 +188,15 @@ def cmd_select(args) -> int:
         return _usage("select", "give --k (how many samples) or --budget-tokens (how many response tokens)")
     # Data first: bad input fails in seconds, before the model is loaded.
     tok = models.load_tokenizer(models.resolve(args.model))
+    store = cli_args.store_dir(args)  # also keeps the tokenized pool for the next selection
     sets = stages.load_sets(tok, pool=args.train, target=args.target, target_task=args.target_task,
-                            max_length=args.max_length)
+                            max_length=args.max_length, cache_dir=store)
     pool, stats, tstats = sets.pool, sets.stats["pool"], sets.stats["targets"]
     if args.k is not None and args.k > len(pool):
         return _usage("select", f"--k {args.k} is larger than the pool: {args.train} has {len(pool)} samples with "
                                 f"a response token ({len(stats.skipped_no_response)} skipped)")
     model, _ = models.load(args.model, dtype=args.dtype, tokenizer=False, mesh=_mesh())
     out = Path(args.out)
-    store = cli_args.store_dir(args)
     meta = {"command": {"model": str(args.model), "train": str(args.train), "target": args.target,
                         "target_task": args.target_task, "optimizer_state": args.optimizer_state,
                         "max_length": args.max_length, "dtype": args.dtype},

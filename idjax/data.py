@@ -224,6 +224,27 @@ def examples_fingerprint(examples: Sequence[Example]) -> str:
     return fingerprint([(e.id, fingerprint(e.input_ids), fingerprint(e.labels)) for e in examples])
 
 
+def records_fingerprint(records: Sequence[dict]) -> str:
+    """A hash of the records as read (each one's JSON with sorted keys), streamed: seconds for 10^5 rows."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for r in records:
+        h.update(json.dumps(r, sort_keys=True, ensure_ascii=False, default=str).encode())
+        h.update(b"\n")
+    return h.hexdigest()[:16]
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of what decides tokenize()'s output: the tokenizer's model (vocabulary, merges,
+    normaliser), its added and special tokens and its chat template."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    model = fingerprint(backend.to_str().encode()) if backend is not None else \
+        f"{type(tokenizer).__name__}:{getattr(tokenizer, 'name_or_path', '')}:{len(tokenizer)}"
+    return fingerprint({"model": model, "chat_template": getattr(tokenizer, "chat_template", None),
+                        "special": sorted(int(i) for i in getattr(tokenizer, "all_special_ids", []))})
+
+
 @dataclass
 class TokenizeStats:
     """What tokenize() dropped or cut, so callers can report it instead of silently losing data."""
@@ -275,13 +296,15 @@ def _token_spans(tokenizer, text, spans, offsets) -> list[tuple[int, int]]:
     return out
 
 
-def tokenize(records: Sequence[dict], tokenizer, *, max_length: int = 1024,
-             source: str = "<records>") -> tuple[list[Example], TokenizeStats]:
+def tokenize(records: Sequence[dict], tokenizer, *, max_length: int = 1024, source: str = "<records>",
+             start: int = 0, report: bool = True) -> tuple[list[Example], TokenizeStats]:
     """Chat-template each record and train only on assistant content plus its end-of-turn token.
 
     Whitespace the template puts after the end-of-turn token (ChatML's "\\n") is masked too: the
     model stops at the end-of-turn token, so that text is never generated. Sequences longer than
-    max_length keep their start; samples left with no trainable token are skipped and reported.
+    max_length keep their start; samples left with no trainable token are skipped and reported
+    (report_stats; report=False leaves that to the caller). start: the row of records[0] in its file
+    (a share of a larger set), for Example.index, line numbers in errors and default ids.
     """
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"tokenizer {type(tokenizer).__name__} has no chat template; prompt masking needs "
@@ -297,8 +320,8 @@ def tokenize(records: Sequence[dict], tokenizer, *, max_length: int = 1024,
     fast = getattr(tokenizer, "is_fast", False)  # fast tokenizers give character offsets
     chunk = 512  # batch the Rust tokenizer; also the progress granularity
     for c0 in tqdm(range(0, len(records), chunk), desc="tokenize", unit_scale=chunk, disable=None):
-        recs = [_normalize(r, source, stem, c0 + k + 1) for k, r in enumerate(records[c0:c0 + chunk])]
-        rendered = [_render(r["messages"], tokenizer, f"{source}:{c0 + k + 1}") for k, r in enumerate(recs)]
+        recs = [_normalize(r, source, stem, start + c0 + k + 1) for k, r in enumerate(records[c0:c0 + chunk])]
+        rendered = [_render(r["messages"], tokenizer, f"{source}:{start + c0 + k + 1}") for k, r in enumerate(recs)]
         texts = [t for t, _ in rendered]
         enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=fast)
         for k, (rec, (text, spans)) in enumerate(zip(recs, rendered)):
@@ -315,8 +338,15 @@ def tokenize(records: Sequence[dict], tokenizer, *, max_length: int = 1024,
                 stats.skipped_no_response.append(rec["id"])
                 continue
             stats.n_truncated += truncated
-            examples.append(Example(c0 + k, rec["id"], rec["task"], ids, labels, truncated))
+            examples.append(Example(start + c0 + k, rec["id"], rec["task"], ids, labels, truncated))
     stats.n_kept = len(examples)
+    if report:
+        report_stats(stats, source, max_length)
+    return examples, stats
+
+
+def report_stats(stats: TokenizeStats, source: str, max_length: int) -> None:
+    """Log what tokenize() truncated and skipped (the warnings a user must see on every run)."""
     if stats.n_truncated:
         log.warning("%s: truncated %d of %d samples to max_length=%d (their ends carry no loss)",
                     source, stats.n_truncated, stats.n_records, max_length)
@@ -325,4 +355,9 @@ def tokenize(records: Sequence[dict], tokenizer, *, max_length: int = 1024,
         log.warning("%s: skipped %d samples with no assistant token left to train on (empty answer or "
                     "cut off by max_length=%d): %s%s", source, len(ids), max_length,
                     ", ".join(ids[:20]), " ..." if len(ids) > 20 else "")
-    return examples, stats
+
+
+def merge_stats(parts: Sequence[TokenizeStats]) -> TokenizeStats:
+    """The statistics of consecutive shares of one set, as one tokenize() call over all of it gives."""
+    return TokenizeStats(sum(p.n_records for p in parts), sum(p.n_kept for p in parts),
+                         sum(p.n_truncated for p in parts), [i for p in parts for i in p.skipped_no_response])

@@ -23,13 +23,78 @@ log = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------- data
 
 
-def tokenized(records: Sequence[dict], tokenizer, *, max_length: int, source: str,
-              what: str = "sample") -> tuple[list[D.Example], D.TokenizeStats]:
-    """data.tokenize, refusing a set left with no sample to use (a DataError naming `source`)."""
-    examples, stats = D.tokenize(records, tokenizer, max_length=max_length, source=source)
+def tokenized(records: Sequence[dict], tokenizer, *, max_length: int, source: str, what: str = "sample",
+              cache_dir: str | os.PathLike | None = None) -> tuple[list[D.Example], D.TokenizeStats]:
+    """data.tokenize, refusing a set left with no sample to use (a DataError naming `source`).
+
+    cache_dir: tokenize through cached_tokenize there (a selection's store: a 10^5-row pool is
+    minutes of tokenizing, paid once; several processes tokenize a share each)."""
+    if cache_dir is None:
+        examples, stats = D.tokenize(records, tokenizer, max_length=max_length, source=source)
+    else:
+        examples, stats = cached_tokenize(records, tokenizer, max_length=max_length, source=source,
+                                          directory=Path(cache_dir))
     if not examples:
         raise D.DataError(f"{source}: no {what} has a response token ({len(stats.skipped_no_response)} "
                           f"skipped at max_length={max_length})")
+    return examples, stats
+
+
+def cached_tokenize(records: Sequence[dict], tokenizer, *, max_length: int, source: str,
+                    directory: Path) -> tuple[list[D.Example], D.TokenizeStats]:
+    """data.tokenize(records, ...), kept in `directory` as tokenized-<fingerprint>.npz (example_file's
+    format) + .json (the statistics), keyed by the records, the tokenizer and max_length, and read
+    back by later calls. With several processes each tokenizes its contiguous share of the records
+    (a -part-<i>-of-<n> pair), waits for the others, and reads their shares: the same examples, in the
+    same order, as one process tokenizing everything."""
+    import json
+
+    from idjax import distributed as dist
+    from idjax.example_file import load_examples, save_examples
+    from idjax.io import fingerprint, write_text
+
+    key = fingerprint({"records": D.records_fingerprint(records), "tokenizer": D.tokenizer_fingerprint(tokenizer),
+                       "max_length": max_length, "format": 1})
+    stem = f"tokenized-{key[:12]}"
+
+    def file(base: str, ext: str) -> Path:
+        return directory / (base + ext)
+
+    def save(base: str, examples, stats) -> None:  # the .npz last: it marks the pair complete
+        write_text(file(base, ".json"), json.dumps({"key": key, "stats": dataclasses.asdict(stats)}))
+        save_examples(file(base, ".npz"), examples)
+
+    def load(base: str):
+        meta = json.loads(file(base, ".json").read_text())
+        if meta.get("key") != key:
+            raise D.DataError(f"{file(base, '.json')}: belongs to another tokenization; delete it")
+        return load_examples(file(base, ".npz")), D.TokenizeStats(**meta["stats"])
+
+    if file(stem, ".npz").exists():
+        examples, stats = load(stem)
+        log.info("%s: %d tokenized samples read from %s", source, len(examples), file(stem, ".npz"))
+    else:
+        directory.mkdir(parents=True, exist_ok=True)
+        n, count, me = len(records), dist.process_count(), dist.process_index()
+        if count == 1:
+            examples, stats = D.tokenize(records, tokenizer, max_length=max_length, source=source, report=False)
+            save(stem, examples, stats)
+        else:
+            lo, hi = me * n // count, (me + 1) * n // count
+            parts = [f"{stem}-part-{i}-of-{count}" for i in range(count)]
+            log.info("%s: process %d tokenizes rows %d-%d of %d", source, me, lo, hi, n)
+            save(parts[me], *D.tokenize(records[lo:hi], tokenizer, max_length=max_length, source=source,
+                                        start=lo, report=False))
+            dist.barrier(f"tokenized {source}")
+            shares = [load(part) for part in parts]
+            examples = [e for share, _ in shares for e in share]
+            stats = D.merge_stats([st for _, st in shares])
+            if dist.is_primary():
+                save(stem, examples, stats)
+            dist.barrier(f"merged the tokenized {source}")
+            for ext in (".npz", ".json"):
+                file(parts[me], ext).unlink(missing_ok=True)
+    D.report_stats(stats, source, max_length)
     return examples, stats
 
 
@@ -68,17 +133,19 @@ class Sets:
 def load_sets(tokenizer, *, pool: str | os.PathLike, target=None, target_task: str | None = None,
               eval=None, with_eval: bool = False, max_length: int = 1024, pool_limit: int | None = None,
               target_limit: int | None = None, eval_limit: int | None = None,
-              names: dict[str, str] | None = None) -> Sets:
+              names: dict[str, str] | None = None, cache_dir: str | os.PathLike | None = None) -> Sets:
     """Read and tokenize the pool, the target set (when `target` or `target_task` is given) and, with
     `with_eval`, the evaluation set: `eval`, else the task's evaluation split, else the target set
     itself (with a warning: selection saw those samples). Every set must keep at least one sample.
 
     names: display names of the sets in messages (e.g. {"pool": "demo pool"}); file paths otherwise.
+    cache_dir: where the tokenized pool is kept and read back (cached_tokenize).
     """
     names = names or {}
     pool_records = D.read_records(pool, limit=pool_limit)
     pool_source = names.get("pool", str(pool))
-    examples, stats = tokenized(pool_records, tokenizer, max_length=max_length, source=pool_source)
+    examples, stats = tokenized(pool_records, tokenizer, max_length=max_length, source=pool_source,
+                                cache_dir=cache_dir)
     sets = Sets(examples, pool_records, stats={"pool": stats}, sources={"pool": pool_source})
     task = None
     if target is not None or target_task:

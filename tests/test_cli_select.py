@@ -213,6 +213,8 @@ def test_select_with_skipped_target_and_pool_rows(mode, tmp_path, capsys, caplog
         assert code == 0, err
         skips = [r.getMessage() for r in caplog.records if "skipped 2 samples" in r.getMessage()]
         assert len(skips) == (2 if name == "dirty" else 0), skips  # the pool's and the targets'
+        # the tokenized pool is kept in the store (the second mode reads it back, and warns again)
+        assert len(list((pool_stores / f"{name}.store").glob("tokenized-*.npz"))) == 1
         got[name] = [json.loads(line) for line in out.read_text().splitlines()]
     dirty, clean = got["dirty"], got["clean"]
     assert [r["id"] for r in dirty] == [r["id"] for r in clean] and len(dirty) == 6

@@ -152,6 +152,52 @@ def test_answer_cut_off_or_empty_is_skipped(tok, caplog):
     assert all((e.labels != -100).any() for e in exs)
 
 
+def _same(a, b):
+    assert [(e.index, e.id, e.task, e.truncated) for e in a] == [(e.index, e.id, e.task, e.truncated) for e in b]
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x.input_ids, y.input_ids)
+        np.testing.assert_array_equal(x.labels, y.labels)
+
+
+def test_shares_of_a_set_tokenize_to_the_whole_and_the_cache_reads_it_back(tok, tmp_path, monkeypatch, caplog):
+    """tokenize over consecutive shares (start=) merges into the one call over all records; cached_tokenize
+    keeps that in a directory, reads it back without tokenizing (warning again about what was cut), and
+    tokenizes anew for another max_length or changed records."""
+    from idjax import stages
+
+    recs = [chat(("user", "ok?"), ("assistant", "yes"), id="good"),
+            chat(("user", "blah " * 200), ("assistant", "late answer"), id="cut"),
+            chat(("user", "long answer"), ("assistant", "word " * 150)),   # no id: named after its line
+            chat(("user", "say nothing"), ("assistant", "   "), id="empty"),
+            chat(("user", "again"), ("assistant", "sure"), id="good2", task="t")]
+    whole, stats = tokenize(recs, tok, max_length=100, source="pool.jsonl")
+    assert stats.n_truncated == 1 and stats.skipped_no_response == ["cut", "empty"]
+    shares = [tokenize(recs[lo:hi], tok, max_length=100, source="pool.jsonl", start=lo, report=False)
+              for lo, hi in ((0, 2), (2, 5))]
+    _same([e for exs, _ in shares for e in exs], whole)
+    assert data.merge_stats([st for _, st in shares]) == stats and whole[1].id == "pool:3"
+
+    first, st1 = stages.cached_tokenize(recs, tok, max_length=100, source="pool.jsonl", directory=tmp_path)
+    _same(first, whole)
+    assert st1 == stats and sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".npz"]
+
+    def no_tokenizing(*a, **k):
+        raise AssertionError("tokenized again")
+
+    real = data.tokenize
+    monkeypatch.setattr(data, "tokenize", no_tokenizing)
+    with caplog.at_level(logging.WARNING, logger="idjax.data"):
+        again, st2 = stages.cached_tokenize(recs, tok, max_length=100, source="pool.jsonl", directory=tmp_path)
+    _same(again, whole)
+    assert st2 == stats and any("skipped 2 samples" in r.getMessage() for r in caplog.records)
+    monkeypatch.setattr(data, "tokenize", real)
+    stages.cached_tokenize(recs, tok, max_length=120, source="pool.jsonl", directory=tmp_path)
+    changed = [*recs[:-1], chat(("user", "again"), ("assistant", "sure!"), id="good2", task="t")]
+    other, _ = stages.cached_tokenize(changed, tok, max_length=100, source="pool.jsonl", directory=tmp_path)
+    assert not np.array_equal(other[-1].input_ids, whole[-1].input_ids)
+    assert len(list(tmp_path.glob("tokenized-*.npz"))) == 3
+
+
 def test_tokenize_validates_records_and_template(tok):
     with pytest.raises(DataError, match=r"mine:2: field 'messages\[0\].role'"):
         tokenize([chat(("user", "q"), ("assistant", "a")), chat(("bot", "x"))], tok, source="mine")

@@ -374,6 +374,52 @@ def test_broadcast_of_a_large_array_goes_through_the_shared_directory(tmp_path):
     assert len(files) == 1 and files[0].startswith(".broadcast-") and files[0].endswith("-big_values.npy"), files
 
 
+_TOKENIZE = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    from idjax import distributed as dist
+    port, i, pool, directory = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    dist.initialize(f"127.0.0.1:{port}", 2, i, heartbeat_timeout_s=30)
+    from idjax import data as D, models, stages
+    calls, real = [], D.tokenize
+    def counted(records, *a, **k):
+        calls.append(len(records))
+        return real(records, *a, **k)
+    D.tokenize = counted
+    examples, stats = stages.cached_tokenize(D.read_records(pool), models.load_tokenizer("smollm2-135m"),
+                                             max_length=48, source=pool, directory=Path(directory))
+    print(json.dumps({"tokenized": calls, "examples": D.examples_fingerprint(examples),
+                      "index": [e.index for e in examples], "skipped": stats.skipped_no_response,
+                      "counts": [stats.n_records, stats.n_kept, stats.n_truncated]}))
+""")
+
+
+def test_two_processes_tokenize_a_share_each_and_read_the_whole(tmp_path):
+    """Each process tokenizes half of the pool and reads the other half from the shared directory: both
+    end with the examples (and statistics) of one process tokenizing everything; only the merged file
+    stays."""
+    from idjax import data as D, models
+
+    records = D.read_records(POOL)
+    whole, stats = D.tokenize(records, models.load_tokenizer("smollm2-135m"), max_length=48, source=str(POOL))
+    assert stats.n_truncated and stats.skipped_no_response  # the limit cuts some rows and drops one
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", _TOKENIZE, str(port), str(i), str(POOL), str(tmp_path)],
+                              cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    got = []
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+        got.append(json.loads(out.strip().splitlines()[-1]))
+    n = len(records)
+    assert [g["tokenized"] for g in got] == [[n // 2], [n - n // 2]]
+    for g in got:
+        assert g["examples"] == D.examples_fingerprint(whole) and g["index"] == [e.index for e in whole]
+        assert g["skipped"] == stats.skipped_no_response and g["counts"] == [n, stats.n_kept, stats.n_truncated]
+    assert sorted(f.suffix for f in tmp_path.iterdir()) == [".json", ".npz"]
+
+
 _SAVE = textwrap.dedent("""
     import json, sys
     from idjax import distributed as dist
