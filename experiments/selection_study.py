@@ -119,7 +119,7 @@ class Study:
                                              max_length=args.max_length)
             base, _ = models.load(demo.MODEL, tokenizer=False)
             stages.warm_up(base, examples, self.tok, dataclasses.replace(recipe, remat=True), wdir,
-                           pool_size=len(self.pool_records), final_checkpoint=False, donate_model=True)
+                           pool_size=len(self.pool_records), donate_model=True)
         self.warmup_s = time.perf_counter() - t0
         self.model, _ = models.load(self.out / "warmup", tokenizer=False)
         spec, opt_state = load_optimizer_state(self.out / "warmup", self.model)
