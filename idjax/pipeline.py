@@ -153,6 +153,7 @@ def _select(model, pool, targets, config: SelectConfig, update, store_dir: Path,
     projector = Projector("none" if config.proj_dim == 0 else config.proj_kind, config.proj_dim, seed=config.seed)
     gcfg = GradientConfig(params=config.params, keep=config.keep, normalize=config.normalize,
                           microbatch=config.microbatch, seed=config.seed, first_layer=config.first_layer)
+    layers_key = {"first_layer": config.first_layer} if config.first_layer else {}  # stores of all layers keep their names
     model_fp, pool_fp = model_fingerprint(model), D.examples_fingerprint(pool)
     stores = {}
 
@@ -179,8 +180,8 @@ def _select(model, pool, targets, config: SelectConfig, update, store_dir: Path,
     with timed_stage("gradients", timings):
         fp = {"kind": "gradients", "model": model_fp, "data": pool_fp, "rows": fingerprint(landmarks),
               "update": update_fingerprint(update), "params": config.params, "keep": config.keep,
-              "first_layer": config.first_layer, "normalize": config.normalize,
-              "projection": [projector.kind, config.proj_dim, config.seed]}
+              "normalize": config.normalize, "projection": [projector.kind, config.proj_dim, config.seed],
+              **layers_key}
         gstore, grads = gradient_store(model, pool, landmarks, projector, gcfg, a, store_dir, fp,
                                    batch_size, config.chunk_rows, mesh)
         stores["gradients"] = str(gstore.path)
@@ -210,9 +211,8 @@ def _select(model, pool, targets, config: SelectConfig, update, store_dir: Path,
         with timed_stage("targets", timings):
             tfp = {"kind": "targets", "model": model_fp, "targets": D.examples_fingerprint(targets),
                    "update": update_fingerprint(update), "eta": eta, "hessian": config.hessian,
-                   "params": config.params, "keep": config.keep, "first_layer": config.first_layer,
-                   "seed": config.seed, "columns": want_columns,
-                   "projection": [projector.kind, config.proj_dim]}
+                   "params": config.params, "keep": config.keep, "seed": config.seed, "columns": want_columns,
+                   "projection": [projector.kind, config.proj_dim], **layers_key}
             tpath = store_dir / f"targets-{fingerprint(tfp)[:12]}.npz"
             cached = load_targets(tpath, tfp)
             if cached is None:
