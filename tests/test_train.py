@@ -412,6 +412,11 @@ def test_an_interrupted_warmup_resumes_on_a_rerun_and_leaves_no_checkpoints(tmp_
     _tree_equal(resumed.state.trainable, straight.state.trainable)
     _tree_equal(load_optimizer_state(tmp_path / "b", tiny())[1], load_optimizer_state(tmp_path / "a", tiny())[1])
     assert not (tmp_path / "b" / "checkpoints").exists()
+    # killed inside its first save: nothing finished to resume from, so it starts over
+    (tmp_path / "c" / "checkpoints" / "1.orbax-checkpoint-tmp-7").mkdir(parents=True)
+    again = warm_up(tiny(), exs, None, recipe, tmp_path / "c", pool_size=24)
+    assert len(again.history) == 4 and again.history[-1]["loss"] == straight.history[-1]["loss"]
+    assert not (tmp_path / "c" / "checkpoints").exists()
 
 
 # ----------------------------------------------------------------------------- CLI
