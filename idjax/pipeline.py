@@ -34,7 +34,7 @@ from idjax import data as D
 from idjax import distributed as dist
 from idjax import sharding as shd
 from idjax.configs import EmbedConfig, SelectConfig  # noqa: F401 (re-exported)
-from idjax.grads import GradientConfig, PerExampleGradients, check_first_layer, layer_mask, restrict, split_params
+from idjax.grads import GradientConfig, PerExampleGradients, restrict, split_params
 from idjax.hessian import target_direction
 from idjax.io import fingerprint
 from idjax.landmarks import choose_landmarks
@@ -46,6 +46,7 @@ from idjax.passes import (
 from idjax.propagator import Propagator
 from idjax.select import per_task, round_robin, token_budget_cap, top_k, top_k_lexicographic, within_token_budget
 from idjax.sketch import Projector, global_norm_sq
+from idjax.subsets import check_first_layer, layer_mask
 from idjax.curvature import dense_matvec
 from idjax.scores import cosine_scores, curvature_matrix, influence_scores
 from idjax.weights import default_lam, lam_for_budget, solve_weights
