@@ -82,9 +82,13 @@ def cached_tokenize(records: Sequence[dict], tokenizer, *, max_length: int, sour
         else:
             lo, hi = me * n // count, (me + 1) * n // count
             parts = [f"{stem}-part-{i}-of-{count}" for i in range(count)]
-            log.info("%s: process %d tokenizes rows %d-%d of %d", source, me, lo, hi, n)
-            save(parts[me], *D.tokenize(records[lo:hi], tokenizer, max_length=max_length, source=source,
-                                        start=lo, report=False))
+            dist.set_note(f"the tokenized shares are kept in {directory}; re-run the same command to resume")
+            if file(parts[me], ".npz").exists():  # from a run that stopped before every share was done
+                log.info("%s: process %d reads its tokenized rows %d-%d from %s", source, me, lo, hi, directory)
+            else:
+                log.info("%s: process %d tokenizes rows %d-%d of %d", source, me, lo, hi, n)
+                save(parts[me], *D.tokenize(records[lo:hi], tokenizer, max_length=max_length, source=source,
+                                            start=lo, report=False))
             dist.barrier(f"tokenized {source}")
             shares = [load(part) for part in parts]
             examples = [e for share, _ in shares for e in share]
