@@ -360,12 +360,10 @@ def _interrupted(args) -> str:
     store = cli_args.store_dir(args)
     if store is not None:
         return f"idjax: interrupted; finished chunks are kept in {store}, re-run the same command to resume"
-    if args.command == "train" and (Path(args.out) / "checkpoints").is_dir():
-        return (f"idjax: interrupted; checkpoints are kept in {Path(args.out) / 'checkpoints'}, re-run with "
-                f"--resume {args.out} to continue")
-    if args.command == "warmup" and (Path(args.out) / "checkpoints").is_dir():
-        return (f"idjax: interrupted; checkpoints are kept in {Path(args.out) / 'checkpoints'}, re-run the same "
-                "command to resume")
+    if args.command in ("train", "warmup") and (Path(args.out) / "checkpoints").is_dir():
+        how = f"re-run with --resume {args.out} to continue" if args.command == "train" else \
+            "re-run the same command to resume"  # a warm-up resumes on its own
+        return f"idjax: interrupted; checkpoints are kept in {Path(args.out) / 'checkpoints'}, {how}"
     if args.command in ("demo", "run"):
         where = f" in {args.out}" if getattr(args, "out", None) else ""
         return f"idjax: interrupted; finished stages are kept{where}, re-run the same command to resume"

@@ -112,14 +112,14 @@ def test_save_load_round_trip_is_exact_and_loads_in_pytorch(tmp_path):
 
 
 def test_sharded_checkpoint_and_bfloat16(tmp_path):
-    from idjax.models.params import hf_tensors, write_safetensors_dir
+    from idjax.models.params import iter_hf_tensors, write_safetensors_dir
 
     hf, path = make_hf("llama", tmp_path)
     model, _ = M.load(path, tokenizer=False)
     shard_dir = tmp_path / "sharded"
     shard_dir.mkdir()
     (shard_dir / "config.json").write_text(json.dumps(model.config.to_hf()))
-    write_safetensors_dir(hf_tensors(model), shard_dir, max_shard_bytes=40_000)
+    write_safetensors_dir(dict(iter_hf_tensors(model)), shard_dir, max_shard_bytes=40_000)
     index = json.loads((shard_dir / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 2
     sharded, _ = M.load(shard_dir, tokenizer=False)

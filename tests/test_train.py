@@ -1,6 +1,7 @@
 """Training: one step against a hand-written jax.grad + optax reference, weights, accumulation,
 LoRA, bfloat16, bit-exact resume, warm-up state for the update model, SmolLM2 loss, CLI errors."""
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -259,6 +260,24 @@ def _tree_equal(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@contextlib.contextmanager
+def ctrl_c_after(steps: int, monkeypatch):
+    """Inside the block, Trainer.step raises KeyboardInterrupt (Ctrl-C) after `steps` steps."""
+    real_step, calls = T.Trainer.step, {"n": 0}
+
+    def step(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] > steps:
+            raise KeyboardInterrupt
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(T.Trainer, "step", step)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(T.Trainer, "step", real_step)
+
+
 def test_resume_is_bit_exact_and_logs_metrics(tmp_path, monkeypatch):
     exs = synthetic(10, seed=1)
     w = np.linspace(0.5, 2.0, 10)
@@ -268,19 +287,8 @@ def test_resume_is_bit_exact_and_logs_metrics(tmp_path, monkeypatch):
     straight = T.train(tiny(), exs, config, weights=w, out_dir=tmp_path / "a", progress=False)
     _tree_equal(before, params_of(tiny()))  # the input model is never modified (its arrays are copied)
 
-    calls = {"n": 0}
-    real_step = T.Trainer.step
-
-    def stop_at_4(self, *a, **k):  # Ctrl-C after 4 steps (the interrupted run checkpoints step 4)
-        calls["n"] += 1
-        if calls["n"] > 4:
-            raise KeyboardInterrupt
-        return real_step(self, *a, **k)
-
-    monkeypatch.setattr(T.Trainer, "step", stop_at_4)
-    with pytest.raises(KeyboardInterrupt):
+    with ctrl_c_after(4, monkeypatch), pytest.raises(KeyboardInterrupt):  # the interrupted run checkpoints step 4
         T.train(tiny(), exs, config, weights=w, out_dir=tmp_path / "b", progress=False)
-    monkeypatch.setattr(T.Trainer, "step", real_step)
     assert sorted(int(p.name) for p in (tmp_path / "b" / "checkpoints").iterdir() if p.name.isdigit()) == [3, 4]
     resumed = T.train(tiny(), exs, config, weights=w, out_dir=tmp_path / "b", resume=tmp_path / "b",
                       progress=False)
@@ -390,19 +398,8 @@ def test_an_interrupted_warmup_resumes_on_a_rerun_and_leaves_no_checkpoints(tmp_
     assert not (tmp_path / "a" / "checkpoints").exists()
     assert (tmp_path / "a" / "opt_state").is_dir() and (tmp_path / "a" / "warmup.json").is_file()
 
-    real_step = T.Trainer.step
-    calls = {"n": 0}
-
-    def stop_after_3(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] > 3:
-            raise KeyboardInterrupt
-        return real_step(self, *a, **k)
-
-    monkeypatch.setattr(T.Trainer, "step", stop_after_3)
-    with pytest.raises(KeyboardInterrupt):
+    with ctrl_c_after(3, monkeypatch), pytest.raises(KeyboardInterrupt):
         warm_up(tiny(), exs, None, recipe, tmp_path / "b", pool_size=24)
-    monkeypatch.setattr(T.Trainer, "step", real_step)
     assert max(int(p.name) for p in (tmp_path / "b" / "checkpoints").iterdir() if p.name.isdigit()) == 3
     with pytest.raises(CheckpointError, match=r"different run.*delete .*checkpoints to start over"):
         warm_up(tiny(), exs, None, dataclasses.replace(recipe, lr=2e-3), tmp_path / "b", pool_size=24)

@@ -182,11 +182,6 @@ def iter_hf_tensors(model: CausalLM, *, dtype=None):
             yield _hf_name(path, None), np.ascontiguousarray(value.T if transpose else value)
 
 
-def hf_tensors(model: CausalLM, *, dtype=None) -> dict[str, np.ndarray]:
-    """The model's parameters under HF names and layouts (for safetensors export)."""
-    return dict(iter_hf_tensors(model, dtype=dtype))
-
-
 # ----------------------------------------------------------------------------- safetensors
 
 
