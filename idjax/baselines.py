@@ -42,10 +42,10 @@ log = logging.getLogger(__name__)
 METHODS = ("random", "rds", "mid-ppl", "full")
 
 
-@partial(jax.jit, static_argnums=(0, 5))
-def _features(graphdef, state, ids, mask, labels, what: str):
-    """Per row: the position-weighted mean of the final-normed hidden states ("rds", [B, D]) or the
-    mean response-token loss ("loss", [B, 1]), float32."""
+@partial(jax.jit, static_argnums=(0, 6))
+def _features(graphdef, state, ids, mask, labels, positions, what: str):
+    """Per row: the position-weighted mean of the final-normed hidden states ("rds", [B, D]: no lm-head) or
+    the mean response-token loss ("loss", [B, 1]; the lm-head at the loss positions only), float32."""
     model = nnx.merge(graphdef, state)
     if what == "rds":
         hidden, _ = model.hidden_states(ids, mask)
@@ -53,7 +53,7 @@ def _features(graphdef, state, ids, mask, labels, what: str):
         w = jnp.cumsum(m, axis=-1) * m                      # 1, 2, ..., n on real tokens, 0 on padding
         w = w / jnp.maximum(w.sum(axis=-1, keepdims=True), 1.0)
         return jnp.einsum("bl,bld->bd", w, hidden.astype(jnp.float32))
-    return sample_losses(model, ids, mask, labels)[:, None]
+    return sample_losses(model, ids, mask, labels, positions=positions)[:, None]
 
 
 def sample_features(model, examples: Sequence[D.Example], what: str, *, batch_size: int = 8,
@@ -66,12 +66,16 @@ def sample_features(model, examples: Sequence[D.Example], what: str, *, batch_si
         raise D.DataError("no examples")
     graphdef, state = nnx.split(model)
     pad = model.config.pad_token_id or 0
-    ladder = P.sorted_ladder(examples, batch_size, chunk_rows if store_dir is not None else None, f"{what} features")
+    rows = chunk_rows if store_dir is not None else None
+    ladder = P.sorted_ladder(examples, batch_size, rows, f"{what} features")
+    heads = {} if what == "rds" else P.loss_heads(examples, batch_size, rows, ladder, f"{what} features")
     dim = model.config.hidden_size if what == "rds" else 1
 
     def chunk(start, stop):
-        return D.collect_rows(D.sorted_batches(examples[start:stop], batch_size, pad_id=pad, ladder=ladder),
-                              lambda b: _features(graphdef, state, b.input_ids, b.attention_mask, b.labels, what),
+        return D.collect_rows(D.sorted_batches(examples[start:stop], batch_size, pad_id=pad, ladder=ladder,
+                                               heads=heads),
+                              lambda b: _features(graphdef, state, b.input_ids, b.attention_mask, b.labels,
+                                                  b.loss_positions, what),
                               progress=False)
 
     if store_dir is None:

@@ -6,11 +6,15 @@ Two batchings of tokenized examples (data.Example):
 - `sorted_batches`: rows sorted by length and cut into consecutive batches, each padded to the smallest of
   `length_ladder`'s lengths (4 per octave); the selection passes use it, since their rows are independent.
 `collect_rows` puts per-row results back in the examples' order; `real_token_fraction` counts the padding.
+
+A length-sorted batch can also carry `loss_positions`: the positions whose next token carries loss, so
+the lm-head and the cross-entropy run there only (grads.hidden_loss_sums), not at prompt and padding
+positions. Their count per padded length comes from `head_plan`, one per length for a whole pass.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -67,13 +71,30 @@ class Batch:
     indices: np.ndarray  # int64 [B], Example.index (the record's row in its file) or -1
     positions: np.ndarray  # int64 [B], place in the examples given to make_batches, or -1
     total: int  # how many examples that make_batches call was given (its batches hold them all)
+    # int32 [B, R]: per row, the positions t with labels[t + 1] != -100 in order, then -1; None: all positions
+    loss_positions: np.ndarray | None = None
 
     @property
     def bucket(self) -> int:
         return self.input_ids.shape[1]
 
 
-def _collate(chunk: Sequence[tuple[int, Example]], batch_size: int, length: int, pad_id: int, total: int) -> Batch:
+def loss_positions(labels) -> np.ndarray:
+    """The positions t of a row whose next token carries loss (labels[t + 1] != -100), in order."""
+    return np.flatnonzero(np.asarray(labels)[1:] != IGNORE_INDEX)
+
+
+def _collate(chunk: Sequence[tuple[int, Example]], batch_size: int, length: int, pad_id: int, total: int,
+             head: int | None = None) -> Batch:
+    positions = None
+    if head is not None and head < length - 1:
+        positions = np.full((batch_size, head), -1, np.int32)
+        for r, (_, ex) in enumerate(chunk):
+            where = loss_positions(ex.labels)
+            if len(where) > head:
+                raise ValueError(f"a row has {len(where)} loss positions, more than the {head} its batch of "
+                                 f"{length} tokens computes the lm-head at (head_plan)")
+            positions[r, :len(where)] = where
     ids = np.full((batch_size, length), pad_id, np.int32)
     att = np.zeros((batch_size, length), np.int32)
     lab = np.full((batch_size, length), IGNORE_INDEX, np.int32)
@@ -84,16 +105,28 @@ def _collate(chunk: Sequence[tuple[int, Example]], batch_size: int, length: int,
         n = len(ex.input_ids)
         ids[r, :n], att[r, :n], lab[r, :n] = ex.input_ids, 1, ex.labels
         mask[r], idx[r], pos[r] = True, ex.index, p
-    return Batch(ids, att, lab, mask, idx, pos, total)
+    return Batch(ids, att, lab, mask, idx, pos, total, positions)
+
+
+def bucket_heads(examples: Sequence[Example], buckets: Iterable[int]) -> dict[int, int]:
+    """{bucket: lm-head positions} for make_batches: head_length of the most loss positions of any row in
+    the bucket, so each bucket still compiles one shape."""
+    buckets = tuple(buckets)
+    most: dict[int, int] = {}
+    for ex in examples:
+        b = bucket_for(len(ex.input_ids), buckets)
+        most[b] = max(most.get(b, 0), len(loss_positions(ex.labels)))
+    return {b: head_length(m, b) for b, m in most.items()}
 
 
 def make_batches(examples: Sequence[Example], batch_size: int, buckets: Iterable[int], *, pad_id: int,
-                 shuffle: bool = False, seed: int = 0) -> list[Batch]:
+                 shuffle: bool = False, seed: int = 0, heads: Mapping[int, int] | None = None) -> list[Batch]:
     """Group examples by bucket and pad to [batch_size, bucket], so jitted code compiles once per bucket.
 
     Each example appears exactly once; the last batch of a bucket is filled with masked rows.
     Without shuffle, batches come bucket by bucket in input order; with it, the examples within
-    a bucket and the batch order are permuted by `seed` (same seed, same batches).
+    a bucket and the batch order are permuted by `seed` (same seed, same batches). heads: {bucket: lm-head
+    positions} (bucket_heads): those buckets' batches carry loss_positions; None: none do.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -107,7 +140,7 @@ def make_batches(examples: Sequence[Example], batch_size: int, buckets: Iterable
         exs = groups[b]
         if shuffle:
             exs = [exs[i] for i in rng.permutation(len(exs))]
-        batches += [_collate(exs[k:k + batch_size], batch_size, b, pad_id, len(examples))
+        batches += [_collate(exs[k:k + batch_size], batch_size, b, pad_id, len(examples), (heads or {}).get(b))
                     for k in range(0, len(exs), batch_size)]
     if shuffle:
         batches = [batches[i] for i in rng.permutation(len(batches))]
@@ -139,17 +172,57 @@ def sorted_plan(lengths, batch_size: int, ladder: Sequence[int]) -> list[tuple[n
             for k in range(0, len(order), batch_size)]
 
 
+def head_length(most: int, length: int) -> int:
+    """How many positions the lm-head runs at in a batch padded to `length` whose rows have at most `most`
+    loss positions: `most` rounded up to a quarter of the length (a multiple of 16), so a pass compiles few
+    shapes; length - 1 (every position) when that is not fewer."""
+    quarter = -(-max(16, -(-length // 4)) // 16) * 16
+    return min(length - 1, -(-max(most, 1) // quarter) * quarter)
+
+
+def head_plan(lengths, counts, batch_size: int, ladder: Sequence[int], *,
+              chunk_rows: int | None = None) -> dict[int, int]:
+    """{padded length: lm-head positions} for the length-sorted batches of rows with these lengths and loss
+    position counts (each chunk of chunk_rows rows batched on its own, as the resumable passes do): one
+    head_length per padded length, of the most loss positions of any row in any batch of that length, so
+    every chunk of a pass compiles the same shapes."""
+    lengths, counts = np.asarray(lengths, np.int64), np.asarray(counts, np.int64)
+    chunk_rows = chunk_rows or max(len(lengths), 1)
+    most: dict[int, int] = {}
+    for lo in range(0, len(lengths), chunk_rows):
+        for pos, length in sorted_plan(lengths[lo:lo + chunk_rows], batch_size, ladder):
+            most[length] = max(most.get(length, 0), int(counts[lo + pos].max()))
+    return {length: head_length(m, length) for length, m in most.items()}
+
+
+def head_fraction(lengths, counts, batch_size: int, ladder: Sequence[int], heads: Mapping[int, int], *,
+                  chunk_rows: int | None = None) -> float:
+    """Loss positions / the positions the lm-head runs at, over the length-sorted batches (as head_plan)."""
+    lengths, counts = np.asarray(lengths, np.int64), np.asarray(counts, np.int64)
+    chunk_rows = chunk_rows or max(len(lengths), 1)
+    computed = sum(batch_size * min(heads.get(length, length - 1), length - 1)
+                   for lo in range(0, len(lengths), chunk_rows)
+                   for _, length in sorted_plan(lengths[lo:lo + chunk_rows], batch_size, ladder))
+    return float(counts.sum() / computed) if computed else 1.0
+
+
 def sorted_batches(examples: Sequence[Example], batch_size: int, *, pad_id: int,
-                   ladder: Sequence[int] | None = None) -> list[Batch]:
+                   ladder: Sequence[int] | None = None, heads: Mapping[int, int] | None = None) -> list[Batch]:
     """Batches of similar lengths (sorted_plan; default ladder: length_ladder of the longest example), for
     the passes whose rows are independent (embeddings, gradients, features): far less padding than
-    make_batches' power-of-two buckets. collect_rows puts the rows back in the examples' order."""
+    make_batches' power-of-two buckets. collect_rows puts the rows back in the examples' order.
+
+    heads: {padded length: lm-head positions} (head_plan; default: the plan of these examples alone). A
+    batch whose head is shorter than its length - 1 carries loss_positions."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     lengths = [len(e.input_ids) for e in examples]
     if ladder is None:
         ladder = length_ladder(max(lengths))
-    return [_collate([(int(p), examples[p]) for p in pos], batch_size, length, pad_id, len(examples))
+    if heads is None:
+        heads = head_plan(lengths, [len(loss_positions(e.labels)) for e in examples], batch_size, ladder)
+    return [_collate([(int(p), examples[p]) for p in pos], batch_size, length, pad_id, len(examples),
+                     heads.get(length))
             for pos, length in sorted_plan(lengths, batch_size, ladder)]
 
 

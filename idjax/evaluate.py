@@ -30,15 +30,16 @@ log = logging.getLogger(__name__)
 
 
 @partial(jax.jit, static_argnums=0)
-def _loss_sums(graphdef, state, ids, mask, labels):
-    """Per-row summed response-token loss and token count (float32)."""
+def _loss_sums(graphdef, state, ids, mask, labels, positions):
+    """Per-row summed response-token loss and token count (float32); the lm-head at `positions` only."""
     model = nnx.merge(graphdef, state)
-    return hidden_loss_sums(model, model.hidden_states(ids, mask)[0], labels)
+    return hidden_loss_sums(model, model.hidden_states(ids, mask)[0], labels, positions=positions)
 
 
 def token_loss_sums(model, examples: Sequence[D.Example], *, batch_size: int = 8, buckets=None,
                     pad_id: int = 0, desc: str = "loss") -> tuple[np.ndarray, np.ndarray]:
-    """(summed loss, response-token count) per example, in the order of `examples` (float64 on host)."""
+    """(summed loss, response-token count) per example, in the order of `examples` (float64 on host). The
+    lm-head runs at the loss positions of each bucket (data.bucket_heads), not at every position."""
     if not examples:
         raise D.DataError("nothing to evaluate: no examples")
     if buckets is None:
@@ -46,10 +47,11 @@ def token_loss_sums(model, examples: Sequence[D.Example], *, batch_size: int = 8
     graphdef, state = nnx.split(model)
 
     def sums_counts(b):
-        s, c = _loss_sums(graphdef, state, b.input_ids, b.attention_mask, b.labels)
+        s, c = _loss_sums(graphdef, state, b.input_ids, b.attention_mask, b.labels, b.loss_positions)
         return np.stack([np.asarray(s, np.float64), np.asarray(c, np.float64)], axis=1)
 
-    out = D.collect_rows(D.make_batches(examples, batch_size, buckets, pad_id=pad_id), sums_counts, desc=desc)
+    batches = D.make_batches(examples, batch_size, buckets, pad_id=pad_id, heads=D.bucket_heads(examples, buckets))
+    out = D.collect_rows(batches, sums_counts, desc=desc)
     return out[:, 0], out[:, 1]
 
 

@@ -69,22 +69,33 @@ def mean_response_loss(logits, labels):
 LOSS_CHUNK_BYTES = 1 << 28
 
 
-def hidden_loss_sums(model, hidden, labels, *, chunk_bytes: int = LOSS_CHUNK_BYTES):
+def hidden_loss_sums(model, hidden, labels, *, chunk_bytes: int = LOSS_CHUNK_BYTES, positions=None):
     """response_loss_sums from the final hidden states [B, L, D]: (sum_t loss_t, n) per row, float32 [B].
 
-    Where the float32 logits [B, L, V] would exceed chunk_bytes (a 128k vocabulary at 2048 tokens: 1 GiB
-    per row), the lm-head and the cross-entropy run over chunks of positions under jax.checkpoint: only
-    one chunk's logits exist at a time, forward and backward, for one more lm-head pass in the backward.
+    positions: int [B, R], the positions t whose next token carries loss (labels[t + 1] != -100), padded
+    with -1 (data.Batch.loss_positions). The lm-head and the cross-entropy then run at those R positions
+    only, not at every one of the L - 1; they must list every loss position, or the sums leave tokens out.
+    None: every position.
+
+    Where the float32 logits [B, positions, V] would exceed chunk_bytes (a 128k vocabulary at 2048 tokens:
+    1 GiB per row), the lm-head and the cross-entropy run over chunks of positions under jax.checkpoint:
+    only one chunk's logits exist at a time, forward and backward, for one more lm-head pass in the backward.
     """
-    b, length, _ = hidden.shape
+    h, targets = hidden[:, :-1], labels[:, 1:]
+    if positions is not None:
+        at = jnp.maximum(positions, 0)
+        h = jnp.take_along_axis(h, at[..., None], axis=1)
+        targets = jnp.where(positions >= 0, jnp.take_along_axis(targets, at, axis=1), IGNORE_INDEX)
+    b, length, _ = h.shape
     per_chunk = max(1, chunk_bytes // (4 * b * model.config.vocab_size))
-    if per_chunk >= length - 1:
-        return response_loss_sums(model.logits(hidden), labels)
+    if per_chunk >= length:
+        loss, mask = _cross_entropy(model.logits(h), targets)
+        return loss.sum(-1), mask.sum(-1).astype(jnp.float32)
     matrix, tied = model.head()
-    steps = -(-(length - 1) // per_chunk)
-    pad = steps * per_chunk - (length - 1)
-    h = jnp.pad(hidden[:, :-1], ((0, 0), (0, pad), (0, 0)))
-    targets = jnp.pad(labels[:, 1:], ((0, 0), (0, pad)), constant_values=IGNORE_INDEX)
+    steps = -(-length // per_chunk)
+    pad = steps * per_chunk - length
+    h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=IGNORE_INDEX)
     h = h.reshape(b, steps, per_chunk, h.shape[-1]).swapaxes(0, 1)
     targets = targets.reshape(b, steps, per_chunk).swapaxes(0, 1)
 
@@ -102,11 +113,13 @@ def hidden_loss_sums(model, hidden, labels, *, chunk_bytes: int = LOSS_CHUNK_BYT
     return total, count
 
 
-def sample_losses(model, input_ids, attention_mask, labels, *, chunk_bytes: int = LOSS_CHUNK_BYTES):
+def sample_losses(model, input_ids, attention_mask, labels, *, chunk_bytes: int = LOSS_CHUNK_BYTES,
+                  positions=None):
     """Mean response-token loss of every sample: float32 [B]; 0 for samples without responses. The
-    logits are never whole where they would exceed chunk_bytes (hidden_loss_sums)."""
+    logits are never whole where they would exceed chunk_bytes, and only at `positions` when given
+    (hidden_loss_sums)."""
     hidden, _ = model.hidden_states(input_ids, attention_mask)
-    total, count = hidden_loss_sums(model, hidden, labels, chunk_bytes=chunk_bytes)
+    total, count = hidden_loss_sums(model, hidden, labels, chunk_bytes=chunk_bytes, positions=positions)
     return total / jnp.maximum(count, 1.0)
 
 
@@ -114,7 +127,7 @@ def sample_losses(model, input_ids, attention_mask, labels, *, chunk_bytes: int 
 
 
 def _upper_layer_gradients(graphdef, selected, rest, first_layer: int, input_ids, attention_mask):
-    """(grad(ids, mask, labels, residual), residuals [B, L, D]) for gradients of the selected parameters of
+    """(grad(ids, mask, labels, positions, residual), residuals [B, L, D]) for gradients of the selected parameters of
     layers first_layer.. only: the layers below run forward once for the batch, outside every
     gradient, and each sample's backward pass stops at first_layer. Gradients come back in the full
     layout, zero below first_layer (layer_mask)."""
@@ -126,14 +139,15 @@ def _upper_layer_gradients(graphdef, selected, rest, first_layer: int, input_ids
 
     up_selected, up_rest = upper(selected), upper(rest)
 
-    def loss(sel, ids, mask, labels, residual):
+    def loss(sel, ids, mask, labels, positions, residual):
         model = nnx.merge(graphdef, sel, up_rest)
         hidden, _ = model.hidden_states(ids[None], mask[None], residual=residual[None])
-        total, count = hidden_loss_sums(model, hidden, labels[None])
+        total, count = hidden_loss_sums(model, hidden, labels[None],
+                                        positions=None if positions is None else positions[None])
         return (total / jnp.maximum(count, 1.0))[0]
 
-    def grad(ids, mask, labels, residual):
-        g = jax.grad(loss)(up_selected, ids, mask, labels, residual)
+    def grad(ids, mask, labels, positions, residual):
+        g = jax.grad(loss)(up_selected, ids, mask, labels, positions, residual)
         return jax.tree_util.tree_map_with_path(
             lambda p, x: jnp.concatenate([jnp.zeros((first_layer,) + x.shape[1:], x.dtype), x])
             if in_layer_stack(p) else x, g)
@@ -148,10 +162,10 @@ def map_in_steps(one, args, *, per_step: int, shards: int = 1):
     """vmap(one) over `per_step` samples at a time, lax.map over the steps, so at most per_step
     samples' intermediates (full gradients) are alive at once.
 
-    The batch axis of `args` is split in `shards` contiguous blocks, one per device. Each step takes
-    per_step / shards samples from every block, so the vmapped axis stays split over the devices and
-    every device works on its own samples (XLA keeps the sharding through these reshapes). With one
-    shard this is the plain reshape [b] -> [b / per_step, per_step].
+    The batch axis of `args` (None entries: absent optional inputs, they stay None) is split in `shards`
+    contiguous blocks, one per device. Each step takes per_step / shards samples from every block, so the
+    vmapped axis stays split over the devices and every device works on its own samples (XLA keeps the
+    sharding through these reshapes). With one shard this is the plain reshape [b] -> [b / per_step, per_step].
     """
     b = args[0].shape[0]
     steps, local = b // per_step, per_step // shards
@@ -162,7 +176,7 @@ def map_in_steps(one, args, *, per_step: int, shards: int = 1):
     def unfold(y):
         return y.reshape(steps, shards, local, *y.shape[2:]).swapaxes(0, 1).reshape(b, *y.shape[2:])
 
-    out = jax.lax.map(lambda c: jax.vmap(one)(*c), tuple(fold(x) for x in args))
+    out = jax.lax.map(lambda c: jax.vmap(one)(*c), jax.tree.map(fold, tuple(args)))
     return jax.tree.map(unfold, out)
 
 
@@ -176,11 +190,13 @@ def local_microbatch(b: int, shards: int, microbatch: int) -> int:
 
 
 def single_sample_loss(graphdef, rest):
-    """loss(selected, input_ids [L], attention_mask [L], labels [L]) -> l(theta; x) for ONE unbatched
-    sample, the function whose gradient is a per-example gradient."""
-    def loss(selected, ids, mask, labels):
+    """loss(selected, input_ids [L], attention_mask [L], labels [L], positions [R] or None) -> l(theta; x)
+    for ONE unbatched sample, the function whose gradient is a per-example gradient (positions: its loss
+    positions, -1 padded, as hidden_loss_sums takes them)."""
+    def loss(selected, ids, mask, labels, positions=None):
         model = nnx.merge(graphdef, selected, rest)
-        return sample_losses(model, ids[None], mask[None], labels[None])[0]
+        return sample_losses(model, ids[None], mask[None], labels[None],
+                             positions=None if positions is None else positions[None])[0]
 
     return loss
 
@@ -188,7 +204,8 @@ def single_sample_loss(graphdef, rest):
 def per_example_gradients(model, input_ids, attention_mask, labels, *, params=None,
                           projector: Projector | None = None, precondition=None, offset=None,
                           normalize: bool = False, microbatch: int | None = None,
-                          mask: CoordinateMask | None = None, shards: int = 1, first_layer: int = 0):
+                          mask: CoordinateMask | None = None, shards: int = 1, first_layer: int = 0,
+                          loss_positions=None):
     """Projected per-example gradients P u_i, float32 [B, k] (docs/method.md 4.3 and 6).
 
         g_i = grad_theta l(theta; x_i)        (mean response-token loss of row i, selected params only)
@@ -203,12 +220,14 @@ def per_example_gradients(model, input_ids, attention_mask, labels, *, params=No
     gradients are alive; None: all at once. shards: the batch axis is split in that many contiguous
     device blocks (a mesh), `microbatch` then counts per device. first_layer > 0: g_i is the gradient of
     the selected parameters of layers first_layer.. only (zero below, as layer_mask makes it): the lower
-    layers run forward once per batch and no backward pass goes below first_layer.
+    layers run forward once per batch and no backward pass goes below first_layer. loss_positions: int
+    [B, R], each row's positions whose next token carries loss, -1 padded (data.Batch.loss_positions): the
+    lm-head runs there only (hidden_loss_sums); None: at every position.
     Pure: jit, vmap and shard_map it.
     """
     graphdef, selected, rest = split_params(model, params)
     projector = Projector("none", 0) if projector is None else projector
-    args = (input_ids, attention_mask, labels)
+    args = (input_ids, attention_mask, labels, loss_positions)
     if first_layer:  # and the shift: a * (g - offset) is then zero below too
         offset = layer_mask(offset, first_layer)
         grad, residuals = _upper_layer_gradients(graphdef, selected, rest, first_layer, input_ids, attention_mask)
@@ -216,8 +235,8 @@ def per_example_gradients(model, input_ids, attention_mask, labels, *, params=No
     else:
         loss = single_sample_loss(graphdef, rest)
 
-        def grad(ids, attn, labels):
-            return jax.grad(loss)(selected, ids, attn, labels)
+        def grad(ids, attn, labels, positions):
+            return jax.grad(loss)(selected, ids, attn, labels, positions)
 
     def one(*row):
         g = grad(*row)
@@ -246,13 +265,17 @@ def per_example_gradients(model, input_ids, attention_mask, labels, *, params=No
 
 
 def batch_arrays(batch, mesh=None):
-    """(input_ids, attention_mask, labels) of a data.Batch on the device(s): split over the mesh, padded
-    with empty rows (no tokens, no labels) to a multiple of its size; as they are without a mesh."""
+    """(input_ids, attention_mask, labels, loss_positions or None) of a data.Batch on the device(s): split
+    over the mesh, padded with empty rows (no tokens, no labels, no loss positions) to a multiple of its
+    size; as they are without a mesh."""
+    positions = batch.loss_positions
     if mesh is None:
-        return jnp.asarray(batch.input_ids), jnp.asarray(batch.attention_mask), jnp.asarray(batch.labels)
+        return (jnp.asarray(batch.input_ids), jnp.asarray(batch.attention_mask), jnp.asarray(batch.labels),
+                None if positions is None else jnp.asarray(positions))
     return (shd.put_rows(shd.pad_rows(batch.input_ids, mesh), mesh),
             shd.put_rows(shd.pad_rows(batch.attention_mask, mesh), mesh),
-            shd.put_rows(shd.pad_rows(batch.labels, mesh, IGNORE_INDEX), mesh))
+            shd.put_rows(shd.pad_rows(batch.labels, mesh, IGNORE_INDEX), mesh),
+            None if positions is None else shd.put_rows(shd.pad_rows(positions, mesh, -1), mesh))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,12 +291,12 @@ class GradientConfig:
 
 
 def _gradients(graphdef, projector, config: GradientConfig, mask, shards: int,
-               selected, rest, precondition, offset, ids, attention_mask, labels):
+               selected, rest, precondition, offset, ids, attention_mask, labels, positions):
     """The compiled body of PerExampleGradients: per_example_gradients with the shell's settings."""
     return per_example_gradients((graphdef, rest), ids, attention_mask, labels, params=selected,
                                  projector=projector, precondition=precondition, offset=offset,
                                  normalize=config.normalize, microbatch=config.microbatch, mask=mask,
-                                 shards=shards, first_layer=config.first_layer)
+                                 shards=shards, first_layer=config.first_layer, loss_positions=positions)
 
 
 def gradient_settings(rows_per_device: int, *, remat: bool = True) -> list:
@@ -313,7 +336,7 @@ class PerExampleGradients:
         # The budget of a planned microbatch (device_memory overrides what the device says).
         self.device_memory = (memory.device_memory(device_memory, agree=shd.spans_processes(self.mesh))
                               if config.microbatch is None else None)
-        self.plans = {}  # (rows, length) -> ((microbatch, remat), compiled program), when planned
+        self.plans = {}  # (rows, length, lm-head positions) -> ((microbatch, remat), compiled program), planned
 
     def _jitted(self, microbatch: int | None, remat: bool = False):
         """The compiled body for one microbatch size (and, planned, with layer remat). One compilation per
@@ -335,7 +358,7 @@ class PerExampleGradients:
         """The program with the largest microbatch (a divisor of the per-device rows) that fits the device,
         by the compiler's memory analysis (memory.first_fit); at 1 sample per device, with layer remat if
         it still does not fit (unless the model recomputes already)."""
-        rows, length = args[-1].shape
+        rows, length = args[-2].shape
         settings = gradient_settings(rows // self.shards,
                                      remat=not getattr(nnx.merge(self.graphdef, self.selected, self.rest), "remat",
                                                        False))
@@ -351,7 +374,7 @@ class PerExampleGradients:
         if self.config.microbatch is not None:
             out = self._jitted(self.config.microbatch)(*args)
         else:
-            shape = args[-1].shape
+            shape = (*args[-2].shape, None if args[-1] is None else args[-1].shape[1])
             if shape not in self.plans:
                 self.plans[shape] = self._plan(args)
             out = self.plans[shape][1](*args)

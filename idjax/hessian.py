@@ -180,7 +180,7 @@ def hessian_products(model, targets, vectors, *, params=None, kind: str = "exact
 
 def landmark_curvature(model, input_ids, attention_mask, labels, *, targets, params=None,
                        projector: Projector | None = None, precondition=None, normalize: bool = False,
-                       hessian: str = "exact", shards: int = 1):
+                       hessian: str = "exact", shards: int = 1, loss_positions=None):
     """(P u_i, P h_i), float32 [B, k] each: the second-order landmark terms of docs/method.md 4.3.
 
         u_i = a (.) g_i   (g_i the per-example gradient, a = precondition), / ||u_i|| when normalize
@@ -189,6 +189,7 @@ def landmark_curvature(model, input_ids, attention_mask, labels, *, targets, par
     both sketched with the same P, so Q_L[i, j] = <P h_i, P u_j>. One sample at a time (lax.map): memory
     is one double pass over the targets. targets: a TargetArrays or one batch of arrays (as_targets).
     shards: the batch axis is split over that many devices, one sample per device at a time.
+    loss_positions: as per_example_gradients takes them (the lm-head of g_i at those positions only).
     """
     if hessian not in HESSIANS:
         raise ValueError(f"hessian must be one of {HESSIANS}, got {hessian!r}")
@@ -208,7 +209,7 @@ def landmark_curvature(model, input_ids, attention_mask, labels, *, targets, par
         h = jax.tree.map(lambda x: x[0], h)
         return projector.project(u), projector.project(h)
 
-    args = (input_ids, attention_mask, labels)
+    args = (input_ids, attention_mask, labels, loss_positions)
     if shards > 1:
         local_microbatch(input_ids.shape[0], shards, 1)  # checks the batch splits
         return map_in_steps(lambda *a: one(a), args, per_step=shards, shards=shards)
@@ -219,11 +220,11 @@ def landmark_curvature(model, input_ids, attention_mask, labels, *, targets, par
 
 
 def _curvature(graphdef, projector, config: GradientConfig, hessian: str, shards: int,
-               selected, rest, precondition, targets: TargetArrays, ids, mask, labels):
+               selected, rest, precondition, targets: TargetArrays, ids, mask, labels, positions):
     """The compiled body of ProjectedCurvature: landmark_curvature with the shell's settings."""
     return landmark_curvature((graphdef, rest), ids, mask, labels, targets=targets, params=selected,
                               projector=projector, precondition=precondition, normalize=config.normalize,
-                              hessian=hessian, shards=shards)
+                              hessian=hessian, shards=shards, loss_positions=positions)
 
 
 class ProjectedCurvature:

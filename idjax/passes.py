@@ -185,6 +185,28 @@ def sorted_ladder(examples: Sequence[D.Example], batch_size: int, chunk_rows: in
     return ladder
 
 
+def _heads_and_share(examples: Sequence[D.Example], batch_size: int, chunk_rows: int | None, ladder=None):
+    lengths = [len(e.input_ids) for e in examples]
+    counts = [len(D.loss_positions(e.labels)) for e in examples]
+    ladder = D.length_ladder(max(lengths)) if ladder is None else ladder
+    heads = D.head_plan(lengths, counts, batch_size, ladder, chunk_rows=chunk_rows)
+    return heads, round(D.head_fraction(lengths, counts, batch_size, ladder, heads, chunk_rows=chunk_rows), 4)
+
+
+def loss_share(examples: Sequence[D.Example], batch_size: int, chunk_rows: int | None = None) -> float:
+    """The share of the positions the lm-head runs at that carry loss, when a pass batches `examples` with
+    their loss positions (loss_heads): what the sidecar reports next to the real-token fraction."""
+    return _heads_and_share(examples, batch_size, chunk_rows)[1]
+
+
+def loss_heads(examples: Sequence[D.Example], batch_size: int, chunk_rows: int | None, ladder, stage: str):
+    """{padded length: lm-head positions} of a pass's length-sorted batches (data.head_plan), one per length
+    for every chunk so that they share compilations; logs the share of those positions that carry loss."""
+    heads, share = _heads_and_share(examples, batch_size, chunk_rows, ladder)
+    log.info("%s: %.1f%% of the positions the lm-head runs at carry loss", stage, 100 * share)
+    return heads
+
+
 def mesh_batch(batch_size: int, mesh) -> int:
     """The batch size rounded up to fill every device of `mesh` (unchanged without one)."""
     return shd.fit_batch_size(batch_size, mesh) if shd.active(mesh) else batch_size
@@ -225,11 +247,13 @@ def gradient_store(model, examples, rows, projector, gcfg, precondition, store_d
     dim = out_dim(grads.selected, projector, grads.mask)
     store = open_store(Path(store_dir), "gradients", (len(rows), dim), chunk_rows, fp)
     pad = model.config.pad_token_id or 0
-    ladder = sorted_ladder([examples[int(r)] for r in rows], batch_size, chunk_rows, "landmark gradients")
+    chosen = [examples[int(r)] for r in rows]
+    ladder = sorted_ladder(chosen, batch_size, chunk_rows, "landmark gradients")
+    heads = loss_heads(chosen, batch_size, chunk_rows, ladder, "landmark gradients")
 
     def chunk(start, stop):
         part = [examples[int(r)] for r in rows[start:stop]]
-        return grads.run(D.sorted_batches(part, batch_size, pad_id=pad, ladder=ladder), progress=False)
+        return grads.run(D.sorted_batches(part, batch_size, pad_id=pad, ladder=ladder, heads=heads), progress=False)
 
     fill_store(store, chunk, "landmark gradients")
     return store, grads
@@ -249,12 +273,14 @@ def curvature_store(model, examples, rows, projector, gcfg, precondition, target
     dim = out_dim(curv.selected, projector, None)
     store = open_store(Path(store_dir), "curvature", (len(rows), dim), chunk_rows, fp)
     pad = model.config.pad_token_id or 0
-    ladder = sorted_ladder([examples[int(r)] for r in rows], batch_size, chunk_rows, "landmark curvature")
+    chosen = [examples[int(r)] for r in rows]
+    ladder = sorted_ladder(chosen, batch_size, chunk_rows, "landmark curvature")
+    heads = loss_heads(chosen, batch_size, chunk_rows, ladder, "landmark curvature")
 
     def chunk(start, stop):
         part = [examples[int(r)] for r in rows[start:stop]]
-        return D.collect_rows(D.sorted_batches(part, batch_size, pad_id=pad, ladder=ladder), lambda b: curv(b)[1],
-                              progress=False)
+        return D.collect_rows(D.sorted_batches(part, batch_size, pad_id=pad, ladder=ladder, heads=heads),
+                              lambda b: curv(b)[1], progress=False)
 
     fill_store(store, chunk, "landmark curvature")
     return store

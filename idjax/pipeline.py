@@ -40,7 +40,7 @@ from idjax.io import fingerprint
 from idjax.landmarks import choose_landmarks
 from idjax.optim import UpdateModel
 from idjax.passes import (
-    curvature_store, embed_pool, fill_store, gradient_store, load_targets, mesh_batch,
+    curvature_store, embed_pool, fill_store, gradient_store, load_targets, loss_share, mesh_batch,
     model_fingerprint, open_store, real_tokens, save_targets, timed_stage, update_fingerprint,
 )
 from idjax.propagator import Propagator
@@ -192,6 +192,8 @@ def _select(model, pool, targets, config: SelectConfig, update, store_dir: Path,
     real = {"embed": None if config.exact else real_tokens(pool, batch_size, config.chunk_rows),
             "gradients": real_tokens([pool[int(r)] for r in landmarks], batch_size, config.chunk_rows),
             "targets": real_tokens(targets, batch_size)}
+    loss_shares = {"gradients": loss_share([pool[int(r)] for r in landmarks], batch_size, config.chunk_rows),
+                   "targets": loss_share(targets, batch_size)}
     h_l = None
     if config.order == 2:
         with timed_stage("curvature", timings):
@@ -304,7 +306,8 @@ def _select(model, pool, targets, config: SelectConfig, update, store_dir: Path,
             "update_model": update.name if update is not None else "gd",
             "fingerprints": {"model": model_fp, "pool": pool_fp, "targets": D.examples_fingerprint(targets)},
             "target_norm": v_norm, "gradient_dim": int(g_l.shape[1]), "devices": dist.describe(mesh),
-            "real_token_fraction": {stage: f for stage, f in real.items() if f is not None}}
+            "real_token_fraction": {stage: f for stage, f in real.items() if f is not None},
+            "lm_head_loss_share": loss_shares}
     if prop is not None:
         info["propagation"] = {"kind": prop.kind, "bandwidth": float(getattr(prop, "bandwidth", math.nan) or 0.0)}
     return Selection(rows=np.asarray(rows, np.int64), scores=scores, weights=weights, owners=owners,

@@ -344,6 +344,65 @@ def test_real_token_fraction_counts_the_batches_the_passes_build():
     assert after > before
 
 
+def test_loss_positions_list_every_loss_position_with_one_head_per_length_for_a_pass():
+    """The lm-head positions of length-sorted batches (head_plan), against a count over the rows: every row's
+    loss positions (labels[t + 1] != -100, a numpy loop) are in its batch's loss_positions, in order, -1 after;
+    every chunk pads a length to the same count, a quarter step of it, below length - 1 where that is fewer;
+    head_fraction counts those positions."""
+    rng = np.random.default_rng(4)
+    lengths = rng.integers(2, 400, 150).tolist()
+    exs = fake_examples(lengths)
+    for e in exs[::7]:  # some rows carry loss almost everywhere, some on a scattered few tokens
+        e.labels[1:] = e.input_ids[1:]
+    for e in exs[3::11]:
+        e.labels[:] = np.where(rng.random(len(e.labels)) < 0.2, e.input_ids, -100)
+    counts = [sum(1 for t in range(len(e.labels) - 1) if e.labels[t + 1] != -100) for e in exs]
+    ladder = data.length_ladder(max(lengths))
+    heads = data.head_plan(lengths, counts, 4, ladder, chunk_rows=40)
+    computed = 0
+    for lo in range(0, len(exs), 40):
+        for b in data.sorted_batches(exs[lo:lo + 40], 4, pad_id=0, ladder=ladder, heads=heads):
+            head, quarter = heads[b.bucket], (max(16, -(-b.bucket // 4)) + 15) // 16 * 16
+            assert head == b.bucket - 1 or head % quarter == 0
+            if b.loss_positions is None:
+                assert head == b.bucket - 1
+                computed += 4 * (b.bucket - 1)
+                continue
+            assert b.loss_positions.shape == (4, head) and head < b.bucket - 1
+            computed += 4 * head
+            for r, i in enumerate(b.indices):
+                want = [t for t in range(len(exs[i].labels) - 1) if exs[i].labels[t + 1] != -100] if i >= 0 else []
+                assert b.loss_positions[r, :len(want)].tolist() == want
+                assert (b.loss_positions[r, len(want):] == -1).all()
+    assert any(h < length - 1 for length, h in heads.items())  # some lengths do save positions
+    assert data.head_fraction(lengths, counts, 4, ladder, heads, chunk_rows=40) == pytest.approx(sum(counts) / computed)
+    # A head too short for a row's loss positions is refused, never cut.
+    length = max(heads)
+    with pytest.raises(ValueError, match="loss positions, more than the 16"):
+        data.sorted_batches([e for e in exs if data.bucket_for(len(e.input_ids), ladder) == length], 4, pad_id=0,
+                            ladder=ladder, heads={length: 16})
+    assert (data.head_length(30, 128), data.head_length(33, 128), data.head_length(100, 128)) == (32, 64, 127)
+    assert data.head_length(0, 20) == 16 and data.head_length(17, 20) == 19
+
+
+def test_power_of_two_buckets_carry_loss_positions_with_one_head_per_bucket():
+    """make_batches with bucket_heads (evaluation): each bucket's head holds its rows' loss positions (a numpy
+    loop), a shorter head than the bucket where the rows leave room, and shuffling keeps them with their rows."""
+    exs = fake_examples(np.random.default_rng(5).integers(2, 250, 60).tolist())
+    buckets = default_buckets(256, min_length=16)
+    heads = data.bucket_heads(exs, buckets)
+    assert any(h < b - 1 for b, h in heads.items())
+    for b in make_batches(exs, 4, buckets, pad_id=0, shuffle=True, seed=2, heads=heads):
+        width = b.bucket - 1 if b.loss_positions is None else b.loss_positions.shape[1]
+        assert width == heads[b.bucket]
+        for r, i in enumerate(b.indices[b.sample_mask]):
+            want = [t for t in range(len(exs[i].labels) - 1) if exs[i].labels[t + 1] != -100]
+            assert len(want) <= width
+            if b.loss_positions is not None:
+                assert b.loss_positions[r].tolist() == want + [-1] * (width - len(want))
+    assert all(b.loss_positions is None for b in make_batches(exs, 4, buckets, pad_id=0))  # training: none
+
+
 def test_make_batches_shuffle_is_seeded():
     exs = fake_examples(list(range(1, 60)))
     order = lambda bs: [int(i) for b in bs for i in b.indices if i >= 0]

@@ -390,6 +390,23 @@ def test_chunked_loss_equals_a_numpy_loop_and_never_holds_the_logits(tied):
         terms = [np.log(np.exp(logits[b, t] - logits[b, t].max()).sum()) + logits[b, t].max()
                  - logits[b, t, labels[b, t + 1]] for t in range(95) if labels[b, t + 1] != -100]
         np.testing.assert_allclose(values[b], np.mean(terms) if terms else 0.0, rtol=1e-5)
+    # At the loss positions only (-1 padded, as data.Batch.loss_positions): the same values, whole and chunked,
+    # and the compiled program does less work (the lm-head is outside the layer scan, so the count sees it).
+    where = [np.flatnonzero(labels[b, 1:] != -100) for b in range(4)]
+    positions = np.full((4, max(map(len, where)) + 3), -1, np.int32)
+    for b, w in enumerate(where):
+        positions[b, :len(w)] = w
+    assert positions.shape[1] < 95
+    for c in (logits_bytes, chunked):
+        at = np.asarray(sample_losses(m, ids, mask, labels, chunk_bytes=c, positions=positions))
+        np.testing.assert_allclose(at, values, rtol=1e-5, atol=1e-7)
+
+    def flops(p):
+        fn = jax.jit(lambda q: jnp.sum(sample_losses(nnx.merge(graphdef, q), ids, mask, labels, positions=p)))
+        cost = fn.lower(params).compile().cost_analysis()
+        return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+    assert flops(positions) < 0.8 * flops(None)
     grad = {c: jax.jit(jax.grad(loss), static_argnums=1).lower(params, c).compile() for c in (logits_bytes, chunked)}
     for x, y in zip(jax.tree.leaves(grad[logits_bytes](params)), jax.tree.leaves(grad[chunked](params)), strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-7)
@@ -483,6 +500,33 @@ def test_gradients_from_a_first_layer_equal_the_loop_with_the_layers_below_zeroe
             ref[:] = 0.0  # no response token: no gradient
         np.testing.assert_allclose(got[ex.index], ref, atol=2e-6, rtol=1e-4)
     assert np.abs(got[:, below]).max() == 0 and np.abs(got[:, ~below]).max() > 0
+
+
+@pytest.mark.parametrize("pattern, first_layer, microbatch", [(None, 0, None), ("layers", 1, 2)])
+def test_gradients_with_the_lm_head_at_the_loss_positions_equal_a_loop(model, pattern, first_layer, microbatch):
+    """Length-sorted batches carry loss_positions (shorter than their length): the per-example gradients
+    and the landmark curvature's u = g / |g| still equal the loop over unpadded samples (all positions), with
+    microbatches and a first layer (the loop's gradient zeroed below it)."""
+    exs = examples(9, np.random.default_rng(31), lengths=(40, 64, 90), no_response={2})
+    batches = data.sorted_batches(exs, 4, pad_id=0)
+    assert all(b.loss_positions is not None and b.loss_positions.shape[1] < b.bucket - 1 for b in batches)
+    pg = PerExampleGradients(model, Projector("none", 0), GradientConfig(params=pattern, normalize=False,
+                                                                       microbatch=microbatch, first_layer=first_layer))
+    got = pg.run(batches)
+    _, sel, _ = split_params(model, pattern)
+    below = np.concatenate([np.ravel(np.broadcast_to(
+        (np.arange(x.shape[0]) < first_layer).reshape((-1,) + (1,) * (x.ndim - 1)), x.shape))
+        for x in jax.tree.leaves(sel)])
+    for ex in exs:
+        ref = np.where(below, 0.0, loop_grad(model, ex, pattern))
+        np.testing.assert_allclose(got[ex.index], ref, atol=2e-6, rtol=1e-4)
+    assert np.all(got[2] == 0)
+    if first_layer == 0:  # the curvature's u at the loss positions
+        curv = ProjectedCurvature(model, Projector("none", 0), batches[:1], GradientConfig(params=pattern))
+        u, _ = curv(batches[1])
+        for r, i in enumerate(batches[1].indices):
+            g = loop_grad(model, exs[i], pattern)
+            np.testing.assert_allclose(np.asarray(u[r]), g / np.linalg.norm(g), rtol=1e-4, atol=1e-6)
 
 
 def test_a_first_layer_needs_parameters_at_or_above_it(model):
