@@ -227,7 +227,9 @@ def main(argv=None):
 
     recs = docstring_records(args.samples)
     examples, _ = data.tokenize(recs, tok, max_length=128)
-    batches = data.make_batches(examples, 8, (64, 128), pad_id=tok.pad_token_id)
+    # As the selection passes batch them: length-sorted, each batch padded to the next ladder length, with the
+    # loss positions (the lm-head and the cross-entropy run there only, as the loss needs them).
+    batches = data.sorted_batches(examples, 8, pad_id=tok.pad_token_id)
     n = len(examples)
     lens = np.array([len(e.input_ids) for e in examples])
     tokens = int(lens.sum())

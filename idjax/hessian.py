@@ -29,21 +29,23 @@ HESSIANS = ("exact", "gauss-newton")
 
 
 class TargetArrays(NamedTuple):
-    """A target set as arrays: per batch (input_ids, attention_mask, labels, sample_mask), and the
-    number of real samples (float32), the denominator of L_T."""
+    """A target set as arrays: per batch (input_ids, attention_mask, labels, sample_mask, loss_positions or
+    None), and the number of real samples (float32), the denominator of L_T. With loss positions (as
+    data.Batch carries them) the exact loss and its Hessian run the lm-head there only."""
 
     arrays: tuple
     total: jax.Array
 
 
 def as_targets(targets) -> TargetArrays:
-    """A TargetArrays as it is; one batch (input_ids, attention_mask, labels[, sample_mask]) as a
-    one-batch TargetArrays (every row real when sample_mask is not given). Traceable."""
+    """A TargetArrays as it is; one batch (input_ids, attention_mask, labels[, sample_mask[, loss_positions]])
+    as a one-batch TargetArrays (every row real when sample_mask is not given). Traceable."""
     if isinstance(targets, TargetArrays):
         return targets
-    ids, mask, labels, *real = targets
-    real = jnp.ones(ids.shape[0], bool) if not real else jnp.asarray(real[0], bool)
-    return TargetArrays(((ids, mask, labels, real),), jnp.sum(real).astype(jnp.float32))
+    ids, mask, labels, *rest = targets
+    real = jnp.ones(ids.shape[0], bool) if not rest else jnp.asarray(rest[0], bool)
+    positions = rest[1] if len(rest) > 1 else None
+    return TargetArrays(((ids, mask, labels, real, positions),), jnp.sum(real).astype(jnp.float32))
 
 
 def target_arrays(batches) -> TargetArrays:
@@ -54,7 +56,8 @@ def target_arrays(batches) -> TargetArrays:
     if total == 0:
         raise ValueError("the target set is empty")
     arrays = tuple((jnp.asarray(b.input_ids), jnp.asarray(b.attention_mask), jnp.asarray(b.labels),
-                    jnp.asarray(b.sample_mask)) for b in batches)
+                    jnp.asarray(b.sample_mask), None if b.loss_positions is None else jnp.asarray(b.loss_positions))
+                   for b in batches)
     return TargetArrays(arrays, jnp.float32(total))
 
 
@@ -68,8 +71,8 @@ def mean_target_loss(model, targets, *, params=None):
 def _mean_target_loss(graphdef, rest, targets: TargetArrays, selected):
     model = nnx.merge(graphdef, selected, rest)
     acc = jnp.float32(0.0)
-    for ids, mask, labels, real in targets.arrays:
-        acc = acc + jnp.sum(jnp.where(real, sample_losses(model, ids, mask, labels), 0.0))
+    for ids, mask, labels, real, positions in targets.arrays:
+        acc = acc + jnp.sum(jnp.where(real, sample_losses(model, ids, mask, labels, positions=positions), 0.0))
     return acc / targets.total
 
 
@@ -114,7 +117,7 @@ def gauss_newton_vp(model, targets, vectors, *, params=None, chunk_bytes: int = 
 
     def gv(v):
         out = jax.tree.map(jnp.zeros_like, selected)
-        for ids, mask, labels, real in targets.arrays:
+        for ids, mask, labels, real, _ in targets.arrays:  # every position (weight 0 where no loss)
             def features(p):
                 m = nnx.merge(graphdef, p, rest)
                 hidden = m.hidden_states(ids, mask)[0][:, :-1]

@@ -211,6 +211,28 @@ def test_hvp_equals_dense_hessian_and_finite_differences(target):
         assert float(jnp.linalg.norm(fd - h) / jnp.linalg.norm(h)) < 1e-2
 
 
+def test_the_target_loss_at_its_loss_positions_has_the_dense_hessian_of_every_position(model):
+    """Target batches that carry loss positions (length-sorted): L_T, its gradient and exact HVPs equal the
+    dense Hessian of L_T over the same rows batched without them (the lm-head at every position)."""
+    exs = examples(5, np.random.default_rng(8), lengths=(40, 64))
+    at = target_arrays(data.sorted_batches(exs, 2, pad_id=0))
+    assert all(arrays[4] is not None for arrays in at.arrays)
+    every = target_arrays(data.make_batches(exs, 2, (64,), pad_id=0))
+    graphdef, sel, rest = split_params(model, "layers.mlp.down_proj")
+    flat0 = _flat(sel)
+    loss = {name: jax.jit(lambda v, t=t: mean_target_loss((graphdef, rest), t, params=_unflat(v, sel)))
+            for name, t in (("at", at), ("every", every))}
+    assert float(loss["at"](flat0)) == pytest.approx(float(loss["every"](flat0)), rel=1e-6)
+    np.testing.assert_allclose(jax.jit(jax.grad(loss["at"]))(flat0), jax.jit(jax.grad(loss["every"]))(flat0),
+                               rtol=1e-5, atol=1e-7)
+    dense = jax.jit(jax.hessian(loss["every"]))(flat0)
+    vecs = jnp.asarray(np.random.default_rng(9).standard_normal((2, flat0.size)), jnp.float32)
+    got = jax.vmap(_flat)(jax.jit(lambda vs: hessian_products((graphdef, rest), at, vs, params=sel))(
+        jax.vmap(lambda v: _unflat(v, sel))(vecs)))
+    ref = vecs @ dense.T
+    np.testing.assert_allclose(got, ref, atol=1e-5 * float(jnp.abs(ref).max()), rtol=1e-4)
+
+
 @pytest.mark.parametrize("tied,pattern,chunk_bytes", [
     (True, "layers.mlp.down_proj", None), (True, "down_proj|embed_tokens", 4 * 2 * 61 * 4),
     (False, "layers.mlp.down_proj", 4 * 2 * 61 * 4), (False, "down_proj|lm_head", 4 * 2 * 61 * 4)],
