@@ -74,8 +74,8 @@ def hidden_loss_sums(model, hidden, labels, *, chunk_bytes: int = LOSS_CHUNK_BYT
 
     positions: int [B, R], the positions t whose next token carries loss (labels[t + 1] != -100), padded
     with -1 (data.Batch.loss_positions). The lm-head and the cross-entropy then run at those R positions
-    only, not at every one of the L - 1; they must list every loss position, or the sums leave tokens out.
-    None: every position.
+    only, not at every one of the L - 1. A row whose positions miss one of its loss tokens gets a NaN sum,
+    never a quietly smaller one. None: every position.
 
     Where the float32 logits [B, positions, V] would exceed chunk_bytes (a 128k vocabulary at 2048 tokens:
     1 GiB per row), the lm-head and the cross-entropy run over chunks of positions under jax.checkpoint:
@@ -83,9 +83,17 @@ def hidden_loss_sums(model, hidden, labels, *, chunk_bytes: int = LOSS_CHUNK_BYT
     """
     h, targets = hidden[:, :-1], labels[:, 1:]
     if positions is not None:
+        every = jnp.sum(targets != IGNORE_INDEX, axis=-1)
         at = jnp.maximum(positions, 0)
         h = jnp.take_along_axis(h, at[..., None], axis=1)
         targets = jnp.where(positions >= 0, jnp.take_along_axis(targets, at, axis=1), IGNORE_INDEX)
+        total, count = _head_loss_sums(model, h, targets, chunk_bytes)
+        return jnp.where(count == every, total, jnp.nan), count
+    return _head_loss_sums(model, h, targets, chunk_bytes)
+
+
+def _head_loss_sums(model, h, targets, chunk_bytes: int):
+    """(sum_t loss_t, n) per row of hidden states h [B, T, D] against their next tokens targets [B, T]."""
     b, length, _ = h.shape
     per_chunk = max(1, chunk_bytes // (4 * b * model.config.vocab_size))
     if per_chunk >= length:

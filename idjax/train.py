@@ -110,10 +110,13 @@ def total_steps(examples: Sequence[D.Example], config: TrainConfig) -> int:
 
 
 def epoch_batches(examples: Sequence[D.Example], config: TrainConfig, epoch: int, pad_id: int) -> list[D.Batch]:
-    """The batches of one epoch: shuffled within buckets by a seed derived from (seed, epoch)."""
+    """The batches of one epoch: shuffled within buckets by a seed derived from (seed, epoch). They carry
+    each row's loss positions, one count per bucket for the whole set (data.bucket_heads), so the lm-head
+    runs where the loss needs it and each bucket still compiles one step."""
     seed = int(np.random.default_rng([config.seed, epoch]).integers(2**31))
-    return D.make_batches(examples, config.rows_per_step, example_buckets(examples, config),
-                          pad_id=pad_id, shuffle=True, seed=seed)
+    buckets = example_buckets(examples, config)
+    return D.make_batches(examples, config.rows_per_step, buckets, pad_id=pad_id, shuffle=True, seed=seed,
+                          heads=D.bucket_heads(examples, buckets))
 
 
 # ----------------------------------------------------------------------------- the loop

@@ -72,17 +72,19 @@ class TrainState:
 
 
 def _microbatch_loss(graphdef, lora: LoraConfig | None, trainable, base, rest, ids, mask, labels, weights,
-                     real_rows):
-    """sum_i w_i l_i / n of one microbatch (n: the real rows of the whole step), float32."""
+                     positions, real_rows):
+    """sum_i w_i l_i / n of one microbatch (n: the real rows of the whole step), float32; the lm-head at
+    the loss positions when given (grads.hidden_loss_sums)."""
     params = trainable if lora is None else lora_merge(base, trainable, lora.scale)
     model = nnx.merge(graphdef, params, rest)
-    losses = sample_losses(model, ids, mask, labels).astype(jnp.float32)
+    losses = sample_losses(model, ids, mask, labels, positions=positions).astype(jnp.float32)
     return jnp.sum(weights * losses) / real_rows
 
 
 def _train_step_fn(graphdef, spec: OptimizerSpec, lora: LoraConfig | None, state: TrainState, base, rest,
-                   ids, mask, labels, weights, real_rows):
-    """One optimizer step on [A, B, L] microbatches with per-row weights [A, B] (0 = padding): the loss is
+                   ids, mask, labels, weights, real_rows, positions=None):
+    """One optimizer step on [A, B, L] microbatches with per-row weights [A, B] (0 = padding) and loss
+    positions [A, B, R] (data.Batch.loss_positions) or None: the loss is
     the mean of w_i l_i over the step's `real_rows` rows (a float32 scalar), an unbiased minibatch
     estimate of the weighted objective, so a batch of low-weight rows takes a small step.
 
@@ -92,7 +94,8 @@ def _train_step_fn(graphdef, spec: OptimizerSpec, lora: LoraConfig | None, state
     total = jnp.maximum(real_rows, 1.0)
     grad_fn = jax.value_and_grad(partial(_microbatch_loss, graphdef, lora))
     if ids.shape[0] == 1:
-        loss, grads = grad_fn(state.trainable, base, rest, ids[0], mask[0], labels[0], weights[0], total)
+        loss, grads = grad_fn(state.trainable, base, rest, ids[0], mask[0], labels[0], weights[0],
+                              None if positions is None else positions[0], total)
     else:
         def micro(carry, xs):
             acc_loss, acc_grads = carry
@@ -100,7 +103,8 @@ def _train_step_fn(graphdef, spec: OptimizerSpec, lora: LoraConfig | None, state
             return (acc_loss + loss, jax.tree.map(jnp.add, acc_grads, g)), None
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.trainable)
-        (loss, grads), _ = jax.lax.scan(micro, (jnp.zeros((), jnp.float32), zeros), (ids, mask, labels, weights))
+        (loss, grads), _ = jax.lax.scan(micro, (jnp.zeros((), jnp.float32), zeros),
+                                        (ids, mask, labels, weights, positions))
     updates, opt_state = spec.build().update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
@@ -250,25 +254,29 @@ class Trainer:
             raise ValueError(f"a batch of {rows} rows does not split into grad_accum={a} microbatches")
         w = np.ones(rows, np.float32) if weights is None else np.asarray(weights, np.float32)
         w = np.where(batch.sample_mask, w, 0.0).astype(np.float32)
-        arrays = (batch.input_ids, batch.attention_mask, batch.labels, w)
-        if (rows, length) not in self.plans:
-            self.plans[rows, length] = self._plan(state, arrays, a)
-        micro, compiled = self.plans[rows, length]
+        arrays = (batch.input_ids, batch.attention_mask, batch.labels, w, batch.loss_positions)
+        key = (rows, length, None if batch.loss_positions is None else batch.loss_positions.shape[1])
+        if key not in self.plans:
+            self.plans[key] = self._plan(state, arrays, a)
+        micro, compiled = self.plans[key]
         real_rows = self._real_rows(np.count_nonzero(batch.sample_mask))
-        return compiled(state, self.base, self.rest, *self._arrays(arrays, micro), real_rows)
+        return compiled(state, self.base, self.rest, *self._inputs(arrays, micro, real_rows))
 
     def _real_rows(self, n: int):
         """The step's count of real rows, a float32 scalar (replicated on the mesh)."""
         return shd.put_replicated(np.float32(n), self.mesh if shd.active(self.mesh) else None)
 
-    def _arrays(self, arrays, micro: int):
-        """(ids, mask, labels, weights) as `micro` microbatches [micro, rows / micro, ...] on the devices."""
+    def _inputs(self, arrays, micro: int, real_rows):
+        """The step's data arguments: (ids, mask, labels, weights) as `micro` microbatches [micro, rows /
+        micro, ...] on the devices, real_rows, then the loss positions likewise (or None)."""
         mesh = self.mesh if shd.active(self.mesh) else None
         out = []
         for x in arrays:
-            x = x.reshape(micro, x.shape[0] // micro, *x.shape[1:])
-            out.append(x if mesh is None else shd.put_rows(x, mesh, axis=1))  # the rows of each microbatch
-        return tuple(out)
+            if x is not None:
+                x = x.reshape(micro, x.shape[0] // micro, *x.shape[1:])
+                x = x if mesh is None else shd.put_rows(x, mesh, axis=1)  # the rows of each microbatch
+            out.append(x)
+        return (*out[:4], real_rows, out[4])
 
     def _plan(self, state: TrainState, arrays, grad_accum: int):
         """(microbatches, compiled step) for batches shaped like `arrays`: the fewest microbatches (a
@@ -280,7 +288,7 @@ class Trainer:
         def compile_one(setting):
             micro, remat = setting
             return self._step.lower(self.compute_graphdefs[remat], self.config.optimizer, self.config.lora, state,
-                                    self.base, self.rest, *self._arrays(arrays, micro), self._real_rows(1)).compile()
+                                    self.base, self.rest, *self._inputs(arrays, micro, self._real_rows(1))).compile()
 
         key = ("train step", self._step, tuple(self.compute_graphdefs.items()), self.config.optimizer,
                self.config.lora, memory.input_key((state, self.base, self.rest, arrays)), grad_accum)

@@ -422,6 +422,10 @@ def test_chunked_loss_equals_a_numpy_loop_and_never_holds_the_logits(tied):
     for c in (logits_bytes, chunked):
         at = np.asarray(sample_losses(m, ids, mask, labels, chunk_bytes=c, positions=positions))
         np.testing.assert_allclose(at, values, rtol=1e-5, atol=1e-7)
+    missing = positions.copy()
+    missing[0, 0] = -1  # a row's positions that leave out one of its loss tokens: NaN, never a smaller loss
+    at = np.asarray(sample_losses(m, ids, mask, labels, positions=missing))
+    assert np.isnan(at[0]) and np.allclose(at[1:], values[1:], rtol=1e-5, atol=1e-7)
 
     def flops(p):
         fn = jax.jit(lambda q: jnp.sum(sample_losses(nnx.merge(graphdef, q), ids, mask, labels, positions=p)))

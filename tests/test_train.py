@@ -91,9 +91,16 @@ SPEC = OptimizerSpec("adamw", 1e-2, schedule="cosine", total_steps=8, weight_dec
 B64 = (64,)
 
 
-def test_one_step_equals_reference():
+@pytest.mark.parametrize("at_loss_positions", [False, True])
+def test_one_step_equals_reference(at_loss_positions):
+    """One step against the textbook step (its lm-head at every position); the trainer's batch with loss
+    positions (as train.epoch_batches makes them) runs its lm-head at fewer than its 63 positions."""
     model = tiny()
-    batch = first_batch(synthetic(3), 4)  # 3 samples + 1 padding row
+    exs = synthetic(3)
+    heads = D.bucket_heads(exs, B64) if at_loss_positions else None
+    batch = D.make_batches(exs, 4, B64, pad_id=0, heads=heads)[0]  # 3 samples + 1 padding row
+    assert (batch.loss_positions is not None) == at_loss_positions
+    assert not at_loss_positions or batch.loss_positions.shape[1] < 63
     w = batch.sample_mask.astype(np.float32)
     ref_loss, ref_params = reference_step(model, SPEC, batch, w)
     trainer = T.Trainer(model, T.TrainConfig(SPEC, batch_size=4))
