@@ -25,17 +25,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "experiments"))
+
+import bench_pool  # noqa: E402
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", type=int, default=64, help="first rows of the bundled pool")
-    ap.add_argument("--max-length", type=int, default=128)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--params", default="down_proj")
-    ap.add_argument("--proj-dim", type=int, default=1024)
+    bench_pool.add_arguments(ap)
     ap.add_argument("--first-layers", default="0,15,22")
-    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
@@ -44,13 +42,10 @@ def main(argv=None) -> int:
     import numpy as np
 
     from idjax import data as D
-    from idjax import demo, models
     from idjax.grads import GradientConfig, PerExampleGradients, layer_mask
     from idjax.sketch import Projector
 
-    model, tok = models.load(demo.MODEL)
-    records = D.read_records(ROOT / "idjax" / "assets" / "demo" / "pool.jsonl", limit=args.rows)
-    examples, _ = D.tokenize(records, tok, max_length=args.max_length, source="pool")
+    model, tok, examples = bench_pool.load(args)
     batches = D.sorted_batches(examples, args.batch_size, pad_id=tok.pad_token_id or 0)
     layers = model.config.num_layers
     firsts = [int(s) for s in args.first_layers.split(",")]

@@ -29,16 +29,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "experiments"))
+
+import bench_pool  # noqa: E402
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", type=int, default=64, help="first rows of the bundled pool")
-    ap.add_argument("--max-length", type=int, default=128)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--params", default="down_proj")
-    ap.add_argument("--proj-dim", type=int, default=1024)
-    ap.add_argument("--repeats", type=int, default=3)
+    bench_pool.add_arguments(ap)
     ap.add_argument("--chunk-rows", type=int, default=256, help="rows a resumable pass batches at a time")
     ap.add_argument("--tulu-rows", type=int, default=5000, help="Tulu-format rows for the loss-share table")
     ap.add_argument("--json", default=None)
@@ -49,14 +47,11 @@ def main(argv=None) -> int:
     from flax import nnx
 
     from idjax import data as D
-    from idjax import demo, models
     from idjax.grads import per_example_gradients, sample_losses, split_params
     from idjax.sketch import Projector
 
-    model, tok = models.load(demo.MODEL)
+    model, tok, examples = bench_pool.load(args)
     shares = loss_shares(tok, args.batch_size, args.chunk_rows, args.tulu_rows)
-    records = D.read_records(ROOT / "idjax" / "assets" / "demo" / "pool.jsonl", limit=args.rows)
-    examples, _ = D.tokenize(records, tok, max_length=args.max_length, source="pool")
     pad = tok.pad_token_id or 0
     lengths = [len(e.input_ids) for e in examples]
     counts = [len(D.loss_positions(e.labels)) for e in examples]

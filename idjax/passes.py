@@ -240,22 +240,25 @@ def embed_pool(model, examples: Sequence[D.Example], config: EmbedConfig, store_
     return store
 
 
+def row_batches(examples, rows, batch_size: int, chunk_rows: int, pad_id: int, stage: str):
+    """batches(start, stop): the length-sorted batches, with loss positions, of examples[rows[start:stop]], one
+    chunk of a resumable pass over those rows; every chunk pads to one ladder and one head per length (logged)."""
+    chosen = [examples[int(r)] for r in rows]
+    ladder = sorted_ladder(chosen, batch_size, chunk_rows, stage)
+    heads = loss_heads(chosen, batch_size, chunk_rows, ladder, stage)
+    return lambda start, stop: D.sorted_batches(chosen[start:stop], batch_size, pad_id=pad_id, ladder=ladder,
+                                                heads=heads)
+
+
 def gradient_store(model, examples, rows, projector, gcfg, precondition, store_dir, fp, batch_size, chunk_rows,
                mesh=None):
     """Projected gradients of examples[rows] (in that order), through a resumable store."""
     grads = PerExampleGradients(model, projector, gcfg, precondition=precondition, mesh=mesh)
     dim = out_dim(grads.selected, projector, grads.mask)
     store = open_store(Path(store_dir), "gradients", (len(rows), dim), chunk_rows, fp)
-    pad = model.config.pad_token_id or 0
-    chosen = [examples[int(r)] for r in rows]
-    ladder = sorted_ladder(chosen, batch_size, chunk_rows, "landmark gradients")
-    heads = loss_heads(chosen, batch_size, chunk_rows, ladder, "landmark gradients")
-
-    def chunk(start, stop):
-        part = [examples[int(r)] for r in rows[start:stop]]
-        return grads.run(D.sorted_batches(part, batch_size, pad_id=pad, ladder=ladder, heads=heads), progress=False)
-
-    fill_store(store, chunk, "landmark gradients")
+    batches = row_batches(examples, rows, batch_size, chunk_rows, model.config.pad_token_id or 0,
+                          "landmark gradients")
+    fill_store(store, lambda start, stop: grads.run(batches(start, stop), progress=False), "landmark gradients")
     return store, grads
 
 
@@ -272,15 +275,8 @@ def curvature_store(model, examples, rows, projector, gcfg, precondition, target
                               mesh=mesh)
     dim = out_dim(curv.selected, projector, None)
     store = open_store(Path(store_dir), "curvature", (len(rows), dim), chunk_rows, fp)
-    pad = model.config.pad_token_id or 0
-    chosen = [examples[int(r)] for r in rows]
-    ladder = sorted_ladder(chosen, batch_size, chunk_rows, "landmark curvature")
-    heads = loss_heads(chosen, batch_size, chunk_rows, ladder, "landmark curvature")
-
-    def chunk(start, stop):
-        part = [examples[int(r)] for r in rows[start:stop]]
-        return D.collect_rows(D.sorted_batches(part, batch_size, pad_id=pad, ladder=ladder, heads=heads),
-                              lambda b: curv(b)[1], progress=False)
-
-    fill_store(store, chunk, "landmark curvature")
+    batches = row_batches(examples, rows, batch_size, chunk_rows, model.config.pad_token_id or 0,
+                          "landmark curvature")
+    fill_store(store, lambda start, stop: D.collect_rows(batches(start, stop), lambda b: curv(b)[1], progress=False),
+               "landmark curvature")
     return store
