@@ -27,7 +27,7 @@ from idjax.data import IGNORE_INDEX
 from idjax.models.modeling import head_logits
 from idjax.sketch import Projector
 from idjax.subsets import (  # noqa: F401 (re-exported: grads.split_params etc.)
-    CoordinateMask, check_first_layer, in_layer_stack, layer_mask, param_filter, restrict, split_params,
+    CoordinateMask, check_first_layer, in_layer_stack, layer_mask, param_filter, restrict, split_params, zero_prefixes,
 )
 
 
@@ -236,6 +236,9 @@ def per_example_gradients(model, input_ids, attention_mask, labels, *, params=No
     graphdef, selected, rest = split_params(model, params)
     projector = Projector("none", 0) if projector is None else projector
     args = (input_ids, attention_mask, labels, loss_positions)
+    # The sketch skips the blocks of the layers below first_layer: zero in every gradient (not once a
+    # coordinate mask has reordered the coordinates).
+    zeros = zero_prefixes(selected, first_layer) if first_layer and mask is None else None
     if first_layer:  # and the shift: a * (g - offset) is then zero below too
         offset = layer_mask(offset, first_layer)
         grad, residuals = _upper_layer_gradients(graphdef, selected, rest, first_layer, input_ids, attention_mask)
@@ -254,7 +257,7 @@ def per_example_gradients(model, input_ids, attention_mask, labels, *, params=No
             g = jax.tree.map(lambda a, x: (a * x).astype(jnp.float32), precondition, g)
         if mask is not None:
             g = mask.apply(g)
-        return projector.project(g, normalize=normalize)
+        return projector.project(g, normalize=normalize, zeros=zeros)
 
     b = input_ids.shape[0]
     mb = b if microbatch is None else microbatch

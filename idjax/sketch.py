@@ -98,15 +98,19 @@ def _fetch_block(x: jax.Array, j: jax.Array, rows: int) -> jax.Array:
     return jnp.where(keep, jnp.roll(blk, -shift), 0.0)
 
 
-def _dense(leaves: list[jax.Array], key: jax.Array, k: int, block_size: int, kind: str) -> jax.Array:
-    """Unscaled sum of x_block @ block_matrix over every block of every leaf.
+def _dense(leaves: list[jax.Array], key: jax.Array, k: int, block_size: int, kind: str,
+           zeros: list[int]) -> jax.Array:
+    """Unscaled sum of x_block @ block_matrix over every block of every leaf (but the blocks that lie inside
+    a leaf's known-zero prefix of zeros[i] coordinates: they add nothing).
 
     One fori_loop walks a static (leaf, block) table and a lax.switch fetches the block from
     its leaf, so the PRNG and the matmul are compiled once, not once per leaf (threefry costs
     ~0.3 s of XLA compile per instance; a model has hundreds of leaves). One [block, k] matrix
     is alive at a time.
     """
-    pairs = [(i, j) for i, x in enumerate(leaves) for j in range(-(-x.size // block_size))]
+    pairs = [(i, j) for i, x in enumerate(leaves) for j in range(zeros[i] // block_size, -(-x.size // block_size))]
+    if not pairs:
+        return jnp.zeros((k,), jnp.float32)
     table = jnp.asarray(np.array(pairs, np.int32).reshape(-1, 2))
     fetchers = [functools.partial(_fetch_block, jnp.ravel(x), rows=block_size) for x in leaves]
 
@@ -243,12 +247,14 @@ def _srht_draw(leaf_key: jax.Array, blocks: int, n_pad: int, k: int):
     return _block_keys(leaf_key, blocks), src, dst
 
 
-def _srht(leaves: list[jax.Array], key: jax.Array, k: int, block_size: int) -> jax.Array:
+def _srht(leaves: list[jax.Array], key: jax.Array, k: int, block_size: int, zeros: list[int]) -> jax.Array:
     """All leaves' SRHTs in a few batched transforms, so compile time does not grow per leaf.
 
     Each leaf is zero padded to whole Hadamard blocks; the blocks of consecutive leaves are
     stacked (an O(d) copy, like the padding itself) into groups of < 2**31 coordinates, so
     int32 indices suffice, and each group goes through one fwht and one gather/scatter-add.
+    The whole blocks inside a leaf's known-zero prefix (zeros[i] coordinates) transform to zero:
+    they are left out of the transform, and the sampled coordinates that fall in them add 0.
     """
     out = jnp.zeros((k,), jnp.float32)
     group: list = []
@@ -265,14 +271,18 @@ def _srht(leaves: list[jax.Array], key: jax.Array, k: int, block_size: int) -> j
         if not n:
             continue
         n_pad = srht_blocks(n, block_size) * block_size
-        if group and offset + n_pad > _INT32_MAX:
+        if group and offset + n_pad > _INT32_MAX:  # (n_pad: an upper bound of what this leaf adds)
             out, group, offset = out + flush(group), [], 0
         with jax.ensure_compile_time_eval():
             leaf_key = jax.random.fold_in(key, i)
         keys, src, dst, scale = srht_plan(leaf_key, n, k, block_size)
-        x = jnp.pad(jnp.ravel(leaf).astype(jnp.float32), (0, n_pad - n))
-        group.append((x, keys, src + offset, dst, jnp.full(src.shape, scale, jnp.float32)))
-        offset += n_pad
+        skip = min(zeros[i] // block_size, srht_blocks(n, block_size)) * block_size  # whole zero blocks
+        if skip == n_pad:
+            continue
+        x = jnp.pad(jnp.ravel(leaf)[skip:].astype(jnp.float32), (0, n_pad - n))
+        weight = jnp.where(src >= skip, jnp.float32(scale), jnp.float32(0.0))  # 0: a coordinate of a zero block
+        group.append((x, keys[skip // block_size:], jnp.maximum(src - skip, 0) + offset, dst, weight))
+        offset += n_pad - skip
     return out + flush(group) if group else out
 
 
@@ -283,13 +293,18 @@ def global_norm_sq(tree) -> jax.Array:
 
 
 def project_tree(tree, key: jax.Array, kind: str, dim: int, block_size: int = 2**14,
-                 normalize: bool = False) -> jax.Array:
+                 normalize: bool = False, zeros=None) -> jax.Array:
     """Sketch one sample's pytree with an explicit (possibly traced) key; see Projector.
 
     Projector.project calls this with key(seed); a traced key (e.g. vmapped over seeds) works
-    too, it only moves the SRHT coordinate sample from trace time into the graph.
+    too, it only moves the SRHT coordinate sample from trace time into the graph. zeros: per leaf
+    (in jax.tree.leaves order), how many leading coordinates of its flattened values the caller knows
+    are zero (a static tuple of ints, or None): the sketch is the same, without the work on those blocks.
     """
     leaves = [jnp.asarray(l) for l in jax.tree.leaves(tree)]
+    zeros = [0] * len(leaves) if zeros is None else [int(z) for z in zeros]
+    if len(zeros) != len(leaves):
+        raise ValueError(f"zeros has {len(zeros)} entries for {len(leaves)} leaves")
     for i, leaf in enumerate(leaves):
         if leaf.size > _INT32_MAX:
             raise ValueError(f"leaf {i} has {leaf.size} > 2**31-1 coordinates; split it")
@@ -299,9 +314,9 @@ def project_tree(tree, key: jax.Array, kind: str, dim: int, block_size: int = 2*
     elif not any(l.size for l in leaves):
         out = jnp.zeros((dim,), jnp.float32)
     elif kind == "srht":
-        out = _srht(leaves, key, dim, block_size)
+        out = _srht(leaves, key, dim, block_size, zeros)
     else:
-        out = _dense(leaves, key, dim, block_size, kind) * jnp.float32(1.0 / math.sqrt(dim))
+        out = _dense(leaves, key, dim, block_size, kind, zeros) * jnp.float32(1.0 / math.sqrt(dim))
     if normalize:
         # The sketch is linear, so scaling the [k] output equals normalizing the input tree.
         # Both wheres keep value and gradient finite for an all-zero tree.
@@ -342,15 +357,17 @@ class Projector:
         with jax.ensure_compile_time_eval():
             return jax.random.key(self.seed, impl=_PRNG_IMPL)
 
-    @functools.partial(jax.jit, static_argnames=("self", "normalize"))
-    def project(self, tree, *, normalize: bool = False) -> jax.Array:
+    @functools.partial(jax.jit, static_argnames=("self", "normalize", "zeros"))
+    def project(self, tree, *, normalize: bool = False, zeros: tuple[int, ...] | None = None) -> jax.Array:
         """Sketch ONE sample's pytree to a float32 [dim] vector (jit- and vmap-able).
 
         normalize=True divides by the tree's global L2 norm first (cosine scores); a zero
         tree gives zeros, never NaN. Jitted with the (hashable) projector static, so eager
         calls compile once per tree structure; inside a caller's jit/vmap it simply inlines.
+        zeros: per leaf, a known-zero prefix of its flattened coordinates (project_tree), whose
+        blocks the sketch skips (the gradients of layers below a first layer).
         """
-        return project_tree(tree, self.key(), self.kind, self.dim, self.block_size, normalize)
+        return project_tree(tree, self.key(), self.kind, self.dim, self.block_size, normalize, zeros)
 
     def project_batch(self, trees, *, normalize: bool = False) -> jax.Array:
         """Sketch a pytree whose leaves have a leading sample axis: [B, dim]."""

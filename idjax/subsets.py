@@ -10,6 +10,7 @@ runs inside a caller's jit); `restrict` cuts a full-model tree (an update model'
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 
 import jax
@@ -77,6 +78,13 @@ def in_layer_stack(path) -> bool:
     return getattr(path[0], "key", path[0]) == "layers"
 
 
+def zero_prefixes(tree, first_layer: int) -> tuple[int, ...]:
+    """Per leaf of `tree` (jax.tree.leaves order): how many leading coordinates layer_mask(tree, first_layer)
+    zeroes, the layers below first_layer of a stacked layer leaf (Projector.project's zeros)."""
+    return tuple(first_layer * math.prod(x.shape[1:]) if first_layer and in_layer_stack(path) else 0
+                 for path, x in jax.tree_util.tree_flatten_with_path(tree)[0])
+
+
 def layer_mask(tree, first_layer: int):
     """`tree` (a State like the parameters, e.g. a gradient, the update model's a or b) with its
     stacked layer leaves zero below layer `first_layer`: the restriction to layers first_layer..
@@ -136,5 +144,5 @@ class CoordinateMask:
         )
 
 
-__all__ = ["param_filter", "split_params", "restrict", "in_layer_stack", "layer_mask", "check_first_layer",
-           "CoordinateMask"]
+__all__ = ["param_filter", "split_params", "restrict", "in_layer_stack", "layer_mask", "zero_prefixes",
+           "check_first_layer", "CoordinateMask"]

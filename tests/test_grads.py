@@ -555,6 +555,23 @@ def test_gradients_with_the_lm_head_at_the_loss_positions_equal_a_loop(model, pa
             np.testing.assert_allclose(np.asarray(u[r]), g / np.linalg.norm(g), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["srht", "rademacher"])
+def test_a_first_layer_sketch_skips_the_layers_below_and_keeps_the_rows(model, kind):
+    """With first_layer the sketch leaves out the blocks of the layers below (zero in every gradient): the
+    rows still equal the sketch of the loop's gradient with those layers zeroed, normalised."""
+    exs = examples(5, np.random.default_rng(41), lengths=(9, 20))
+    proj = Projector(kind, 48, seed=1, block_size=16)
+    pg = PerExampleGradients(model, proj, GradientConfig(params="layers", normalize=True, first_layer=1))
+    got = pg.run(data.sorted_batches(exs, 2, pad_id=0))
+    _, sel, _ = split_params(model, "layers")
+    below = np.concatenate([np.ravel(np.broadcast_to(
+        (np.arange(x.shape[0]) < 1).reshape((-1,) + (1,) * (x.ndim - 1)), x.shape)) for x in jax.tree.leaves(sel)])
+    for ex in exs:
+        ref = np.where(below, 0.0, loop_grad(model, ex, "layers")).astype(np.float32)
+        want = np.asarray(proj.project(_unflat(jnp.asarray(ref), sel), normalize=True))
+        np.testing.assert_allclose(got[ex.index], want, rtol=1e-4, atol=2e-6)
+
+
 def test_a_first_layer_needs_parameters_at_or_above_it(model):
     with pytest.raises(ValueError, match="embed_tokens.embedding, which the layers below feed"):
         PerExampleGradients(model, Projector("none", 0), GradientConfig(params="embed|down_proj", first_layer=1))

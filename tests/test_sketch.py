@@ -288,3 +288,35 @@ def test_never_materializes_d_by_k(kind):
     assert sizes and max(sizes) < d * k and max(sizes) <= 4 * d
     if kind != "srht":
         assert proj.block_size * k in sizes                     # one [block, k] block at a time
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_known_zero_prefix_gives_the_same_sketch_without_its_blocks(kind):
+    """zeros (the gradients of the layers below a first layer): the sketch of the same tree, with a concrete
+    and with a traced key; the prefix may end inside a block, cover a whole leaf, or be absent; for SRHT the
+    compiled program skips the transform of those blocks (the compiler's FLOP count)."""
+    rng = np.random.default_rng(11)
+    tree = {"a": rng.standard_normal((6, 20)).astype(np.float32), "b": np.zeros((40,), np.float32),
+            "c": rng.standard_normal((7,)).astype(np.float32), "d": np.zeros((32,), np.float32)}
+    tree["a"][:3] = 0.0
+    zeros = (60, 40, 0, 32)  # jax.tree.leaves order: a, b, c, d
+    proj = Projector(kind, 24, seed=3, block_size=16)
+    full = np.asarray(proj.project(tree))
+    np.testing.assert_allclose(np.asarray(proj.project(tree, zeros=zeros)), full, rtol=1e-5, atol=1e-6)
+    keys = jax.vmap(lambda s: jax.random.key(s, impl="threefry2x32"))(jnp.arange(3))
+    traced = jax.jit(jax.vmap(lambda key, z: project_tree(tree, key, kind, 24, 16, zeros=z), (0, None)),
+                     static_argnums=1)
+    loop = np.stack([np.asarray(project_tree(tree, jax.random.key(s, impl="threefry2x32"), kind, 24, 16))
+                     for s in range(3)])
+    np.testing.assert_allclose(np.asarray(traced(keys, zeros)), loop, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="zeros has 2 entries for 4 leaves"):
+        proj.project(tree, zeros=(0, 0))
+    if kind == "srht":
+        big = {"w": np.zeros((64, 256), np.float32)}
+
+        def flops(z):
+            cost = jax.jit(lambda t: project_tree(t, proj.key(), kind, 24, 16, zeros=z)).lower(big).compile()
+            cost = cost.cost_analysis()
+            return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+        assert flops((48 * 256,)) < 0.5 * flops(None)
