@@ -172,6 +172,16 @@ def sorted_plan(lengths, batch_size: int, ladder: Sequence[int]) -> list[tuple[n
             for k in range(0, len(order), batch_size)]
 
 
+def chunked_plan(lengths, batch_size: int, ladder: Sequence[int], chunk_rows: int | None = None):
+    """(row indices into `lengths`, padded length) of every length-sorted batch, each chunk of chunk_rows rows
+    batched on its own as the resumable passes do (sorted_plan per chunk; None: one chunk)."""
+    lengths = np.asarray(lengths, np.int64)
+    chunk_rows = chunk_rows or max(len(lengths), 1)
+    for lo in range(0, len(lengths), chunk_rows):
+        for pos, length in sorted_plan(lengths[lo:lo + chunk_rows], batch_size, ladder):
+            yield lo + pos, length
+
+
 def head_length(most: int, length: int) -> int:
     """How many positions the lm-head runs at in a batch padded to `length` whose rows have at most `most`
     loss positions: `most` rounded up to a quarter of the length (a multiple of 16), so a pass compiles few
@@ -186,24 +196,19 @@ def head_plan(lengths, counts, batch_size: int, ladder: Sequence[int], *,
     position counts (each chunk of chunk_rows rows batched on its own, as the resumable passes do): one
     head_length per padded length, of the most loss positions of any row in any batch of that length, so
     every chunk of a pass compiles the same shapes."""
-    lengths, counts = np.asarray(lengths, np.int64), np.asarray(counts, np.int64)
-    chunk_rows = chunk_rows or max(len(lengths), 1)
+    counts = np.asarray(counts, np.int64)
     most: dict[int, int] = {}
-    for lo in range(0, len(lengths), chunk_rows):
-        for pos, length in sorted_plan(lengths[lo:lo + chunk_rows], batch_size, ladder):
-            most[length] = max(most.get(length, 0), int(counts[lo + pos].max()))
+    for rows, length in chunked_plan(lengths, batch_size, ladder, chunk_rows):
+        most[length] = max(most.get(length, 0), int(counts[rows].max()))
     return {length: head_length(m, length) for length, m in most.items()}
 
 
 def head_fraction(lengths, counts, batch_size: int, ladder: Sequence[int], heads: Mapping[int, int], *,
                   chunk_rows: int | None = None) -> float:
     """Loss positions / the positions the lm-head runs at, over the length-sorted batches (as head_plan)."""
-    lengths, counts = np.asarray(lengths, np.int64), np.asarray(counts, np.int64)
-    chunk_rows = chunk_rows or max(len(lengths), 1)
     computed = sum(batch_size * min(heads.get(length, length - 1), length - 1)
-                   for lo in range(0, len(lengths), chunk_rows)
-                   for _, length in sorted_plan(lengths[lo:lo + chunk_rows], batch_size, ladder))
-    return float(counts.sum() / computed) if computed else 1.0
+                   for _, length in chunked_plan(lengths, batch_size, ladder, chunk_rows))
+    return float(np.sum(counts) / computed) if computed else 1.0
 
 
 def sorted_batches(examples: Sequence[Example], batch_size: int, *, pad_id: int,
@@ -232,19 +237,18 @@ def real_token_fraction(lengths, batch_size: int, ladder: Sequence[int] | None =
     rows batched on its own, as the resumable passes do); ladder None: power-of-two buckets as
     make_batches with example_buckets(tight=True) would pad them."""
     lengths = np.asarray(lengths, np.int64)
+    if ladder is not None:
+        computed = sum(batch_size * length for _, length in chunked_plan(lengths, batch_size, ladder, chunk_rows))
+        return float(lengths.sum() / computed) if computed else 1.0
     chunk_rows = chunk_rows or max(len(lengths), 1)
-    buckets = _tight_buckets(int(lengths.max())) if ladder is None else None
+    buckets = _tight_buckets(int(lengths.max()))
     computed = 0
     for lo in range(0, len(lengths), chunk_rows):
-        part = lengths[lo:lo + chunk_rows]
-        if ladder is None:
-            sizes: dict[int, int] = {}
-            for n in part:
-                b = bucket_for(int(n), buckets)
-                sizes[b] = sizes.get(b, 0) + 1
-            computed += sum(-(-count // batch_size) * batch_size * b for b, count in sizes.items())
-        else:
-            computed += sum(batch_size * length for _, length in sorted_plan(part, batch_size, ladder))
+        sizes: dict[int, int] = {}
+        for n in lengths[lo:lo + chunk_rows]:
+            b = bucket_for(int(n), buckets)
+            sizes[b] = sizes.get(b, 0) + 1
+        computed += sum(-(-count // batch_size) * batch_size * b for b, count in sizes.items())
     return float(lengths.sum() / computed) if computed else 1.0
 
 

@@ -17,8 +17,9 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from idjax.batching import (  # noqa: F401 (data.make_batches etc.: the batching half of the data API)
-    IGNORE_INDEX, Batch, bucket_for, bucket_heads, collect_rows, default_buckets, example_buckets, head_fraction, head_length,
-    head_plan, length_ladder, loss_positions, make_batches, real_token_fraction, sorted_batches, sorted_plan,
+    IGNORE_INDEX, Batch, bucket_for, bucket_heads, collect_rows, default_buckets, example_buckets, head_fraction,
+    head_length, head_plan, length_ladder, loss_positions, make_batches, real_token_fraction, sorted_batches,
+    sorted_plan,
 )
 from idjax.io import fingerprint
 

@@ -287,7 +287,7 @@ def _srht(leaves: list[jax.Array], key: jax.Array, k: int, block_size: int, zero
         with jax.ensure_compile_time_eval():
             leaf_key = jax.random.fold_in(key, i)
         keys, src, dst, scale = srht_plan(leaf_key, n, k, block_size)
-        skip = min(zeros[i] // block_size, srht_blocks(n, block_size)) * block_size  # whole zero blocks
+        skip = min(zeros[i] // block_size * block_size, n_pad)  # whole zero blocks
         if skip == n_pad:
             continue
         x = jnp.pad(jnp.ravel(leaf)[skip:].astype(jnp.float32), (0, n_pad - n))
