@@ -1,14 +1,10 @@
-"""Per-sample losses and projected per-example gradients: the pure core, and its batch shell.
+"""Projected per-example gradients: the pure core, and its batch shell.
 
-docs/method.md 1: l(theta; x) is the token cross-entropy over the response tokens of x (labels != -100),
-averaged over those tokens. A sample with no response token has no loss: it contributes 0 here and
-is reported upstream (data.tokenize skips it), never a NaN.
-
-The core functions take arrays and pytrees, with options as keyword arguments, and run inside a
-caller's jax.jit / jax.vmap / shard_map. A `model` argument is an nnx module or a (graphdef, state, ...)
-tuple from nnx.split; `params` names the differentiated parameters (see split_params). Hessian
-products, curvature and the target direction are in idjax.hessian.
-"""
+A per-example gradient is the gradient of one sample's loss (idjax.losses, docs/method.md 1), sketched
+whole or layer by layer. The core functions take arrays and pytrees, with options as keyword arguments,
+and run inside a caller's jax.jit / jax.vmap / shard_map. A `model` argument is an nnx module or a
+(graphdef, state, ...) tuple from nnx.split; `params` names the differentiated parameters (see
+split_params). Hessian products, curvature and the target direction are in idjax.hessian."""
 
 from __future__ import annotations
 
@@ -24,111 +20,13 @@ from idjax import data as D
 from idjax import memory
 from idjax import sharding as shd
 from idjax.data import IGNORE_INDEX
-from idjax.models.modeling import head_logits
-from idjax.sketch import Projector
+from idjax.losses import (  # noqa: F401 (re-exported: grads.sample_losses etc.)
+    LOSS_CHUNK_BYTES, hidden_loss_sums, mean_response_loss, response_loss_sums, sample_losses, token_losses,
+)
+from idjax.sketch import Projector, global_norm_sq
 from idjax.subsets import (  # noqa: F401 (re-exported: grads.split_params etc.)
     CoordinateMask, check_first_layer, in_layer_stack, layer_mask, param_filter, restrict, split_params, zero_prefixes,
 )
-
-
-def token_losses(logits, labels):
-    """Per-token cross-entropy of next-token prediction; labels are aligned with the inputs.
-
-    Returns (loss [B, L-1] float32, mask [B, L-1] bool): position t predicts labels[t + 1].
-    """
-    return _cross_entropy(logits[:, :-1], labels[:, 1:])
-
-
-def _cross_entropy(logits, targets):
-    """(loss, mask) per position of float32 logits [..., V] against next tokens [...] (-100: no loss)."""
-    logits = logits.astype(jnp.float32)
-    mask = targets != IGNORE_INDEX
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, jnp.where(mask, targets, 0)[..., None], axis=-1)[..., 0]
-    return jnp.where(mask, logz - picked, 0.0), mask
-
-
-def response_loss_sums(logits, labels):
-    """(sum_t loss_t, n) per row: the summed response-token loss and the response-token count, float32 [B]."""
-    loss, mask = token_losses(logits, labels)
-    return loss.sum(axis=-1), mask.sum(axis=-1).astype(jnp.float32)
-
-
-def mean_response_loss(logits, labels):
-    """l(x) = (1/n) sum_t loss_t over the n response tokens of each row, float32 [B]; 0 when n = 0.
-
-    The one definition of the per-sample loss (docs/method.md 1): the count is clamped to 1, so a
-    row without response tokens (padding) gives 0, never 0/0.
-    """
-    total, count = response_loss_sums(logits, labels)
-    return total / jnp.maximum(count, 1.0)
-
-
-#: Bytes of float32 logits one piece of a chunked loss may hold ([B, positions, V]); above it the
-#: lm-head and the cross-entropy run over position chunks (hidden_loss_sums).
-LOSS_CHUNK_BYTES = 1 << 28
-
-
-def hidden_loss_sums(model, hidden, labels, *, chunk_bytes: int = LOSS_CHUNK_BYTES, positions=None):
-    """response_loss_sums from the final hidden states [B, L, D]: (sum_t loss_t, n) per row, float32 [B].
-
-    positions: int [B, R], the positions t whose next token carries loss (labels[t + 1] != -100), padded
-    with -1 (data.Batch.loss_positions). The lm-head and the cross-entropy then run at those R positions
-    only, not at every one of the L - 1. A row whose positions miss one of its loss tokens gets a NaN sum,
-    never a quietly smaller one. None: every position.
-
-    Where the float32 logits [B, positions, V] would exceed chunk_bytes (a 128k vocabulary at 2048 tokens:
-    1 GiB per row), the lm-head and the cross-entropy run over chunks of positions under jax.checkpoint:
-    only one chunk's logits exist at a time, forward and backward, for one more lm-head pass in the backward.
-    """
-    h, targets = hidden[:, :-1], labels[:, 1:]
-    if positions is not None:
-        every = jnp.sum(targets != IGNORE_INDEX, axis=-1)
-        at = jnp.maximum(positions, 0)
-        h = jnp.take_along_axis(h, at[..., None], axis=1)
-        targets = jnp.where(positions >= 0, jnp.take_along_axis(targets, at, axis=1), IGNORE_INDEX)
-        total, count = _head_loss_sums(model, h, targets, chunk_bytes)
-        return jnp.where(count == every, total, jnp.nan), count
-    return _head_loss_sums(model, h, targets, chunk_bytes)
-
-
-def _head_loss_sums(model, h, targets, chunk_bytes: int):
-    """(sum_t loss_t, n) per row of hidden states h [B, T, D] against their next tokens targets [B, T]."""
-    b, length, _ = h.shape
-    per_chunk = max(1, chunk_bytes // (4 * b * model.config.vocab_size))
-    if per_chunk >= length:
-        loss, mask = _cross_entropy(model.logits(h), targets)
-        return loss.sum(-1), mask.sum(-1).astype(jnp.float32)
-    matrix, tied = model.head()
-    steps = -(-length // per_chunk)
-    pad = steps * per_chunk - length
-    h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
-    targets = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=IGNORE_INDEX)
-    h = h.reshape(b, steps, per_chunk, h.shape[-1]).swapaxes(0, 1)
-    targets = targets.reshape(b, steps, per_chunk).swapaxes(0, 1)
-
-    @jax.checkpoint
-    def piece(h, t):
-        loss, mask = _cross_entropy(head_logits(h, matrix, tied), t)
-        return loss.sum(-1), mask.sum(-1).astype(jnp.float32)
-
-    def body(carry, xs):
-        total, count = piece(*xs)
-        return (carry[0] + total, carry[1] + count), None
-
-    zeros = jnp.zeros((b,), jnp.float32)
-    (total, count), _ = jax.lax.scan(body, (zeros, zeros), (h, targets))
-    return total, count
-
-
-def sample_losses(model, input_ids, attention_mask, labels, *, chunk_bytes: int = LOSS_CHUNK_BYTES,
-                  positions=None):
-    """Mean response-token loss of every sample: float32 [B]; 0 for samples without responses. The
-    logits are never whole where they would exceed chunk_bytes, and only at `positions` when given
-    (hidden_loss_sums)."""
-    hidden, _ = model.hidden_states(input_ids, attention_mask)
-    total, count = hidden_loss_sums(model, hidden, labels, chunk_bytes=chunk_bytes, positions=positions)
-    return total / jnp.maximum(count, 1.0)
 
 
 # ----------------------------------------------------------------------------- a layer range
@@ -161,6 +59,104 @@ def _upper_layer_gradients(graphdef, selected, rest, first_layer: int, input_ids
             if in_layer_stack(p) else x, g)
 
     return grad, residuals
+
+
+# ----------------------------------------------------------------------------- layer by layer
+
+
+def _split_layers(state):
+    """(the stacked layer entries as a State of the `layers` module, the other entries) of a State, or
+    (None, None)."""
+    if state is None:
+        return None, None
+    flat = list(nnx.to_flat_state(state))
+    return (nnx.from_flat_state([(p[1:], v) for p, v in flat if p[0] == "layers"]),
+            nnx.from_flat_state([(p, v) for p, v in flat if p[0] != "layers"]))
+
+
+def _preconditioned(g, precondition, offset):
+    """u = a (.) (g - offset), float32 where a is given (per_example_gradients' docstring)."""
+    if offset is not None:
+        g = jax.tree.map(lambda x, o: x - o.astype(x.dtype), g, offset)
+    if precondition is not None:
+        g = jax.tree.map(lambda a, x: (a * x).astype(jnp.float32), precondition, g)
+    return g
+
+
+def _layerwise_sketch(graphdef, selected, rest, projector: Projector, precondition, offset, first_layer: int,
+                      normalize: bool):
+    """one(ids, mask, labels, positions) -> P u for ONE sample, its backward pass run layer by layer.
+
+    The layers run forward once, keeping each one's input (as remat does); then a reverse scan takes the
+    vjp of one layer at a time, and that layer's gradient is preconditioned and sketched at once
+    (Projector.project_layer), so a sample holds one layer's gradient, never the whole model's: the memory
+    of a full-size float32 gradient per sample (32 GB for an 8B model) is gone, for one more forward pass.
+    The same P u as the whole gradient's sketch, to float rounding; the norm for `normalize` is summed
+    over the layers as they pass.
+    """
+    flat = jax.tree_util.tree_flatten_with_path(selected)[0]
+    layer_index = [i for i, (path, _) in enumerate(flat) if in_layer_stack(path)]
+    other_index = [i for i, (path, _) in enumerate(flat) if not in_layer_stack(path)]
+    (sel_layers, sel_other), (rest_layers, _) = _split_layers(selected), _split_layers(rest)
+    (a_layers, a_other), (o_layers, o_other) = _split_layers(precondition), _split_layers(offset)
+    model = nnx.merge(graphdef, selected, rest)
+    layer_entries = nnx.from_flat_state([(p, v) for p, v in nnx.to_flat_state(selected) if p[0] == "layers"])
+
+    def with_other(other):  # the model with the selected non-layer entries `other` (differentiated)
+        return nnx.merge(graphdef, layer_entries, other, rest)
+
+    num_layers = model.config.num_layers
+    embedded = first_layer == 0 and any(str(path[0]) == "embed_tokens" for path, _ in nnx.to_flat_state(selected))
+
+    def cut(tree, lo, hi):
+        return jax.tree.map(lambda x: x[lo:hi], tree)
+
+    def one(ids, mask, labels, positions):
+        step = model.layer_step(mask[None])
+
+        x = model.embed_tokens(ids[None])
+        if first_layer:  # the layers below: forward only
+            x = jax.lax.scan(lambda h, st: (step(h, *st), None), x,
+                             (cut(sel_layers, 0, first_layer), cut(rest_layers, 0, first_layer)))[0]
+        top, inputs = jax.lax.scan(lambda h, st: (step(h, *st), h), x,
+                                   (cut(sel_layers, first_layer, None), cut(rest_layers, first_layer, None)))
+
+        def head(other, h):
+            m = with_other(other)
+            total, count = hidden_loss_sums(m, m.norm(h), labels[None],
+                                            positions=None if positions is None else positions[None])
+            return (total / jnp.maximum(count, 1.0))[0]
+
+        g_other, dh = jax.grad(head, argnums=(0, 1))(sel_other, top)
+
+        def back(carry, xs):
+            dh, out, sq = carry
+            layer, sel, rest_l, a, o, h = xs
+            g, dh = jax.vjp(lambda s_, h_: step(h_, s_, rest_l), sel, h)[1](dh)
+            u = _preconditioned(g, a, o)
+            for i, x in zip(layer_index, jax.tree.leaves(u)):
+                out = out + projector.project_layer(x, layer, index=i, layers=num_layers)
+            return (dh, out, sq + global_norm_sq(u)), None
+
+        start = (dh, jnp.zeros((projector.dim,), jnp.float32), jnp.float32(0.0))
+        if layer_index or embedded:
+            upper = (jnp.arange(first_layer, num_layers), cut(sel_layers, first_layer, None),
+                     cut(rest_layers, first_layer, None), cut(a_layers, first_layer, None),
+                     cut(o_layers, first_layer, None), inputs)
+            (dh, out, sq), _ = jax.lax.scan(back, start, upper, reverse=True)
+        else:
+            _, out, sq = start
+        if embedded:  # the token embedding's share, from the gradient at the first layer's input
+            g_embed = jax.vjp(lambda o: with_other(o).embed_tokens(ids[None]), sel_other)[1](dh)[0]
+            g_other = jax.tree.map(jnp.add, g_other, g_embed)
+        u = _preconditioned(g_other, a_other, o_other)
+        out = out + projector.project_leaves(dict(zip(other_index, jax.tree.leaves(u))))
+        sq = sq + global_norm_sq(u)
+        if normalize:  # the sketch is linear: scaling it equals scaling u
+            out = out * jnp.where(sq > 0, jax.lax.rsqrt(jnp.where(sq > 0, sq, 1.0)), 0.0)
+        return out
+
+    return one
 
 
 # ----------------------------------------------------------------------------- per-example gradients
@@ -213,7 +209,7 @@ def per_example_gradients(model, input_ids, attention_mask, labels, *, params=No
                           projector: Projector | None = None, precondition=None, offset=None,
                           normalize: bool = False, microbatch: int | None = None,
                           mask: CoordinateMask | None = None, shards: int = 1, first_layer: int = 0,
-                          loss_positions=None):
+                          loss_positions=None, layerwise: bool = False):
     """Projected per-example gradients P u_i, float32 [B, k] (docs/method.md 4.3 and 6).
 
         g_i = grad_theta l(theta; x_i)        (mean response-token loss of row i, selected params only)
@@ -230,12 +226,20 @@ def per_example_gradients(model, input_ids, attention_mask, labels, *, params=No
     the selected parameters of layers first_layer.. only (zero below, as layer_mask makes it): the lower
     layers run forward once per batch and no backward pass goes below first_layer. loss_positions: int
     [B, R], each row's positions whose next token carries loss, -1 padded (data.Batch.loss_positions): the
-    lm-head runs there only (hidden_loss_sums); None: at every position.
+    lm-head runs there only (hidden_loss_sums); None: at every position. layerwise: the backward pass runs
+    layer by layer and each layer's gradient is sketched as it comes (a sketching projector, no mask): one
+    layer's gradient alive per sample instead of the whole model's, for one more forward pass (as remat).
     Pure: jit, vmap and shard_map it.
     """
     graphdef, selected, rest = split_params(model, params)
     projector = Projector("none", 0) if projector is None else projector
     args = (input_ids, attention_mask, labels, loss_positions)
+    if layerwise:
+        if projector.kind == "none" or mask is not None:
+            raise ValueError("layerwise gradients need a sketch (a projector kind other than 'none') and no "
+                             "coordinate mask (keep)")
+        one = _layerwise_sketch(graphdef, selected, rest, projector, precondition, offset, first_layer, normalize)
+        return _over_rows(one, args, microbatch, shards)
     # The sketch skips the blocks of the layers below first_layer: zero in every gradient (not once a
     # coordinate mask has reordered the coordinates).
     zeros = zero_prefixes(selected, first_layer) if first_layer and mask is None else None
@@ -250,16 +254,17 @@ def per_example_gradients(model, input_ids, attention_mask, labels, *, params=No
             return jax.grad(loss)(selected, ids, attn, labels, positions)
 
     def one(*row):
-        g = grad(*row)
-        if offset is not None:
-            g = jax.tree.map(lambda x, o: x - o.astype(x.dtype), g, offset)
-        if precondition is not None:
-            g = jax.tree.map(lambda a, x: (a * x).astype(jnp.float32), precondition, g)
+        g = _preconditioned(grad(*row), precondition, offset)
         if mask is not None:
             g = mask.apply(g)
         return projector.project(g, normalize=normalize, zeros=zeros)
 
-    b = input_ids.shape[0]
+    return _over_rows(one, args, microbatch, shards)
+
+
+def _over_rows(one, args, microbatch: int | None, shards: int):
+    """vmap(one) over the rows of args, `microbatch` rows (per device, of `shards`) at a time."""
+    b = args[0].shape[0]
     mb = b if microbatch is None else microbatch
     if shards > 1:  # `mb` samples per device at a time
         m = local_microbatch(b, shards, mb)
@@ -299,6 +304,7 @@ class GradientConfig:
     microbatch: int | None = None    # samples per vmapped gradient computation (None: the most that fit the device)
     seed: int = 0
     first_layer: int = 0             # only the selected parameters of layers first_layer.. (the backward stops there)
+    layerwise: bool = False          # the backward pass layer by layer, each layer's gradient sketched as it comes
 
 
 def _gradients(graphdef, projector, config: GradientConfig, mask, shards: int,
@@ -307,15 +313,20 @@ def _gradients(graphdef, projector, config: GradientConfig, mask, shards: int,
     return per_example_gradients((graphdef, rest), ids, attention_mask, labels, params=selected,
                                  projector=projector, precondition=precondition, offset=offset,
                                  normalize=config.normalize, microbatch=config.microbatch, mask=mask,
-                                 shards=shards, first_layer=config.first_layer, loss_positions=positions)
+                                 shards=shards, first_layer=config.first_layer, loss_positions=positions,
+                                 layerwise=config.layerwise)
 
 
-def gradient_settings(rows_per_device: int, *, remat: bool = True) -> list:
-    """(name, (microbatch, remat)) of per-example gradients on `rows_per_device` rows, fastest first: every
-    microbatch dividing the rows from the largest, then 1 sample with layer remat (when `remat`)."""
-    out = [(f"microbatch {m} per device", (m, False))
-           for m in range(rows_per_device, 0, -1) if rows_per_device % m == 0]
-    return out + ([("microbatch 1 per device, remat", (1, True))] if remat else [])
+def gradient_settings(rows_per_device: int, *, remat: bool = True, layerwise: bool = False) -> list:
+    """(name, (microbatch, remat, layerwise)) of per-example gradients on `rows_per_device` rows, fastest
+    first: every microbatch dividing the rows from the largest; then, with `layerwise` (a sketch, no mask),
+    the same microbatches layer by layer (one layer's gradient alive per sample, for one more forward pass),
+    else 1 sample with layer remat (when `remat`)."""
+    sizes = [m for m in range(rows_per_device, 0, -1) if rows_per_device % m == 0]
+    out = [(f"microbatch {m} per device", (m, False, False)) for m in sizes]
+    if layerwise:
+        return out + [(f"microbatch {m} per device, layer by layer", (m, False, True)) for m in sizes]
+    return out + ([("microbatch 1 per device, remat", (1, True, False))] if remat else [])
 
 
 class PerExampleGradients:
@@ -349,12 +360,13 @@ class PerExampleGradients:
                               if config.microbatch is None else None)
         self.plans = {}  # (rows, length[, lm-head positions]) -> ((microbatch, remat), compiled program), planned
 
-    def _jitted(self, microbatch: int | None, remat: bool = False):
+    def _jitted(self, microbatch: int | None, remat: bool = False, layerwise: bool | None = None):
         """The compiled body for one microbatch size (and, planned, with layer remat). One compilation per
         key, shared: a second selection in the same process (another target set, the landmark and target
         passes) reuses the compiled length buckets. The coordinate mask is a function of (keep, seed, the
         selected shapes): all in the key."""
-        config = dataclasses.replace(self.config, microbatch=microbatch)
+        config = dataclasses.replace(self.config, microbatch=microbatch,
+                                     layerwise=self.config.layerwise if layerwise is None else layerwise)
         graphdef = self.graphdef
         if remat:  # the same model with model.remat set: only the graph differs, not the arrays
             model = nnx.merge(self.graphdef, self.selected, self.rest)
@@ -372,7 +384,10 @@ class PerExampleGradients:
         rows, length = args[-2].shape
         settings = gradient_settings(rows // self.shards,
                                      remat=not getattr(nnx.merge(self.graphdef, self.selected, self.rest), "remat",
-                                                       False))
+                                                       False),
+                                     layerwise=self.projector.kind != "none" and self.mask is None)
+        if self.config.layerwise:  # asked for: only its own microbatches
+            settings = [(name, s) for name, s in settings if s[2]]
         key = ("gradients", self.graphdef, self.projector, self.config, self.shards, self.sharding,
                memory.input_key(args))
         return memory.planned(key, settings, lambda s: self._jitted(*s).lower(*args).compile(),

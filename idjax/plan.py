@@ -148,14 +148,14 @@ def plan(config, mesh, *, pool: int, max_length: int, device_memory: int, batch_
         a = _like(selected, mesh, jnp.float32)  # the Adam update model's D_a, like the selected params
 
         def grads(setting):
-            m, remat = setting
+            m, remat, layerwise = setting
             fn = jax.jit(lambda st, a, ids, mask, labels: G.per_example_gradients(
                 (graphdefs[remat], st), ids, mask, labels, params=params, projector=projector, precondition=a,
-                normalize=True, microbatch=m, shards=n_dev))
+                normalize=True, microbatch=m, shards=n_dev, layerwise=layerwise))
             return fn.lower(state, a, *batch(rows)).compile()
-        settings = G.gradient_settings(rows // n_dev)
+        settings = G.gradient_settings(rows // n_dev, layerwise=True)
         out.append(_first_fit("gradients", settings, grads, device_memory,
-                              lambda s: (PASSES["gradients"] + s[1]) * fwd))
+                              lambda s: (PASSES["gradients"] + (s[1] or s[2])) * fwd))
 
     if "embed" in stages:
         blocks = min(embed_blocks, config.num_layers)

@@ -110,24 +110,26 @@ def _fetch_block(x: jax.Array, j: jax.Array, rows: int) -> jax.Array:
 
 
 def _dense(leaves: list[jax.Array], key: jax.Array, k: int, block_size: int, kind: str,
-           zeros: list[int]) -> jax.Array:
+           zeros: list[int], indices: list[int]) -> jax.Array:
     """Unscaled sum of x_block @ block_matrix over every block of every leaf (but the blocks that lie inside
-    a leaf's known-zero prefix of zeros[i] coordinates: they add nothing).
+    a leaf's known-zero prefix of zeros[i] coordinates: they add nothing); leaves[p] is leaf indices[p] of
+    the tree (its key).
 
     One fori_loop walks a static (leaf, block) table and a lax.switch fetches the block from
     its leaf, so the PRNG and the matmul are compiled once, not once per leaf (threefry costs
     ~0.3 s of XLA compile per instance; a model has hundreds of leaves). One [block, k] matrix
     is alive at a time.
     """
-    pairs = [(i, j) for i, x in enumerate(leaves) for j in range(zeros[i] // block_size, -(-x.size // block_size))]
+    pairs = [(p, indices[p], j) for p, x in enumerate(leaves)
+             for j in range(zeros[p] // block_size, -(-x.size // block_size))]
     if not pairs:
         return jnp.zeros((k,), jnp.float32)
-    table = jnp.asarray(np.array(pairs, np.int32).reshape(-1, 2))
+    table = jnp.asarray(np.array(pairs, np.int32).reshape(-1, 3))
     fetchers = [functools.partial(_fetch_block, jnp.ravel(x), rows=block_size) for x in leaves]
 
     def body(t, acc):
-        i, j = table[t, 0], table[t, 1]
-        xb = lax.switch(i, fetchers, j) if len(fetchers) > 1 else fetchers[0](j)
+        p, i, j = table[t, 0], table[t, 1], table[t, 2]
+        xb = lax.switch(p, fetchers, j) if len(fetchers) > 1 else fetchers[0](j)
         m = block_matrix(jax.random.fold_in(jax.random.fold_in(key, i), j), block_size, k, kind)
         return acc + jnp.dot(xb, m, precision=lax.Precision.HIGHEST)
 
@@ -258,8 +260,10 @@ def _srht_draw(leaf_key: jax.Array, blocks: int, n_pad: int, k: int):
     return _block_keys(leaf_key, blocks), src, dst
 
 
-def _srht(leaves: list[jax.Array], key: jax.Array, k: int, block_size: int, zeros: list[int]) -> jax.Array:
-    """All leaves' SRHTs in a few batched transforms, so compile time does not grow per leaf.
+def _srht(leaves: list[jax.Array], key: jax.Array, k: int, block_size: int, zeros: list[int],
+          indices: list[int]) -> jax.Array:
+    """All leaves' SRHTs in a few batched transforms, so compile time does not grow per leaf (leaves[p] is
+    leaf indices[p] of the tree: its key).
 
     Each leaf is zero padded to whole Hadamard blocks; the blocks of consecutive leaves are
     stacked (an O(d) copy, like the padding itself) into groups of < 2**31 coordinates, so
@@ -277,7 +281,7 @@ def _srht(leaves: list[jax.Array], key: jax.Array, k: int, block_size: int, zero
         y = fwht(cat(parts).reshape(-1, block_size) * srht_signs(cat(keys), block_size)).reshape(-1)
         return jnp.zeros((k,), jnp.float32).at[cat(dst)].add(y[cat(src)] * cat(scale))
 
-    for i, leaf in enumerate(leaves):
+    for i, leaf, zero in zip(indices, leaves, zeros):
         n = leaf.size
         if not n:
             continue
@@ -287,7 +291,7 @@ def _srht(leaves: list[jax.Array], key: jax.Array, k: int, block_size: int, zero
         with jax.ensure_compile_time_eval():
             leaf_key = jax.random.fold_in(key, i)
         keys, src, dst, scale = srht_plan(leaf_key, n, k, block_size)
-        skip = min(zeros[i] // block_size * block_size, n_pad)  # whole zero blocks
+        skip = min(zero // block_size * block_size, n_pad)  # whole zero blocks
         if skip == n_pad:
             continue
         x = jnp.pad(jnp.ravel(leaf)[skip:].astype(jnp.float32), (0, n_pad - n))
@@ -295,6 +299,86 @@ def _srht(leaves: list[jax.Array], key: jax.Array, k: int, block_size: int, zero
         group.append((x, keys[skip // block_size:], jnp.maximum(src - skip, 0) + offset, dst, weight))
         offset += n_pad - skip
     return out + flush(group) if group else out
+
+
+def _sketch(leaves, indices, key, kind: str, dim: int, block_size: int, zeros) -> jax.Array:
+    """The sketch's share of leaves[p] (leaf indices[p] of a tree): srht or a scaled dense kind."""
+    if kind == "srht":
+        return _srht(leaves, key, dim, block_size, zeros, indices)
+    return _dense(leaves, key, dim, block_size, kind, zeros, indices) * jnp.float32(1.0 / math.sqrt(dim))
+
+
+def _check_parts(kind: str, sizes) -> None:
+    if kind not in KINDS or kind == "none":
+        raise ValueError(f"a sketch in parts needs kind rademacher, gaussian or srht, got {kind!r}")
+    if any(n > _INT32_MAX for n in sizes):
+        raise ValueError("a leaf has > 2**31-1 coordinates; split it")
+
+
+def sketch_leaves(leaves: dict, key: jax.Array, kind: str, dim: int, block_size: int = 2**14) -> jax.Array:
+    """The share of some whole leaves in project_tree's sketch of a tree (normalize=False): `leaves` maps
+    each leaf's index in the tree's jax.tree.leaves order (its key) to its values. With sketch_layer for the
+    stacked layer leaves, the shares add up to the sketch of the whole tree, which never has to exist."""
+    _check_parts(kind, [jnp.size(x) for x in leaves.values()])
+    indices = [i for i, x in leaves.items() if jnp.size(x)]
+    if not indices:
+        return jnp.zeros((dim,), jnp.float32)
+    return _sketch([jnp.asarray(leaves[i]) for i in indices], indices, key, kind, dim, block_size, [0] * len(indices))
+
+
+#: Coordinates sketch_layer transforms at a time (16 MiB of float32), whatever the size of the layer.
+LAYER_STEP_COORDS = 1 << 22
+
+
+def sketch_layer(x: jax.Array, layer, *, index: int, layers: int, key: jax.Array, kind: str, dim: int,
+                 block_size: int = 2**14) -> jax.Array:
+    """Layer `layer`'s share of project_tree's sketch (normalize=False) of a stacked layer leaf, from that
+    layer's slice x alone: the leaf is leaf `index` of the tree, of shape [layers, *x.shape]; `layer` may be
+    traced (a scan over the layers). Summed over the layers it is the leaf's share (sketch_leaves), to
+    float rounding: a per-example gradient is sketched layer by layer as its backward pass makes it.
+
+    The blocks of the flattened leaf that hold the slice (ceil(size / block) of them, one more where a
+    block straddles two layers) are rebuilt from x with zeros outside it, LAYER_STEP_COORDS at a time (no
+    float32 copy of the slice); the sketch being linear, a straddling block's share splits exactly between
+    its layers. Blocks past the leaf's end hold zeros and no sampled coordinate: they add nothing.
+    """
+    s, b = x.size, block_size
+    n = layers * s
+    _check_parts(kind, [n])
+    span = -(-s // b) + (1 if s % b else 0)  # blocks a slice can touch
+    group = 1 if kind != "srht" else max(1, min(span, LAYER_STEP_COORDS // b))
+    steps = -(-span // group)
+    start = jnp.asarray(layer, jnp.int32) * s
+    j0 = start // b  # the slice begins in block j0, at offset start - j0 * b
+    padded = jnp.pad(jnp.ravel(x), (b, steps * group * b))  # zeros before and after the slice
+    with jax.ensure_compile_time_eval():
+        leaf_key = jax.random.fold_in(key, index)
+
+    def window(t):  # blocks j0 + t*group .. + group of the flattened leaf: [group, b] float32
+        at = start - j0 * b  # in [0, b)
+        return lax.dynamic_slice_in_dim(padded, b - at + t * group * b, group * b).astype(jnp.float32).reshape(
+            group, b)
+
+    if kind == "srht":
+        _, src, dst, scale = srht_plan(leaf_key, n, dim, b)
+        sign_base = jax.random.fold_in(leaf_key, 0)  # block j's signs: fold_in(sign_base, j) (_block_keys)
+
+        def body(t, acc):
+            first = j0 + t * group
+            keys = jax.vmap(jax.random.fold_in, (None, 0))(sign_base, first + jnp.arange(group))
+            y = fwht(window(t) * srht_signs(keys, b)).reshape(-1)
+            at = src - first * b
+            inside = (at >= 0) & (at < group * b)
+            picked = jnp.where(inside, y[jnp.clip(at, 0, group * b - 1)], 0.0)
+            return acc.at[dst].add(picked * jnp.float32(scale))
+
+        return lax.fori_loop(0, steps, body, jnp.zeros((dim,), jnp.float32))
+
+    def dense(t, acc):
+        m = block_matrix(jax.random.fold_in(leaf_key, j0 + t), b, dim, kind)
+        return acc + jnp.dot(window(t)[0], m, precision=lax.Precision.HIGHEST)
+
+    return lax.fori_loop(0, steps, dense, jnp.zeros((dim,), jnp.float32)) * jnp.float32(1.0 / math.sqrt(dim))
 
 
 def global_norm_sq(tree) -> jax.Array:
@@ -324,10 +408,8 @@ def project_tree(tree, key: jax.Array, kind: str, dim: int, block_size: int = 2*
         out = jnp.concatenate(flat) if flat else jnp.zeros((0,), jnp.float32)
     elif not any(l.size for l in leaves):
         out = jnp.zeros((dim,), jnp.float32)
-    elif kind == "srht":
-        out = _srht(leaves, key, dim, block_size, zeros)
     else:
-        out = _dense(leaves, key, dim, block_size, kind, zeros) * jnp.float32(1.0 / math.sqrt(dim))
+        out = _sketch(leaves, list(range(len(leaves))), key, kind, dim, block_size, zeros)
     if normalize:
         # The sketch is linear, so scaling the [k] output equals normalizing the input tree.
         # Both wheres keep value and gradient finite for an all-zero tree.
@@ -379,6 +461,15 @@ class Projector:
         blocks the sketch skips (the gradients of layers below a first layer).
         """
         return project_tree(tree, self.key(), self.kind, self.dim, self.block_size, normalize, zeros)
+
+    def project_leaves(self, leaves: dict) -> jax.Array:
+        """The share of some whole leaves {index in the tree: values} in project's sketch (sketch_leaves)."""
+        return sketch_leaves(leaves, self.key(), self.kind, self.dim, self.block_size)
+
+    def project_layer(self, x, layer, *, index: int, layers: int) -> jax.Array:
+        """Layer `layer`'s share, from its slice x, of project's sketch of stacked leaf `index` (sketch_layer)."""
+        return sketch_layer(x, layer, index=index, layers=layers, key=self.key(), kind=self.kind, dim=self.dim,
+                            block_size=self.block_size)
 
     def project_batch(self, trees, *, normalize: bool = False) -> jax.Array:
         """Sketch a pytree whose leaves have a leading sample axis: [B, dim]."""

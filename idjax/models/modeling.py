@@ -221,6 +221,21 @@ class CausalLM(nnx.Module):
             new_cache = KVCache(new_layers, key_mask, index + l)
         return (self.norm(x) if final_norm else x), new_cache
 
+    def layer_step(self, attention_mask):
+        """step(x, *states) -> x [B, L, D] after one decoder layer, for rows with this attention mask [B, L]
+        (no cache). states: slices at one layer of the stacked layers' State (paths within `layers`), merged
+        as nnx.merge does. The body of hidden_states' scan, for a caller that runs the layers one at a time
+        (grads.per_example_gradients(layerwise=True): a backward pass layer by layer)."""
+        graphdef = nnx.split(self.layers)[0]
+        mask = attention_mask.astype(bool)
+        positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+        inv_freq = jnp.asarray(rope_inverse_frequencies(self.config.head_dim, self.config.rope), jnp.float32)
+
+        def step(x, *states):
+            return nnx.merge(graphdef, *states)(x, positions, inv_freq, mask, None, jnp.zeros((), jnp.int32))[0]
+
+        return step
+
     def head(self):
         """(matrix, tied) of the lm-head in the compute dtype: the embedding [V, D] when tied, else the
         kernel [D, V]. What head_logits takes, so a caller's loop over positions reads it once."""
