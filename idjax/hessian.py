@@ -101,7 +101,8 @@ def gauss_newton_vp(model, targets, vectors, *, params=None, chunk_bytes: int = 
 
     The model is linearised up to its final hidden states and lm-head matrix; the logits, their tangents
     and H_out u are formed per chunk of positions where [B, L, V] float32 would exceed chunk_bytes (as
-    in the chunked loss, grads.hidden_loss_sums), so no full-vocabulary array of the whole batch exists.
+    in the chunked loss, grads.hidden_loss_sums), so no full-vocabulary array of the whole batch exists,
+    and, where the targets carry loss positions (TargetArrays), at those positions only.
     """
     graphdef, selected, rest = split_params(model, params)
     targets = as_targets(targets)
@@ -117,7 +118,7 @@ def gauss_newton_vp(model, targets, vectors, *, params=None, chunk_bytes: int = 
 
     def gv(v):
         out = jax.tree.map(jnp.zeros_like, selected)
-        for ids, mask, labels, real, _ in targets.arrays:  # every position (weight 0 where no loss)
+        for ids, mask, labels, real, positions in targets.arrays:
             def features(p):
                 m = nnx.merge(graphdef, p, rest)
                 hidden = m.hidden_states(ids, mask)[0][:, :-1]
@@ -128,8 +129,16 @@ def gauss_newton_vp(model, targets, vectors, *, params=None, chunk_bytes: int = 
             hidden, d_hidden = primal[0], tangent[0]
             matrix, d_matrix = (primal[1], tangent[1]) if head_selected else (fixed_matrix, None)
             tok = labels[:, 1:] != IGNORE_INDEX
-            weight = tok / jnp.maximum(tok.sum(-1, keepdims=True), 1) * real[:, None] / targets.total
-            b, length, dim = hidden.shape
+            count = tok.sum(-1, keepdims=True)
+            b, full, dim = hidden.shape
+            if positions is not None:  # the lm-head at the loss positions only (weight 0 at the -1 padding)
+                at = jnp.maximum(positions, 0)
+                hidden, d_hidden = (jnp.take_along_axis(x, at[..., None], axis=1) for x in (hidden, d_hidden))
+                picked = (positions >= 0) & jnp.take_along_axis(tok, at, axis=1)
+                # positions that miss a loss token make the product NaN, never quietly smaller
+                tok = jnp.where(picked.sum(-1, keepdims=True) == count, picked, jnp.nan)
+            weight = tok / jnp.maximum(count, 1) * real[:, None] / targets.total
+            length = hidden.shape[1]
 
             def piece(h, dh, w):
                 """(cotangent of h, of the head matrix) of sum_j w_j <H_out u_j, logits_j> for one chunk."""
@@ -158,6 +167,8 @@ def gauss_newton_vp(model, targets, vectors, *, params=None, chunk_bytes: int = 
                                            (split(hidden), split(d_hidden), split(weight)))
                 cot_hidden = chunks.swapaxes(0, 1).reshape(b, steps * per_chunk, dim)[:, :length]
                 cot_matrix = acc.astype(matrix.dtype)
+            if positions is not None:  # back to every position (the padding's cotangent is 0)
+                cot_hidden = jnp.zeros((b, full, dim), cot_hidden.dtype).at[jnp.arange(b)[:, None], at].add(cot_hidden)
             cots = (cot_hidden, cot_matrix) if head_selected else (cot_hidden,)
             (back,) = jax.linear_transpose(lin, selected)(cots)
             out = jax.tree.map(jnp.add, out, back)

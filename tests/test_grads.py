@@ -233,15 +233,21 @@ def test_the_target_loss_at_its_loss_positions_has_the_dense_hessian_of_every_po
     np.testing.assert_allclose(got, ref, atol=1e-5 * float(jnp.abs(ref).max()), rtol=1e-4)
 
 
-@pytest.mark.parametrize("tied,pattern,chunk_bytes", [
-    (True, "layers.mlp.down_proj", None), (True, "down_proj|embed_tokens", 4 * 2 * 61 * 4),
-    (False, "layers.mlp.down_proj", 4 * 2 * 61 * 4), (False, "down_proj|lm_head", 4 * 2 * 61 * 4)],
-    ids=["whole", "tied-head-in-chunks", "untied-head-fixed", "untied-head-in-chunks"])
-def test_gauss_newton_equals_dense_jacobian_product(model, target, tied, pattern, chunk_bytes):
+@pytest.mark.parametrize("tied,pattern,chunk_bytes,positions", [
+    (True, "layers.mlp.down_proj", None, False), (True, "down_proj|embed_tokens", 4 * 2 * 61 * 4, False),
+    (False, "layers.mlp.down_proj", 4 * 2 * 61 * 4, False), (False, "down_proj|lm_head", 4 * 2 * 61 * 4, False),
+    (True, "down_proj|embed_tokens", None, True), (False, "down_proj|lm_head", 4 * 2 * 61 * 4, True)],
+    ids=["whole", "tied-head-in-chunks", "untied-head-fixed", "untied-head-in-chunks", "tied-head-at-positions",
+         "untied-head-at-positions-in-chunks"])
+def test_gauss_newton_equals_dense_jacobian_product(model, target, tied, pattern, chunk_bytes, positions):
     """Against explicit per-token Jacobians, jitted with the parameters and data as arguments (as
-    target_direction calls it): with the lm-head among the parameters or not, tied or not, and the
-    logits formed 4 positions at a time (chunk_bytes), where the head's own tangent and cotangent count."""
+    target_direction calls it): with the lm-head among the parameters or not, tied or not, the logits
+    formed 4 positions at a time (chunk_bytes), where the head's own tangent and cotangent count, and at
+    the loss positions of length-sorted batches only."""
     *_, batches = target
+    if positions:
+        batches = data.sorted_batches(examples(5, np.random.default_rng(6), lengths=(30, 40)), 2, pad_id=0)
+        assert all(b.loss_positions is not None and b.loss_positions.shape[1] < b.bucket - 1 for b in batches)
     if not tied:
         model = CausalLM(dataclasses.replace(CFG, tie_word_embeddings=False), rngs=nnx.Rngs(3))
     graphdef, sel, rest = split_params(model, pattern)
