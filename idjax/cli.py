@@ -14,7 +14,7 @@ import sys
 import traceback
 from collections import Counter
 
-from idjax import cli_args
+from idjax import cli_args, supervise
 
 log = logging.getLogger("idjax")
 
@@ -389,6 +389,9 @@ def main(argv=None) -> int:
     if problem:
         print(f"idjax: error: {problem}", file=sys.stderr)
         return 1
+    coordinator = supervise.coordinator_of(args)
+    if coordinator is not None:  # another process than 0: jaxlib would abort it if process 0 died
+        return supervise.run(sys.argv[1:] if argv is None else list(argv), *coordinator)
     try:
         return args.func(args)
     except KeyboardInterrupt:

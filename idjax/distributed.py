@@ -18,8 +18,9 @@ exceeds its timeout. A process that fails publishes its error so that the others
 store chunks stay on disk: re-running the same command (with any number of processes) resumes.
 For that, commands that only coordinate through barriers start the service in JAX's recoverable mode
 (`jax_enable_recoverability`), so one process's death does not abort the others before they can
-report it. If process 0 (which hosts the coordination service) dies, JAX itself terminates the
-others within seconds with "the JAX distributed service detected fatal errors": bounded, not clean.
+report it. If process 0 (which hosts the coordination service) dies, jaxlib aborts the others at once
+from its own thread ("the JAX distributed service detected fatal errors"); the CLI runs every other
+process's command under a small parent (idjax.supervise) that turns this into one line and exit code 1.
 """
 
 from __future__ import annotations

@@ -461,6 +461,32 @@ def test_a_model_sharded_over_two_processes_saves_whole(tmp_path):
         np.testing.assert_array_equal(after[name], value, err_msg=name)
 
 
+def test_when_process_0_dies_the_other_ends_with_one_line(cli_model, tmp_path):
+    """Process 0 hosts the coordination service; killing it makes jaxlib abort process 1's work (a fatal
+    log, SIGABRT). The CLI's parent process (idjax.supervise) turns that into one line and exit code 1,
+    within seconds, and leaves jaxlib's report out."""
+    model, target = cli_model
+    port, store = _free_port(), tmp_path / "store"
+    argv = _select_argv(model, target, tmp_path / "sel.jsonl", store)
+    p0, p1 = _launch(argv, 0, port), _launch(argv, 1, port)
+    t0 = time.monotonic()
+    while not list(store.glob("tokenized-*.npz")) or list(store.glob("tokenized-*-part-*")):
+        assert p1.poll() is None and time.monotonic() - t0 < 120, p1.communicate()[1][-2000:]
+        time.sleep(0.05)
+    os.kill(p0.pid, signal.SIGKILL)
+    p0.communicate()
+    t_kill = time.monotonic()
+    _, err = p1.communicate(timeout=120)
+    waited = time.monotonic() - t_kill
+    assert p1.returncode == 1, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"idjax: error: process 1 of 2: lost process 0, which ran the coordination service at "
+                           f"127.0.0.1:{port}"), err[-3000:]
+    assert "re-run the same command to resume" in last
+    assert "Check failure stack trace" not in err and "Terminating process" not in err, err[-3000:]
+    assert waited < 30, waited
+
+
 def test_a_dead_process_fails_the_run_cleanly_and_a_rerun_resumes(cli_model, reference, tmp_path):
     model, target = cli_model
     port, store, out = _free_port(), tmp_path / "store", tmp_path / "sel.jsonl"

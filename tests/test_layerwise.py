@@ -104,22 +104,23 @@ def test_the_planner_falls_back_to_layerwise_settings():
         (2, False, False), (1, False, False), (2, False, True), (1, False, True)]
 
 
-def test_layerwise_holds_one_layers_gradient_by_the_compilers_memory_analysis():
-    """A model whose gradient dwarfs its activations: the whole-gradient program's temporaries hold at
-    least one full float32 gradient per sample in flight; layer by layer they stay under a third of one."""
-    config = dataclasses.replace(CFG, hidden_size=64, intermediate_size=256, num_layers=8, head_dim=16,
-                                 vocab_size=128)
-    model = CausalLM(config, rngs=nnx.Rngs(0))
-    graphdef, state = nnx.split(model)
-    gradient_bytes = 4 * sum(x.size for x in jax.tree.leaves(state))
-    ids = jax.ShapeDtypeStruct((2, 16), jnp.int32)
-    proj = Projector("srht", 64, block_size=1024)
-
-    def temp_bytes(layerwise):
+def test_layerwise_memory_does_not_grow_with_depth_by_the_compilers_memory_analysis():
+    """A model whose gradient dwarfs its activations, at 8 and at 16 layers: the whole-gradient program's
+    temporaries grow by at least the 8 added layers' float32 gradient; layer by layer they grow by less
+    than one layer's (only the layers' saved inputs are per layer), and hold less than a whole gradient."""
+    def temp_bytes(num_layers, layerwise):
+        config = dataclasses.replace(CFG, hidden_size=64, intermediate_size=256, num_layers=num_layers,
+                                     head_dim=16, vocab_size=128)
+        graphdef, state = nnx.split(CausalLM(config, rngs=nnx.Rngs(0)))
+        ids = jax.ShapeDtypeStruct((2, 16), jnp.int32)
+        proj = Projector("srht", 64, block_size=1024)
         fn = jax.jit(lambda st, i, m, l: per_example_gradients((graphdef, st), i, m, l, projector=proj,
                                                                microbatch=1, layerwise=layerwise))
-        return fn.lower(state, ids, ids, ids).compile().memory_analysis().temp_size_in_bytes
+        compiled = fn.lower(state, ids, ids, ids).compile()
+        layer = 4 * sum(x[0].size for x in jax.tree.leaves(state["layers"]))
+        return compiled.memory_analysis().temp_size_in_bytes, layer, 4 * sum(x.size for x in jax.tree.leaves(state))
 
-    whole, layerwise = temp_bytes(False), temp_bytes(True)
-    assert whole >= gradient_bytes, (whole, gradient_bytes)
-    assert layerwise < gradient_bytes / 3, (layerwise, gradient_bytes)
+    (whole8, layer, gradient8), (whole16, _, _) = temp_bytes(8, False), temp_bytes(16, False)
+    (lw8, _, _), (lw16, _, _) = temp_bytes(8, True), temp_bytes(16, True)
+    assert whole16 - whole8 >= 8 * layer, (whole8, whole16, layer)
+    assert lw16 - lw8 < layer and lw8 < gradient8, (lw8, lw16, layer, gradient8)
