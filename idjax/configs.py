@@ -85,6 +85,10 @@ class SelectConfig:
                                           "whose compiled program fits the device's memory)", check=O.AT_LEAST_1)
     remat: bool = option(False, "recompute each layer's activations in the gradient and HVP backward passes: less "
                                 "memory (idjax plan says when it is needed), the same results to float32 rounding")
+    layerwise: bool = option(False, "per-example gradients layer by layer, each layer's share of the sketch taken as "
+                                    "its backward pass makes it: one layer's gradient per sample in memory, not the "
+                                    "model's (the fallback of the memory plan otherwise); the same rows to float32 "
+                                    "rounding")
     embed: EmbedConfig = option(EmbedConfig(), cli=False)
     seed: int = option(0, "landmarks, tangents, sketches, round-robin order")
     batch_size: int = option(8, "samples per compiled batch", check=O.AT_LEAST_1)
@@ -94,6 +98,8 @@ class SelectConfig:
         O.validate(self)
         if self.k is None and self.budget_tokens is None:
             raise O.ConfigError("give k (how many samples) or budget_tokens (how many response tokens)", "k")
+        if self.layerwise and (self.proj_dim == 0 or self.keep):
+            raise O.ConfigError("layerwise needs a sketch (proj_dim > 0) and no coordinate subset (keep)", "layerwise")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -153,7 +153,8 @@ def _select(model, pool, targets, config: SelectConfig, update, store_dir: Path,
         b = layer_mask(b, config.first_layer)
     projector = Projector("none" if config.proj_dim == 0 else config.proj_kind, config.proj_dim, seed=config.seed)
     gcfg = GradientConfig(params=config.params, keep=config.keep, normalize=config.normalize,
-                          microbatch=config.microbatch, seed=config.seed, first_layer=config.first_layer)
+                          microbatch=config.microbatch, seed=config.seed, first_layer=config.first_layer,
+                          layerwise=config.layerwise)
     # first_layer enters the store keys only when set: stores of every layer keep their names
     layers_key = {"first_layer": config.first_layer} if config.first_layer else {}
     model_fp, pool_fp = model_fingerprint(model), D.examples_fingerprint(pool)

@@ -57,6 +57,7 @@ class RunConfig:
     proj_kind: str = _select("proj_kind")
     params: str | None = _select("params")
     first_layer: int = _select("first_layer")
+    layerwise: bool = _select("layerwise")
     normalize: bool = _select("normalize")
     microbatch: int | None = _select("microbatch")
     embed_blocks: int = like(EmbedConfig, "num_blocks")

@@ -86,7 +86,7 @@ def test_run_config_selection_keys_are_select_config_fields():
     run = RunConfig(pool="p.jsonl", target="t.jsonl", k=5)
     assert run.select_config(5) == SelectConfig(k=5)
     shared = [f for f in dataclasses.fields(RunConfig) if "same_as" in f.metadata]
-    assert len(shared) == 23
+    assert len(shared) == 24
     for f in shared:
         cls, name = f.metadata["same_as"]
         src = next(g for g in dataclasses.fields(cls) if g.name == name)

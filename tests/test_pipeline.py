@@ -64,6 +64,15 @@ def test_exact_first_order_scores_equal_torch_cosines(tiny_hf, tmp_path):
     lean = select_samples(model, pool, targets, dataclasses.replace(cfg, remat=True), store_dir=tmp_path / "remat")
     np.testing.assert_allclose(lean.scores, ref, atol=1e-4)
     assert not getattr(model, "remat", False)
+    # sketched, the gradients layer by layer (--layerwise): the whole gradients' sketched scores and rows
+    sketched = dataclasses.replace(cfg, proj_dim=64)
+    whole = select_samples(model, pool, targets, sketched, store_dir=tmp_path / "sketched")
+    layered = select_samples(model, pool, targets, dataclasses.replace(sketched, layerwise=True),
+                             store_dir=tmp_path / "layerwise")
+    np.testing.assert_allclose(layered.scores, whole.scores, atol=1e-5)
+    np.testing.assert_array_equal(layered.rows, whole.rows)
+    with pytest.raises(ValueError, match="layerwise needs a sketch"):
+        dataclasses.replace(cfg, layerwise=True)
 
 
 @pytest.mark.parametrize("damage", ["nan", "flip"])
