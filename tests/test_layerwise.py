@@ -28,8 +28,7 @@ def unflat(vec, like):
 
 
 @pytest.mark.parametrize("kind", ["srht", "rademacher", "gaussian"])
-@pytest.mark.parametrize("block_size, dim", [(16, 8), (32, 300), (64, 40)])
-@pytest.mark.parametrize("step_blocks", [None, 2])
+@pytest.mark.parametrize("block_size, dim, step_blocks", [(16, 8, None), (32, 300, 2), (64, 40, 2), (16, 40, 1)])
 def test_a_sketch_in_parts_adds_up_to_the_whole_sketch(kind, block_size, dim, step_blocks, monkeypatch):
     """Layer slices of stacked leaves (sizes that straddle blocks, fill them exactly, or are shorter than
     one) plus the whole leaves, sketched apart (layer as a traced int; a slice's blocks transformed all at
