@@ -23,6 +23,7 @@ from idjax.models.modeling import CausalLM, KVCache, abstract_model
 from idjax.models.tokenizer import gguf_tokenizer
 from idjax.models.params import (
     CheckpointError,
+    gather_params,
     gguf_config,
     iter_hf_tensors,
     model_from_hf_tensors,
@@ -217,11 +218,10 @@ def save(model: CausalLM, path: str | os.PathLike, tokenizer=None, *, dtype=None
     import numpy as np
 
     p = Path(path)
-    primary = jax.process_index() == 0
-    tensors = {name: value for name, value in iter_hf_tensors(model, dtype=None if dtype is None else
-                                                              np.dtype(_dtype(dtype))) if primary}
-    if not primary:
+    if jax.process_index() != 0:  # it takes part in the gathers only
+        gather_params(model)
         return p
+    tensors = dict(iter_hf_tensors(model, dtype=None if dtype is None else np.dtype(_dtype(dtype))))
     p.mkdir(parents=True, exist_ok=True)
     hf = model.config.to_hf()
     hf["dtype"] = str(next(iter(tensors.values())).dtype)

@@ -167,6 +167,16 @@ def host_array(value) -> np.ndarray:
     return np.asarray(value)
 
 
+def gather_params(model: CausalLM) -> None:
+    """What a process that does not write calls instead of iter_hf_tensors: the same gathers of the arrays
+    that span processes, in the same order (each is a collective), and none of the host copies, casts and
+    transposes of the HF layout."""
+    for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        value = var.get_value()
+        if isinstance(value, jax.Array) and not value.is_fully_addressable:
+            host_array(value)
+
+
 def iter_hf_tensors(model: CausalLM, *, dtype=None):
     """(HF name, array) of every parameter in HF layout, one stacked leaf gathered at a time (host_array:
     with several processes every process iterates, and each may drop what it does not write)."""
