@@ -37,12 +37,10 @@ def coordinator_of(args) -> tuple[str, int, str] | None:
         return value if value is not None else os.environ.get(variable)
 
     address, index = option("coordinator", "IDJAX_COORDINATOR"), option("process_id", "IDJAX_PROCESS_ID")
-    if not address or address == "auto" or ":" not in address or not str(index or "0").isdigit() \
-            or not int(index or 0):
-        return None
-    host, _, port = address.rpartition(":")
-    count = option("num_processes", "IDJAX_NUM_PROCESSES")
-    return (host, int(port), f"process {int(index)} of {count}") if port.isdigit() else None
+    host, _, port = (address or "").rpartition(":")
+    if not host or not port.isdigit() or not str(index or 0).isdigit() or int(index or 0) == 0:
+        return None  # one process, process 0 itself, "auto" (no address known here), or a bad value (main reports it)
+    return host, int(port), f"process {int(index)} of {option('num_processes', 'IDJAX_NUM_PROCESSES')}"
 
 
 def reachable(host: str, port: int, timeout_s: float = 3.0) -> bool:

@@ -461,6 +461,24 @@ def test_a_model_sharded_over_two_processes_saves_whole(tmp_path):
         np.testing.assert_array_equal(after[name], value, err_msg=name)
 
 
+def test_which_processes_run_under_a_parent(monkeypatch):
+    from argparse import Namespace
+
+    from idjax import supervise
+
+    def of(coordinator, process_id, num_processes=2):
+        return supervise.coordinator_of(Namespace(coordinator=coordinator, process_id=process_id,
+                                                  num_processes=num_processes))
+
+    assert of("10.0.0.1:1234", 1) == ("10.0.0.1", 1234, "process 1 of 2")
+    assert of("10.0.0.1:1234", 0) is None and of(None, None) is None and of("auto", 3) is None
+    monkeypatch.setenv("IDJAX_COORDINATOR", "h:99")
+    monkeypatch.setenv("IDJAX_PROCESS_ID", "2")
+    assert of(None, None, 4) == ("h", 99, "process 2 of 4")
+    monkeypatch.setenv(supervise.ENV, "1")  # the supervised child itself
+    assert of("10.0.0.1:1234", 1) is None
+
+
 def test_when_process_0_dies_the_other_ends_with_one_line(cli_model, tmp_path):
     """Process 0 hosts the coordination service; killing it makes jaxlib abort process 1's work (a fatal
     log, SIGABRT). The CLI's parent process (idjax.supervise) turns that into one line and exit code 1,
