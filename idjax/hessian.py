@@ -22,6 +22,7 @@ from idjax.grads import (
     LOSS_CHUNK_BYTES, GradientConfig, batch_arrays, local_microbatch, map_in_steps, sample_losses, single_sample_loss,
     split_params,
 )
+from idjax.losses import at_positions
 from idjax.models.modeling import head_logits
 from idjax.sketch import Projector, global_norm_sq
 
@@ -132,9 +133,8 @@ def gauss_newton_vp(model, targets, vectors, *, params=None, chunk_bytes: int = 
             count = tok.sum(-1, keepdims=True)
             b, full, dim = hidden.shape
             if positions is not None:  # the lm-head at the loss positions only (weight 0 at the -1 padding)
-                at = jnp.maximum(positions, 0)
-                hidden, d_hidden = (jnp.take_along_axis(x, at[..., None], axis=1) for x in (hidden, d_hidden))
-                picked = (positions >= 0) & jnp.take_along_axis(tok, at, axis=1)
+                picked, hidden, d_hidden = at_positions(positions, labels[:, 1:], hidden, d_hidden)
+                picked = picked != IGNORE_INDEX
                 # positions that miss a loss token make the product NaN, never quietly smaller
                 tok = jnp.where(picked.sum(-1, keepdims=True) == count, picked, jnp.nan)
             weight = tok / jnp.maximum(count, 1) * real[:, None] / targets.total
@@ -168,6 +168,7 @@ def gauss_newton_vp(model, targets, vectors, *, params=None, chunk_bytes: int = 
                 cot_hidden = chunks.swapaxes(0, 1).reshape(b, steps * per_chunk, dim)[:, :length]
                 cot_matrix = acc.astype(matrix.dtype)
             if positions is not None:  # back to every position (the padding's cotangent is 0)
+                at = jnp.maximum(positions, 0)
                 cot_hidden = jnp.zeros((b, full, dim), cot_hidden.dtype).at[jnp.arange(b)[:, None], at].add(cot_hidden)
             cots = (cot_hidden, cot_matrix) if head_selected else (cot_hidden,)
             (back,) = jax.linear_transpose(lin, selected)(cots)

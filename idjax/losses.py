@@ -53,6 +53,15 @@ def mean_response_loss(logits, labels):
 LOSS_CHUNK_BYTES = 1 << 28
 
 
+def at_positions(positions, targets, *arrays):
+    """(targets [B, T] at the loss positions [B, R], -100 at their -1 padding; then each of `arrays`
+    [B, T, ...] there): the rows the lm-head reads where batches carry loss positions (hidden_loss_sums,
+    hessian.gauss_newton_vp)."""
+    at = jnp.maximum(positions, 0)
+    picked = jnp.where(positions >= 0, jnp.take_along_axis(targets, at, axis=1), IGNORE_INDEX)
+    return (picked, *(jnp.take_along_axis(x, at.reshape(*at.shape, *(1,) * (x.ndim - 2)), axis=1) for x in arrays))
+
+
 def hidden_loss_sums(model, hidden, labels, *, chunk_bytes: int = LOSS_CHUNK_BYTES, positions=None):
     """response_loss_sums from the final hidden states [B, L, D]: (sum_t loss_t, n) per row, float32 [B].
 
@@ -68,9 +77,7 @@ def hidden_loss_sums(model, hidden, labels, *, chunk_bytes: int = LOSS_CHUNK_BYT
     h, targets = hidden[:, :-1], labels[:, 1:]
     if positions is not None:
         every = jnp.sum(targets != IGNORE_INDEX, axis=-1)
-        at = jnp.maximum(positions, 0)
-        h = jnp.take_along_axis(h, at[..., None], axis=1)
-        targets = jnp.where(positions >= 0, jnp.take_along_axis(targets, at, axis=1), IGNORE_INDEX)
+        targets, h = at_positions(positions, targets, h)
         total, count = _head_loss_sums(model, h, targets, chunk_bytes)
         return jnp.where(count == every, total, jnp.nan), count
     return _head_loss_sums(model, h, targets, chunk_bytes)
