@@ -93,7 +93,8 @@ def hvp(loss, params, vectors):
     return jax.vmap(lambda v: jax.jvp(grad, (params,), (v,))[1])(vectors)
 
 
-def gauss_newton_vp(model, targets, vectors, *, params=None, chunk_bytes: int = LOSS_CHUNK_BYTES):
+def gauss_newton_vp(model, targets, vectors, *, params=None, chunk_bytes: int = LOSS_CHUNK_BYTES,
+                    gradient_minus=None):
     """Gauss-Newton products G v = sum_j w_j J_j^T H_out J_j v of L_T (always PSD), for a stack of vectors.
 
     J_j is the Jacobian of the logits of trained token j and H_out = diag(p) - p p^T the softmax
@@ -104,6 +105,10 @@ def gauss_newton_vp(model, targets, vectors, *, params=None, chunk_bytes: int = 
     and H_out u are formed per chunk of positions where [B, L, V] float32 would exceed chunk_bytes (as
     in the chunked loss, grads.hidden_loss_sums), so no full-vocabulary array of the whole batch exists,
     and, where the targets carry loss positions (TargetArrays), at those positions only.
+
+    gradient_minus=eta (a float, may be traced): g_T - eta G v instead, with g_T = sum_j w_j J_j^T (p_j - e_j)
+    the gradient of L_T. Both come from the same linearisation and one transpose of it: target_direction's
+    g_T - eta H_T b for what G b alone costs (0.77 of the gradient and the product in one program, SmolLM2).
     """
     graphdef, selected, rest = split_params(model, params)
     targets = as_targets(targets)
@@ -129,30 +134,35 @@ def gauss_newton_vp(model, targets, vectors, *, params=None, chunk_bytes: int = 
             tangent = lin(v)
             hidden, d_hidden = primal[0], tangent[0]
             matrix, d_matrix = (primal[1], tangent[1]) if head_selected else (fixed_matrix, None)
-            tok = labels[:, 1:] != IGNORE_INDEX
+            nexts = labels[:, 1:]
+            tok = nexts != IGNORE_INDEX
             count = tok.sum(-1, keepdims=True)
             b, full, dim = hidden.shape
             if positions is not None:  # the lm-head at the loss positions only (weight 0 at the -1 padding)
-                picked, hidden, d_hidden = at_positions(positions, labels[:, 1:], hidden, d_hidden)
-                picked = picked != IGNORE_INDEX
+                nexts, hidden, d_hidden = at_positions(positions, nexts, hidden, d_hidden)
+                picked = nexts != IGNORE_INDEX
                 # positions that miss a loss token make the product NaN, never quietly smaller
                 tok = jnp.where(picked.sum(-1, keepdims=True) == count, picked, jnp.nan)
             weight = tok / jnp.maximum(count, 1) * real[:, None] / targets.total
             length = hidden.shape[1]
 
-            def piece(h, dh, w):
-                """(cotangent of h, of the head matrix) of sum_j w_j <H_out u_j, logits_j> for one chunk."""
+            def piece(h, dh, w, nxt):
+                """(cotangent of h, of the head matrix) of sum_j w_j <H_out u_j, logits_j> for one chunk
+                (with gradient_minus: of sum_j w_j <(p_j - e_j) - eta H_out u_j, logits_j>)."""
                 logits, head_vjp = jax.vjp(lambda x, mat: head_logits(x, mat, tied), h, matrix)
                 u = head_logits(dh, matrix, tied)
                 if d_matrix is not None:
                     u = u + head_logits(h, d_matrix, tied)
                 prob = jax.nn.softmax(logits, axis=-1)
                 hu = prob * u - prob * jnp.sum(prob * u, axis=-1, keepdims=True)
+                if gradient_minus is not None:  # d(cross-entropy)/d(logits) = p - e_next, weight 0 off the loss
+                    onehot = jax.nn.one_hot(jnp.maximum(nxt, 0), logits.shape[-1], dtype=prob.dtype)
+                    hu = prob - onehot - gradient_minus * hu
                 return head_vjp(hu * w[..., None])
 
             per_chunk = max(1, chunk_bytes // (4 * b * config.vocab_size))
             if per_chunk >= length:
-                cot_hidden, cot_matrix = piece(hidden, d_hidden, weight)
+                cot_hidden, cot_matrix = piece(hidden, d_hidden, weight, nexts)
             else:
                 steps = -(-length // per_chunk)
                 pad = steps * per_chunk - length
@@ -164,7 +174,7 @@ def gauss_newton_vp(model, targets, vectors, *, params=None, chunk_bytes: int = 
                     return acc + cm.astype(jnp.float32), ch
 
                 acc, chunks = jax.lax.scan(body, jnp.zeros(matrix.shape, jnp.float32),
-                                           (split(hidden), split(d_hidden), split(weight)))
+                                           (split(hidden), split(d_hidden), split(weight), split(nexts)))
                 cot_hidden = chunks.swapaxes(0, 1).reshape(b, steps * per_chunk, dim)[:, :length]
                 cot_matrix = acc.astype(matrix.dtype)
             if positions is not None:  # back to every position (the padding's cotangent is 0)
@@ -288,27 +298,44 @@ def _gradient_jit(graphdef, selected, rest, targets):
     return target_gradient((graphdef, rest), targets, params=selected)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _shift_product_jit(graphdef, hessian, selected, rest, targets, shift):
-    vectors = jax.tree.map(lambda x: x[None], shift)
-    return hessian_products((graphdef, rest), targets, vectors, params=selected, kind=hessian)
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _direction_jit(graphdef, hessian, with_offset, selected, rest, targets, shift, eta):
+    """(g_T - eta H_T shift, eta H_T shift or None) in as few passes as the kind allows: exact, one
+    forward-over-reverse pass (the jvp of the gradient, whose primal is g_T); Gauss-Newton without the
+    offset, one linearisation (gauss_newton_vp(gradient_minus=)); with it, a gradient and a product."""
+    shift = jax.tree.map(lambda v, p: v.astype(p.dtype), shift, selected)
+    if hessian == "exact":
+        loss = functools.partial(_mean_target_loss, graphdef, rest, targets)
+        g, hb = jax.jvp(jax.grad(loss), (selected,), (shift,))
+    elif not with_offset:
+        v = gauss_newton_vp((graphdef, rest), targets, jax.tree.map(lambda x: x[None], shift), params=selected,
+                            gradient_minus=eta)
+        return jax.tree.map(lambda x: x[0], v), None
+    else:
+        g = target_gradient((graphdef, rest), targets, params=selected)
+        hb = jax.tree.map(lambda x: x[0], gauss_newton_vp((graphdef, rest), targets,
+                                                          jax.tree.map(lambda x: x[None], shift), params=selected))
+    offset = jax.tree.map(lambda x: eta * x, hb)
+    return jax.tree.map(jnp.subtract, g, offset), offset
 
 
 def target_direction(model, batches, pattern: str | None = None, *, shift=None, eta: float = 1.0,
-                     hessian: str = "exact"):
+                     hessian: str = "exact", offset: bool = True):
     """(v, offset): v = g_T - eta * H_T shift over the selected params, offset = eta * H_T shift (or None).
 
     docs/method.md 3: p = G D_a (g_T - eta H_T b). `shift` is the update model's b restricted to the
     selection (None for GD). `offset` is what per-target-sample columns subtract from their own
-    gradient (the mean-target Hessian stands in for each sample's own). `batches`: data.Batch-es.
+    gradient (the mean-target Hessian stands in for each sample's own); offset=False: not needed (the
+    mean-gradient scores), None comes back, and with Gauss-Newton v costs one product, no gradient pass.
+    `batches`: data.Batch-es.
     """
+    if hessian not in HESSIANS:
+        raise ValueError(f"hessian must be one of {HESSIANS}, got {hessian!r}")
     graphdef, selected, rest = split_params(model, pattern)
     # Weights and data go in as arguments (closed over, they would be constants that XLA folds, and
     # every new target set would compile again): one compilation per model structure and batch shapes.
     targets = target_arrays(batches)
-    g = _gradient_jit(graphdef, selected, rest, targets)
     if shift is None:
-        return g, None
-    hb = _shift_product_jit(graphdef, hessian, selected, rest, targets, shift)
-    offset = jax.tree.map(lambda x: eta * x[0], hb)
-    return jax.tree.map(jnp.subtract, g, offset), offset
+        return _gradient_jit(graphdef, selected, rest, targets), None
+    v, off = _direction_jit(graphdef, hessian, offset, selected, rest, targets, shift, jnp.float32(eta))
+    return v, off

@@ -222,7 +222,7 @@ def _select(model, pool, targets, config: SelectConfig, update, store_dir: Path,
             cached = load_targets(tpath, tfp)
             if cached is None:
                 v, offset = target_direction(model, target_batches, config.params, shift=b, eta=eta,
-                                             hessian=config.hessian)
+                                             hessian=config.hessian, offset=want_columns)
                 v = layer_mask(v, config.first_layer)
                 v_sel = v if grads.mask is None else grads.mask.apply(v)
                 v_norm = float(jnp.sqrt(global_norm_sq(v_sel)))

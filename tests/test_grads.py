@@ -245,8 +245,10 @@ def test_gauss_newton_equals_dense_jacobian_product(model, target, tied, pattern
     formed 4 positions at a time (chunk_bytes), where the head's own tangent and cotangent count, and at
     the loss positions of length-sorted batches only."""
     *_, batches = target
+    exs = examples(5, np.random.default_rng(3), lengths=(6, 12))  # the fixture's samples
     if positions:
-        batches = data.sorted_batches(examples(5, np.random.default_rng(6), lengths=(30, 40)), 2, pad_id=0)
+        exs = examples(5, np.random.default_rng(6), lengths=(30, 40))
+        batches = data.sorted_batches(exs, 2, pad_id=0)
         assert all(b.loss_positions is not None and b.loss_positions.shape[1] < b.bucket - 1 for b in batches)
     if not tied:
         model = CausalLM(dataclasses.replace(CFG, tie_word_embeddings=False), rngs=nnx.Rngs(3))
@@ -278,6 +280,12 @@ def test_gauss_newton_equals_dense_jacobian_product(model, target, tied, pattern
     np.testing.assert_allclose(got, ref, atol=1e-6, rtol=1e-3)
     # PSD: v^T G v >= 0
     assert np.all(np.sum(np.asarray(got) * np.asarray(vecs), axis=1) >= -1e-7)
+    # gradient_minus=eta: g_T - eta G v from the same linearisation; g_T the mean of a loop's jax.grad
+    eta = 0.3
+    direction = jax.jit(lambda s, r, t, vs, e: gauss_newton_vp((graphdef, r), t, vs, params=s, gradient_minus=e, **kw))
+    got = jax.vmap(_flat)(direction(sel, rest, targets, jax.vmap(lambda v: _unflat(v, sel))(vecs), eta))
+    g_mean = np.mean([loop_grad(model, ex, pattern) for ex in exs], axis=0)
+    np.testing.assert_allclose(got, g_mean[None] - eta * ref, atol=1e-6, rtol=1e-3)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -327,6 +335,13 @@ def test_target_direction_is_the_mean_gradient_and_compiles_once_per_shape(model
 
     fd = (grad_at(1.0) - grad_at(-1.0)) / (2 * eps)
     assert float(jnp.linalg.norm(_flat(offset) - eta * fd) / jnp.linalg.norm(eta * fd)) < 1e-2
+    # Gauss-Newton: with the offset (a gradient and a product) and without it (one linearisation), one v
+    v_gn, offset_gn = target_direction(model, batches, pattern, shift=shift, eta=eta, hessian="gauss-newton")
+    np.testing.assert_allclose(_flat(v_gn) + _flat(offset_gn), g_mean, rtol=1e-4, atol=1e-6)
+    v_alone, none = target_direction(model, batches, pattern, shift=shift, eta=eta, hessian="gauss-newton",
+                                     offset=False)
+    assert none is None
+    np.testing.assert_allclose(_flat(v_alone), _flat(v_gn), rtol=1e-4, atol=1e-6)
     # Another target set with the same batch shapes: new values, no new compilation.
     other = data.make_batches(examples(5, np.random.default_rng(9), lengths=(6, 12)), 2, (16,), pad_id=0)
     assert [b.input_ids.shape for b in other] == [b.input_ids.shape for b in batches]

@@ -82,6 +82,34 @@ def test_logits_match_transformers(variant, side, tmp_path):
     np.testing.assert_allclose(ours[real], ref[real], atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("variant", ["llama-tied-llama3rope-bias", "qwen3"])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_last_layer_at_query_positions_matches_transformers(variant, side, tmp_path):
+    """hidden_states(queries=): the last layer's queries and MLP at a few positions per row only."""
+    hf, path = make_hf(variant, tmp_path)
+    model, _ = M.load(path, tokenizer=False)
+    ids, mask = padded_batch(np.random.default_rng(3), [7, 12, 3], 12, side, TINY["vocab_size"])
+    ref = hf_logits(hf, ids, mask)
+    first = np.argmax(mask, axis=1)
+    queries = np.stack([first, first + 2, np.full(3, 11)], axis=1)  # position 11: padding in some rows
+    for remat in (False, True):
+        model.remat = remat
+        hidden, _ = model.hidden_states(jnp.asarray(ids), jnp.asarray(mask), queries=jnp.asarray(queries))
+        assert hidden.shape == (3, 3, TINY["hidden_size"])
+        ours = np.asarray(model.logits(hidden))
+        want = np.take_along_axis(ref, queries[..., None], axis=1)
+        real = np.take_along_axis(mask, queries, axis=1).astype(bool)
+        np.testing.assert_allclose(ours[real], want[real], atol=1e-4, rtol=0)
+    model.remat = False
+    short, _ = model.hidden_states(jnp.asarray(ids), jnp.asarray(mask), num_blocks=1, queries=jnp.asarray(queries))
+    whole, _ = model.hidden_states(jnp.asarray(ids), jnp.asarray(mask), num_blocks=1)
+    np.testing.assert_allclose(np.asarray(short), np.take_along_axis(np.asarray(whole), queries[..., None], 1),
+                               atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="cache"):
+        model.hidden_states(jnp.asarray(ids), jnp.asarray(mask), queries=jnp.asarray(queries),
+                            cache=M.KVCache.empty(model.config, 3, 16, jnp.float32))
+
+
 def test_padding_does_not_change_real_tokens(tmp_path):
     _, path = make_hf("qwen3", tmp_path)
     model, _ = M.load(path, tokenizer=False)

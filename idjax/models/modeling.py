@@ -88,29 +88,37 @@ class Attention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
         self.qk_norm = c.qk_norm
 
-    def __call__(self, x, positions, inv_freq, key_mask, cache: LayerCache | None, index):
+    def __call__(self, x, positions, inv_freq, key_mask, cache: LayerCache | None, index, queries=None):
+        """Attention output [B, L, D] and the updated cache. queries [B, P] (indices into L): the queries, and
+        so the output [B, P, D], at those positions only; the keys and values still at every one."""
         b, l, _ = x.shape
-        q = self.q_proj(x).reshape(b, l, self.num_heads, self.head_dim)
+        positions = jnp.broadcast_to(positions, (b, l))
+        xq, query_positions, query_slots = x, positions, index + jnp.arange(l)[None]
+        if queries is not None:
+            xq = jnp.take_along_axis(x, queries[..., None], axis=1)
+            query_positions = jnp.take_along_axis(positions, queries, axis=1)
+            query_slots = index + queries
+        p = xq.shape[1]
+        q = self.q_proj(xq).reshape(b, p, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, l, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(b, l, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        q, k = apply_rope(q, query_positions, inv_freq), apply_rope(k, positions, inv_freq)
         if cache is not None:
             k = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (0, index, 0, 0))
             v = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (0, index, 0, 0))
             cache = LayerCache(k, v)
         # Grouped-query attention: queries grouped per key/value head, scores in float32.
         groups = self.num_heads // self.num_kv_heads
-        qg = q.reshape(b, l, self.num_kv_heads, groups, self.head_dim)
+        qg = q.reshape(b, p, self.num_kv_heads, groups, self.head_dim)
         scores = jnp.einsum("blkgd,bskd->bkgls", qg, k, preferred_element_type=jnp.float32)
         scores = scores / np.sqrt(self.head_dim).astype(np.float32)
-        query_slot = index + jnp.arange(l)
-        causal = jnp.arange(k.shape[1])[None, :] <= query_slot[:, None]  # [L, S]
-        mask = causal[None, None, None] & key_mask[:, None, None, None, :]
+        causal = jnp.arange(k.shape[1]) <= query_slots[..., None]  # [B or 1, P, S]
+        mask = causal[:, None, None] & key_mask[:, None, None, None, :]
         scores = jnp.where(mask, scores, _NEG_INF)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgls,bskd->blkgd", probs, v).reshape(b, l, -1)
+        out = jnp.einsum("bkgls,bskd->blkgd", probs, v).reshape(b, p, -1)
         return self.o_proj(out), cache
 
 
@@ -137,8 +145,11 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
         self.mlp = MLP(config, **kw)
 
-    def __call__(self, x, positions, inv_freq, key_mask, cache, index):
-        h, cache = self.self_attn(self.input_layernorm(x), positions, inv_freq, key_mask, cache, index)
+    def __call__(self, x, positions, inv_freq, key_mask, cache, index, queries=None):
+        """x after this layer [B, L, D], or [B, P, D] at the positions `queries` [B, P] (Attention)."""
+        h, cache = self.self_attn(self.input_layernorm(x), positions, inv_freq, key_mask, cache, index, queries)
+        if queries is not None:
+            x = jnp.take_along_axis(x, queries[..., None], axis=1)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), cache
 
@@ -173,7 +184,7 @@ class CausalLM(nnx.Module):
         self.remat = False  # recompute each layer in the backward pass (saves activation memory)
 
     def hidden_states(self, input_ids, attention_mask=None, *, positions=None, num_blocks=None,
-                      cache: KVCache | None = None, residual=None, final_norm: bool = True):
+                      cache: KVCache | None = None, residual=None, final_norm: bool = True, queries=None):
         """Final-normed hidden states after the first `num_blocks` layers (all by default).
 
         Positions default to cumsum(attention_mask) - 1, so left and right padding give the same
@@ -183,7 +194,12 @@ class CausalLM(nnx.Module):
         model's layers continue it (a model holding only the upper layers' state finishes what
         final_norm=False, num_blocks=s computed: grads.per_example_gradients with first_layer=s).
         final_norm=False: the raw residual stream, without the final norm.
+        queries: [B, P] indices into L: hidden states [B, P, D] at those positions only. The last layer
+        computes its queries, attention output and MLP there (its keys and values everywhere), so a caller
+        that reads one position per row (the last token's features) pays a fraction of that layer.
         """
+        if queries is not None and cache is not None:
+            raise ValueError("queries= computes the last layer at a few positions; it does not fill a cache")
         b, l = input_ids.shape
         if attention_mask is None:
             attention_mask = jnp.ones((b, l), jnp.int32)
@@ -212,10 +228,19 @@ class CausalLM(nnx.Module):
             h, layer_cache = layer(h, positions, inv_freq, key_mask, layer_cache, index)
             return h, layer_cache
 
+        def last(h, state):  # the last layer at the query positions only
+            return nnx.merge(graphdef, state)(h, positions, inv_freq, key_mask, None, index, queries)[0]
+
         if self.remat:
-            body = jax.checkpoint(body)
+            body, last = jax.checkpoint(body), jax.checkpoint(last)
         layer_caches = None if cache is None else cache.layers
-        x, new_layers = jax.lax.scan(body, x, (layer_state, layer_caches))
+        if queries is None:
+            x, new_layers = jax.lax.scan(body, x, (layer_state, layer_caches))
+        else:
+            below = jax.tree.map(lambda a: a[:-1], layer_state)
+            if jax.tree.leaves(below)[0].shape[0]:
+                x, _ = jax.lax.scan(body, x, (below, None))
+            x = last(x, jax.tree.map(lambda a: a[-1], layer_state))
         new_cache = None
         if cache is not None:
             new_cache = KVCache(new_layers, key_mask, index + l)
