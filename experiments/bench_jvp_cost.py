@@ -2,13 +2,16 @@
 
 A JVP embedding runs the first B decoder blocks once for the primal and, for each of K tangents, a tangent
 pass: every matmul y = W x gets dy = dW x + W dx, two matmuls. Its limit is therefore (1 + 2K) primal
-passes of B blocks, (1 + 2K) * B / layers of the full forward pass that RDS+ features take (no lm-head in
-either). This script times, on the same length-sorted batches in one process:
+passes of B blocks, (1 + 2K) * primal / full of the full forward pass that RDS+ features take (no lm-head in
+either), where primal / full is the ratio of the compiler's FLOP counts: B / layers, less the last block's
+work at every position but the last token's (CausalLM.hidden_states(queries=)). This script times, on the
+same length-sorted batches in one process:
 
 * the full forward pass to the final hidden states (what RDS+ computes);
 * the primal of the truncated model alone (the pooled features, no tangent);
 * JVP embeddings (idjax.embed.jvp_embeddings, the default EmbedConfig otherwise) with K = 1, 2, 4 tangents,
   and with K = 2 over the decoder blocks' parameters only (no tangent on the embedding table);
+* the default JVP embedding as it was before hidden_states(queries=): the last block at every position;
 
 each as its compiled XLA program, with the compiler's own FLOP count (cost_analysis) next to the seconds, so
 that the measured cost can be split into "more FLOPs than the count" and "the same FLOPs run slower".
@@ -38,22 +41,17 @@ def compiled_flops(compiled) -> float | None:
     return float(cost["flops"]) if cost and "flops" in cost else None
 
 
-def time_program(name: str, fn, args_per_batch, repeats: int, scan_trips: int) -> dict:
+def time_program(name: str, fn, args_per_batch, repeats: int, flops: float | None) -> dict:
     """Compile fn for every batch shape, then time `repeats` passes over all batches; median seconds.
-    The decoder blocks run under one lax.scan, whose body the compiler counts once: its FLOPs are
-    multiplied by scan_trips (the blocks the program runs; the embedding lookup and norm are noise)."""
+    flops: the program's FLOPs over all batches (scan_flops / depth_flops), reported next to the time."""
     import jax
 
     jitted = jax.jit(fn)
-    flops, compiled = 0.0, {}
+    compiled = {}
     shape = lambda args: args[-1].shape  # noqa: E731 (the batch's [B, L]; the rest is the same for every batch)
     for args in args_per_batch:
-        key = shape(args)
-        if key not in compiled:
-            compiled[key] = jitted.lower(*args).compile()
-        f = compiled_flops(compiled[key])
-        f = None if f is None else f * scan_trips
-        flops = None if f is None or flops is None else flops + f
+        if shape(args) not in compiled:
+            compiled[shape(args)] = jitted.lower(*args).compile()
     for args in args_per_batch:  # warm: the first run of an executable allocates
         jax.block_until_ready(compiled[shape(args)](*args))
     seconds = []
@@ -66,6 +64,38 @@ def time_program(name: str, fn, args_per_batch, repeats: int, scan_trips: int) -
     print(f"{name}: {out['seconds']:.2f} s, compiler count {flops / 1e9 if flops else float('nan'):.1f} GFLOP",
           flush=True)
     return out
+
+
+def counts(fn, args_per_batch) -> list:
+    """The compiler's FLOP count of fn for each batch (one compilation per batch shape)."""
+    import jax
+
+    jitted, seen = jax.jit(fn), {}
+    for args in args_per_batch:
+        if args[-1].shape not in seen:
+            seen[args[-1].shape] = compiled_flops(jitted.lower(*args).compile())
+    return [seen[args[-1].shape] for args in args_per_batch]
+
+
+def scan_flops(fn, args_per_batch, trips: int) -> float | None:
+    """FLOPs of a program whose layers all run under one lax.scan: the compiler counts a loop's body once,
+    so its count times the trips (the embedding lookup and the norm outside the loop are noise)."""
+    c = counts(fn, args_per_batch)
+    return None if None in c else sum(c) * trips
+
+
+def depth_flops(make, args_per_batch, blocks: int) -> float | None:
+    """FLOPs of a program over the first `blocks` blocks whose last block runs apart from the scan of the
+    others (CausalLM.hidden_states(queries=), the last-token features): c(1) + (blocks - 1) (c(2) - c(1)),
+    from the compiler's counts of the same program at depth 1 (the last block alone) and at depth 2 (one
+    scanned block, counted once, and the last). make(depth) -> (fn, leading args)."""
+    per_depth = {}
+    for depth in (1, 2):
+        fn, lead = make(depth)
+        per_depth[depth] = counts(fn, [(*lead, *x) for x in args_per_batch])
+    if None in per_depth[1] + per_depth[2]:
+        return None
+    return sum(c1 + (blocks - 1) * (c2 - c1) for c1, c2 in zip(per_depth[1], per_depth[2]))
 
 
 def main(argv=None) -> int:
@@ -100,27 +130,22 @@ def main(argv=None) -> int:
           f"SmolLM2-135M, {layers} layers, JVP of the first {blocks}", flush=True)
 
     full_def, full_state = nnx.split(model)
-    short = truncate(model, blocks)
-    short_def, short_state = nnx.split(short)
     inputs = [(jnp.asarray(b.input_ids), jnp.asarray(b.attention_mask)) for b in batches]
 
     def full_forward(state, ids, mask):  # RDS+'s pass: the final hidden states, no lm-head
         hidden, _ = nnx.merge(full_def, state).hidden_states(ids, mask)
         return hidden.astype(jnp.float32).mean(axis=1)
 
-    def primal(state, ids, mask):
-        return pooled_features(nnx.merge(short_def, state), ids, mask, None, cfg.pooling)
+    def primal_program(depth):
+        short_def, short_state = nnx.split(truncate(model, depth))
 
-    results = {"rows": rows, "real_tokens": real_tokens, "layers": layers, "blocks": blocks,
-               "batch_size": args.batch_size, "max_length": args.max_length, "programs": {}}
-    programs = results["programs"]
-    programs["full forward (RDS+)"] = time_program(
-        "full forward (RDS+)", full_forward, [(full_state, *x) for x in inputs], args.repeats, layers)
-    programs["primal, truncated"] = time_program(
-        "primal, truncated", primal, [(short_state, *x) for x in inputs], args.repeats, blocks)
-    programs["primal, truncated"]["passes"] = 1  # the limit, in primal passes
+        def primal(state, ids, mask):
+            return pooled_features(nnx.merge(short_def, state), ids, mask, None, cfg.pooling)
 
-    def jvp_program(params, k):
+        return primal, (short_state,)
+
+    def jvp_program(params, k, depth):
+        short_def, short_state = nnx.split(truncate(model, depth))
         _, selected, _ = split_params((short_def, short_state), params)
         tangents = random_tangents(selected, k, cfg.seed)
 
@@ -128,14 +153,41 @@ def main(argv=None) -> int:
             return jvp_embeddings((short_def, state), ids, mask, None, tangents=tangents, params=params,
                                   pooling=cfg.pooling)
 
-        return embed, tangents
+        return embed, (short_state, tangents)
 
-    variants = [(f"JVP, K = {k}", None, k) for k in (1, 2, 4)] + [("JVP, K = 2, decoder blocks only", "layers", 2)]
-    for name, params, k in variants:
-        fn, tangents = jvp_program(params, k)
-        programs[name] = time_program(name, fn, [(short_state, tangents, *x) for x in inputs], args.repeats,
-                                      blocks)
-        programs[name]["passes"] = 1 + 2 * k
+    results = {"rows": rows, "real_tokens": real_tokens, "layers": layers, "blocks": blocks,
+               "batch_size": args.batch_size, "max_length": args.max_length, "programs": {}}
+    programs = results["programs"]
+    full_args = [(full_state, *x) for x in inputs]
+    programs["full forward (RDS+)"] = time_program(
+        "full forward (RDS+)", full_forward, full_args, args.repeats, scan_flops(full_forward, full_args, layers))
+    variants = [("primal, truncated", primal_program, 1)]
+    variants += [(f"JVP, K = {k}", lambda d, k=k: jvp_program(None, k, d), 1 + 2 * k) for k in (1, 2, 4)]
+    variants += [("JVP, K = 2, decoder blocks only", lambda d: jvp_program("layers", 2, d), 5)]
+    for name, make, passes in variants:
+        fn, lead = make(blocks)
+        programs[name] = time_program(name, fn, [(*lead, *x) for x in inputs], args.repeats,
+                                      depth_flops(make, inputs, blocks))
+        programs[name]["passes"] = passes  # the limit, in primal passes
+
+    # Before hidden_states(queries=): the last block at every position, then the last token's row.
+    short_def, selected, rest = split_params(truncate(model, blocks), None)
+    tangents = random_tangents(selected, cfg.num_tangents, cfg.seed)
+
+    def every_position(selected, tangents, ids, mask):
+        last = jnp.maximum(jnp.sum(mask, axis=-1) - 1, 0)
+
+        def f(p):
+            hidden, _ = nnx.merge(short_def, p, rest).hidden_states(ids, mask)
+            return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+
+        return jax.vmap(lambda v: jax.jvp(f, (selected,), (v,))[1])(tangents)
+
+    name = f"JVP, K = {cfg.num_tangents}, last block at every position (before)"
+    full_positions = [(selected, tangents, *x) for x in inputs]
+    programs[name] = time_program(name, every_position, full_positions, args.repeats,
+                                  scan_flops(every_position, full_positions, blocks))
+    programs[name]["passes"] = 1 + 2 * cfg.num_tangents
 
     # The same rows through the shells the selection uses: what the pipeline's stages cost, host included.
     from idjax.baselines import sample_features
@@ -167,14 +219,14 @@ def main(argv=None) -> int:
         limit = p.get("passes")
         p["per_primal"] = p["seconds"] / base["seconds"]
         p["per_full"] = p["seconds"] / full["seconds"]
-        p["limit_per_full"] = None if limit is None else limit * blocks / layers
+        p["limit_per_full"] = None if limit is None else limit * base["flops"] / full["flops"]
         p["flops_per_primal"] = None if not (p["flops"] and base["flops"]) else p["flops"] / base["flops"]
         p["gflop_per_s"] = None if not p["flops"] else p["flops"] / p["seconds"] / 1e9
         print(f"| {name} | {p['seconds']:.2f} | {p['per_primal']:.2f} | {fmt(limit, 'd')} | {p['per_full']:.3f} | "
               f"{fmt(p['limit_per_full'], '.3f')} | {fmt(p['flops'] and p['flops'] / 1e9, '.1f')} | "
               f"{fmt(p['flops_per_primal'])} | {fmt(p['gflop_per_s'], '.1f')} |")
     rds, jvp = stages.values()
-    limit = programs[f"JVP, K = {cfg.num_tangents}"]["passes"] * blocks / layers
+    limit = programs[f"JVP, K = {cfg.num_tangents}"]["passes"] * base["flops"] / full["flops"]
     results["stage_ratio"], results["stage_limit"] = jvp / rds, limit
     print(f"\nstages: JVP embeddings / RDS+ features = {jvp / rds:.3f} (limit {limit:.3f})")
     print(f"\nmachine: {jax.devices()[0].platform}, jax {jax.__version__}; numpy {np.__version__}")

@@ -1,7 +1,11 @@
-"""What the gradient-stage benchmarks share: their options, and the bundled pool's first rows tokenized."""
+"""What the benchmarks share: the gradient-stage benchmarks' options, the bundled pool's first rows tokenized,
+and a clock of JAX's compile time per pipeline stage."""
 
 from __future__ import annotations
 
+import collections
+import logging
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,3 +30,44 @@ def load(args):
     records = D.read_records(ROOT / "idjax" / "assets" / "demo" / "pool.jsonl", limit=args.rows)
     examples, _ = D.tokenize(records, tok, max_length=args.max_length, source="pool")
     return model, tok, examples
+
+
+class StageClock(logging.Handler):
+    """Follows pipeline.timed_stage's "stage NAME ..." log lines and charges every JAX tracing /
+    lowering / XLA compile duration to the stage that is running."""
+
+    EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+              "/jax/core/compile/backend_compile_duration")
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.stage = "setup"
+        self.compile = collections.Counter()
+        import jax
+
+        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+        self.logger = logging.getLogger("idjax.passes")  # where pipeline.timed_stage logs
+        self.logger.addHandler(self)
+        self.level = self.logger.level
+        if not self.logger.isEnabledFor(logging.INFO):
+            self.logger.setLevel(logging.INFO)
+
+    def emit(self, record):
+        m = re.match(r"stage (\S+) \.\.\.$", record.getMessage())
+        if m:
+            self.stage = m.group(1)
+
+    def _on_event(self, event, duration, **_):
+        if event in self.EVENTS:
+            self.compile[self.stage] += duration
+
+    def reset(self):
+        self.stage = "setup"
+        self.compile = collections.Counter()
+
+    def close(self):
+        """Stop following the stages (the logger's level as it was); compile events are no longer charged."""
+        self.logger.removeHandler(self)
+        self.logger.setLevel(self.level)
+        self.EVENTS = ()
+        super().close()

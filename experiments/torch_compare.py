@@ -38,7 +38,6 @@ sees a GPU (--torch-device), float32; the shared sketch then copies each gradien
 from __future__ import annotations
 
 import argparse
-import collections
 import datetime
 import logging
 import os
@@ -62,6 +61,7 @@ import jax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from bench_engine import leaf_layout, torch_device, torch_name, torch_synchronizer, write_json  # noqa: E402
+from bench_pool import StageClock  # noqa: E402
 from idjax import data, models, pipeline  # noqa: E402
 from idjax.embed import JVPEmbedder  # noqa: E402
 from idjax.grads import split_params  # noqa: E402
@@ -75,33 +75,6 @@ log = logging.getLogger("torch_compare")
 
 
 # ----------------------------------------------------------------------------- idjax timing
-
-
-class StageClock(logging.Handler):
-    """Follows pipeline.timed_stage's "stage NAME ..." log lines and charges every JAX tracing /
-    lowering / XLA compile duration to the stage that is running."""
-
-    EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
-              "/jax/core/compile/backend_compile_duration")
-
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.stage = "setup"
-        self.compile = collections.Counter()
-        jax.monitoring.register_event_duration_secs_listener(self._on_event)
-
-    def emit(self, record):
-        m = re.match(r"stage (\S+) \.\.\.$", record.getMessage())
-        if m:
-            self.stage = m.group(1)
-
-    def _on_event(self, event, duration, **_):
-        if event in self.EVENTS:
-            self.compile[self.stage] += duration
-
-    def reset(self):
-        self.stage = "setup"
-        self.compile = collections.Counter()
 
 
 def peak_rss_gib() -> float:
@@ -314,7 +287,6 @@ def main(argv=None) -> int:
     for name in ("idjax", "torch_compare"):
         logging.getLogger(name).setLevel(logging.INFO)
     clock = StageClock()
-    logging.getLogger("idjax.passes").addHandler(clock)  # timed_stage logs there
 
     import torch
     import transformers

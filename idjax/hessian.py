@@ -316,7 +316,7 @@ def _direction_jit(graphdef, hessian, with_offset, selected, rest, targets, shif
         hb = jax.tree.map(lambda x: x[0], gauss_newton_vp((graphdef, rest), targets,
                                                           jax.tree.map(lambda x: x[None], shift), params=selected))
     offset = jax.tree.map(lambda x: eta * x, hb)
-    return jax.tree.map(jnp.subtract, g, offset), offset
+    return jax.tree.map(jnp.subtract, g, offset), (offset if with_offset else None)
 
 
 def target_direction(model, batches, pattern: str | None = None, *, shift=None, eta: float = 1.0,
@@ -326,7 +326,8 @@ def target_direction(model, batches, pattern: str | None = None, *, shift=None, 
     docs/method.md 3: p = G D_a (g_T - eta H_T b). `shift` is the update model's b restricted to the
     selection (None for GD). `offset` is what per-target-sample columns subtract from their own
     gradient (the mean-target Hessian stands in for each sample's own); offset=False: not needed (the
-    mean-gradient scores), None comes back, and with Gauss-Newton v costs one product, no gradient pass.
+    mean-gradient scores), None comes back, and with Gauss-Newton v costs one product, no gradient pass
+    (with the exact Hessian g_T and H_T b always come from one pass).
     `batches`: data.Batch-es.
     """
     if hessian not in HESSIANS:
@@ -337,5 +338,4 @@ def target_direction(model, batches, pattern: str | None = None, *, shift=None, 
     targets = target_arrays(batches)
     if shift is None:
         return _gradient_jit(graphdef, selected, rest, targets), None
-    v, off = _direction_jit(graphdef, hessian, offset, selected, rest, targets, shift, jnp.float32(eta))
-    return v, off
+    return _direction_jit(graphdef, hessian, offset, selected, rest, targets, shift, jnp.float32(eta))
