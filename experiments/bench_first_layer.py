@@ -16,25 +16,17 @@ zeroed by the preconditioner (grads.layer_mask): the same rows to float32 roundi
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "experiments"))
-
-import bench_pool  # noqa: E402
+import bench_pool  # the benchmarks' options and rows (and this checkout on sys.path)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    bench_pool.add_arguments(ap)
+    ap = bench_pool.parser(__doc__)
     ap.add_argument("--first-layers", default="0,15,22")
-    ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
     import jax

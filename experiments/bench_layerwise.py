@@ -13,25 +13,16 @@ compiler's memory analysis of one batch's program for each.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "experiments"))
-
-import bench_pool  # noqa: E402
+import bench_pool  # the benchmarks' options and rows (and this checkout on sys.path)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    bench_pool.add_arguments(ap)
-    ap.set_defaults(params="", rows=32, repeats=2)
-    ap.add_argument("--json", default=None)
+    ap = bench_pool.parser(__doc__, params="", rows=32, repeats=2)
     args = ap.parse_args(argv)
 
     import jax

@@ -21,25 +21,18 @@ rounding.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "experiments"))
-
-import bench_pool  # noqa: E402
+import bench_pool  # the benchmarks' options and rows (and this checkout on sys.path)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    bench_pool.add_arguments(ap)
+    ap = bench_pool.parser(__doc__)
     ap.add_argument("--chunk-rows", type=int, default=256, help="rows a resumable pass batches at a time")
     ap.add_argument("--tulu-rows", type=int, default=5000, help="Tulu-format rows for the loss-share table")
-    ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
     import jax
@@ -127,12 +120,11 @@ def loss_shares(tok, batch_size: int, chunk_rows: int, tulu_rows: int) -> dict:
 
     from idjax import data as D
 
-    sys.path.insert(0, str(ROOT / "experiments"))
     from bench_tokenize import write_pool
 
     sets = {}
     for length in (128, 1024):
-        records = D.read_records(ROOT / "idjax" / "assets" / "demo" / "pool.jsonl")
+        records = D.read_records(bench_pool.ROOT / "idjax" / "assets" / "demo" / "pool.jsonl")
         sets[f"bundled pool at {length}"], _ = D.tokenize(records, tok, max_length=length, source="pool")
     with tempfile.TemporaryDirectory() as tmp:
         write_pool(Path(tmp) / "tulu.jsonl", tulu_rows)

@@ -3,12 +3,16 @@ and a clock of JAX's compile time per pipeline stage."""
 
 from __future__ import annotations
 
+import argparse
 import collections
 import logging
 import re
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # idjax from this checkout, installed or not
+    sys.path.insert(0, str(ROOT))
 
 
 def add_arguments(ap) -> None:
@@ -19,6 +23,15 @@ def add_arguments(ap) -> None:
     ap.add_argument("--params", default="down_proj")
     ap.add_argument("--proj-dim", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=3)
+
+
+def parser(doc: str, **defaults) -> argparse.ArgumentParser:
+    """A benchmark's parser: its docstring's first line, add_arguments' options (with `defaults`) and --json."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    add_arguments(ap)
+    ap.set_defaults(**defaults)
+    ap.add_argument("--json", default=None, help="also write the figures to this file")
+    return ap
 
 
 def load(args):

@@ -12,24 +12,17 @@ on the same target batches in one process, interleaved, and checks that they giv
 
 from __future__ import annotations
 
-import argparse
 import functools
+import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "experiments"))
-
-import bench_pool  # noqa: E402
+import bench_pool  # the benchmarks' options and rows (and this checkout on sys.path)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    bench_pool.add_arguments(ap)
-    ap.set_defaults(rows=16, repeats=2)
+    ap = bench_pool.parser(__doc__, rows=16, repeats=2)
     ap.add_argument("--eta", type=float, default=5e-5)
     args = ap.parse_args(argv)
 
@@ -91,6 +84,8 @@ def main(argv=None) -> int:
         print(f"| {name} | {statistics.median(seconds[name]):.2f} | "
               f"{', '.join(f'{s:.2f}' for s in seconds[name])} | {diff:.1e} |")
     print(f"\nmachine: {jax.devices()[0].platform}, jax {jax.__version__}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "seconds": seconds}, indent=1))
     return 0
 
 
