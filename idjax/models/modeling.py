@@ -154,6 +154,12 @@ class DecoderLayer(nnx.Module):
         return x + self.mlp(self.post_attention_layernorm(x)), cache
 
 
+def token_positions(attention_mask):
+    """Each token's position among its row's real tokens, cumsum(mask) - 1 (0 on left padding), so left and
+    right padding give the same positions to real tokens."""
+    return jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
+
+
 class CausalLM(nnx.Module):
     """Decoder-only LM. `model(input_ids, attention_mask)` returns float32 logits [B, L, V].
 
@@ -205,18 +211,16 @@ class CausalLM(nnx.Module):
             attention_mask = jnp.ones((b, l), jnp.int32)
         attention_mask = attention_mask.astype(bool)
         if positions is None:
-            if cache is None:
-                positions = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
-            else:
-                prev = jnp.sum(cache.valid, axis=-1, keepdims=True)
-                positions = prev + jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
+            positions = token_positions(attention_mask)
+            if cache is not None:
+                positions = positions + jnp.sum(cache.valid, axis=-1, keepdims=True)
         if cache is None:
             key_mask, index = attention_mask, jnp.zeros((), jnp.int32)
         else:
             index = cache.index
             key_mask = jax.lax.dynamic_update_slice(cache.valid, attention_mask, (0, index))
         x = self.embed_tokens(input_ids) if residual is None else residual
-        inv_freq = jnp.asarray(rope_inverse_frequencies(self.config.head_dim, self.config.rope), jnp.float32)
+        inv_freq = self.rope_frequencies()
 
         graphdef, layer_state = nnx.split(self.layers)
         if num_blocks is not None:
@@ -253,13 +257,16 @@ class CausalLM(nnx.Module):
         (grads.per_example_gradients(layerwise=True): a backward pass layer by layer)."""
         graphdef = nnx.split(self.layers)[0]
         mask = attention_mask.astype(bool)
-        positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
-        inv_freq = jnp.asarray(rope_inverse_frequencies(self.config.head_dim, self.config.rope), jnp.float32)
+        positions, inv_freq = token_positions(mask), self.rope_frequencies()
 
         def step(x, *states):
             return nnx.merge(graphdef, *states)(x, positions, inv_freq, mask, None, jnp.zeros((), jnp.int32))[0]
 
         return step
+
+    def rope_frequencies(self):
+        """The rotary embedding's inverse frequencies [head_dim / 2], float32 (hidden_states, layer_step)."""
+        return jnp.asarray(rope_inverse_frequencies(self.config.head_dim, self.config.rope), jnp.float32)
 
     def head(self):
         """(matrix, tied) of the lm-head in the compute dtype: the embedding [V, D] when tied, else the
