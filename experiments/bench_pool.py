@@ -61,7 +61,7 @@ class StageClock(logging.Handler):
         jax.monitoring.register_event_duration_secs_listener(self._on_event)
         self.logger = logging.getLogger("idjax.passes")  # where pipeline.timed_stage logs
         self.logger.addHandler(self)
-        self.level = self.logger.level
+        self.logger_level = self.logger.level  # (a Handler's own `level` is its threshold)
         if not self.logger.isEnabledFor(logging.INFO):
             self.logger.setLevel(logging.INFO)
 
@@ -81,6 +81,6 @@ class StageClock(logging.Handler):
     def close(self):
         """Stop following the stages (the logger's level as it was); compile events are no longer charged."""
         self.logger.removeHandler(self)
-        self.logger.setLevel(self.level)
+        self.logger.setLevel(self.logger_level)
         self.EVENTS = ()
         super().close()

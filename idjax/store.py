@@ -112,6 +112,9 @@ class ArrayStore:
         missing = [k for k in ("shape", "dtype", "chunk_rows") if k not in want]
         if path.exists():
             names = [p.name for p in path.iterdir() if not F.TEMP_RE.match(p.name)]
+            if F.MANIFEST in names:  # another process created the store since the check above: open theirs
+                return cls.open(path, shape=shape, dtype=dtype, chunk_rows=chunk_rows, fingerprint=fingerprint,
+                                create=False)
             chunks = [n for n in names if F.CHUNK_RE.match(n)]
             if len(chunks) < len(names) or (chunks and missing):
                 raise StoreError(f"store directory {path} is not empty and has no {F.MANIFEST}: "

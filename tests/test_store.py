@@ -424,6 +424,23 @@ def test_two_writers_fill_disjoint_chunks_of_one_store(tmp_path):
     np.testing.assert_array_equal(store.to_array(), full)
 
 
+def test_open_uses_a_store_another_process_created_between_its_checks(tmp_path, monkeypatch):
+    """The race the two-writer test hits now and then: the manifest appears after open() found none but before
+    it lists the directory; open() must take that store, not refuse a "non-empty directory"."""
+    full = _data((8, 2))
+    real_iterdir, raced = Path.iterdir, []
+
+    def iterdir(self):
+        if self == tmp_path and not raced:
+            raced.append(None)
+            raced[0] = _open(tmp_path, full)  # the other process, inside our open()
+        return real_iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    store = _open(tmp_path, full)
+    assert raced[0] is not None and store.num_chunks == raced[0].num_chunks == 2 and store.missing() == [0, 1]
+
+
 def test_compute_missing_skips_chunks_another_writer_finished(tmp_path):
     full = _data((12, 2))
     mine, theirs = _open(tmp_path, full), _open(tmp_path, full)
