@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import jax
@@ -55,6 +56,21 @@ def open_run_checkpoints(out: Path, resume, keep: int):
         raise CheckpointError(f"{ckpt}: holds checkpoints of an earlier run; resume it (--resume {out}) "
                               "or write to a new --out")
     return manager(ckpt, keep, create=True)
+
+
+def resumable(out: Path) -> Path | None:
+    """`out` when out/checkpoints holds a finished step of an interrupted run to resume from, else None.
+
+    Orbax names a finished step by its number; a save cut short leaves only a temporary directory, and a
+    checkpoints directory holding nothing finished is removed, so that the run starts over instead of
+    failing on it. The one rule of every resumable training stage (the warm-up, `idjax run`'s train)."""
+    ckpt = Path(out) / "checkpoints"
+    if not ckpt.is_dir():
+        return None
+    if any(p.name.isdigit() for p in ckpt.iterdir()):
+        return Path(out)
+    shutil.rmtree(ckpt)
+    return None
 
 
 def _abstract(tree):
@@ -126,5 +142,5 @@ def check_fingerprint(where: Path, saved: dict, current: dict) -> None:
                               "resume with the same model, data and recipe, or start a new --out")
 
 
-__all__ = ["TRAJECTORY_FIELDS", "run_fingerprint", "manager", "open_run_checkpoints", "save_checkpoint",
-           "restore_checkpoint", "check_fingerprint"]
+__all__ = ["TRAJECTORY_FIELDS", "run_fingerprint", "manager", "open_run_checkpoints", "resumable",
+           "save_checkpoint", "restore_checkpoint", "check_fingerprint"]

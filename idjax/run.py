@@ -351,6 +351,7 @@ class _Runner:
 
     def _train(self, d: Path, resume: bool, pool, pad: int) -> dict:
         from idjax import stages, train
+        from idjax.checkpoint import resumable
         from idjax.selection_file import read_selection
 
         c, t = self.config, self.config.train
@@ -360,8 +361,7 @@ class _Runner:
         examples = [dataclasses.replace(by_id[r["id"]], index=j) for j, r in enumerate(rows)]
         config = stages.finetune_config(examples, t, seed=c.seed, batch_size=c.batch_size)
         out = d / "model"
-        resume_from = out if resume and (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()) \
-            else None
+        resume_from = resumable(out) if resume else None
         if resume_from is not None:
             log.info("stage train: resuming the interrupted fine-tuning from %s", out / "checkpoints")
         elif out.exists():

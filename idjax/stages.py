@@ -279,18 +279,15 @@ def warm_up(model, examples: Sequence[D.Example], tokenizer, recipe: WarmupRecip
     import shutil
 
     from idjax import train
-    from idjax.checkpoint import CheckpointError
+    from idjax.checkpoint import CheckpointError, resumable
 
     if not examples:
         raise ValueError("no warm-up sample has a response token: raise the warm-up fraction or max_length")
     config = finetune_config(examples, recipe, seed=seed, batch_size=batch_size)
     ckpt = Path(out_dir) / "checkpoints"
-    resume = None
-    if ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir()):  # a finished step (Orbax names it)
-        resume = out_dir
+    resume = resumable(out_dir)
+    if resume is not None:
         log.info("warm-up: resuming from the checkpoints in %s", ckpt)
-    elif ckpt.is_dir():  # nothing finished to resume from (a save cut short): start over
-        shutil.rmtree(ckpt)
     try:
         result = train.warmup(model, examples, tokenizer, config, out_dir, pool_size=pool_size,
                               fraction=recipe.fraction, resume=resume, final_checkpoint=False, **train_options)

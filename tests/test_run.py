@@ -172,6 +172,27 @@ def test_changing_k_reuses_warmup_and_embeddings(first_run, tmp_path, capsys, ca
                                             "train": "computed", "eval": "computed"}
 
 
+def test_train_cut_short_in_its_first_save_starts_over(first_run, tmp_path, capsys, caplog):
+    """Killed inside the fine-tuning's first checkpoint save: the re-run has nothing finished to resume
+    from, so it trains from the start (the warm-up's rule, checkpoint.resumable) and ends as the first run."""
+    cfg, out0, first = first_run
+    work = tmp_path / "cut"
+    shutil.copytree(cfg.parent, work)
+    conf = yaml.safe_load((work / "run.yaml").read_text())
+    (work / "run.yaml").write_text(yaml.safe_dump({**conf, "out": str(work / "out")}))
+    (work / "out" / "train" / "done.json").unlink()  # started.json stays: the same work, cut short
+    shutil.rmtree(work / "out" / "train" / "model")
+    (work / "out" / "train" / "model" / "checkpoints" / "1.orbax-checkpoint-tmp-7").mkdir(parents=True)
+    with caplog.at_level("INFO", logger="idjax"):
+        rc, stdout, _ = run_cli(capsys, work / "run.yaml")
+    assert rc == 0
+    assert json.loads(stdout)["stages"] == {"data": "cached", "warmup": "cached", "select": "cached",
+                                            "train": "computed", "eval": "computed"}
+    assert "resuming the interrupted fine-tuning" not in caplog.text
+    assert not (work / "out" / "train" / "model" / "checkpoints").exists()
+    assert (work / "out" / "eval" / "eval.json").read_text() == (out0 / "eval" / "eval.json").read_text()
+
+
 @pytest.mark.parametrize("change, message", [
     ({"trian": {"steps": 1}}, "unknown key 'trian' (did you mean 'train'?)"),
     ({"train": {"steps": 1, "lrr": 0.1}}, "unknown key 'train.lrr' (did you mean 'train.lr'?)"),
