@@ -1,16 +1,13 @@
-"""Where XLA's partitioner puts a JVP embedding's activations on an FSDP mesh, and what constraining them to
-be split by rows would change (compile-time memory, issue 18's plans; nothing runs).
+"""Where XLA's partitioner puts a JVP embedding's activations on an FSDP mesh, and what splitting them by rows
+changes (compile-time memory, issues 18 and 19; nothing runs).
 
-idjax's model carries no sharding constraint: on a ("data", "fsdp") mesh the batch comes in split by rows
-and the weights split on their hidden axis, and XLA's SPMD partitioner chooses the rest. For the JVP
-embedding of a 7-8B model at 2048 tokens it keeps the weights where they are and shards the matmuls'
-contraction axis instead, so every device holds the whole batch's float32 activations and all-reduces
-them: the plan's bytes per device grow with the number of devices (1 row per device). This script compiles
-the plan's embedding program (plan.plan's "embed" stage: jvp_embeddings of the first 4 blocks, 2 tangents)
-twice for each setting, once as idjax does today and once with every decoder layer's output constrained to
-be split by rows over the mesh (jax.lax.with_sharding_constraint, under jax.set_mesh; added here by
-wrapping DecoderLayer.__call__, not in the library), and prints the compiler's bytes per device
-(memory.compiled_bytes: arguments + outputs + temporaries - aliased) for both.
+On a ("data", "fsdp") mesh the batch comes in split by rows and the weights split on their hidden axis; left
+to itself, XLA's SPMD partitioner may keep the weights in place and shard the matmuls' contraction axis, so
+every device holds the whole batch's float32 activations and all-reduces them. Under jax.set_mesh the model
+constrains its residual stream to be split by rows (sharding.constrain_rows), and the partitioner all-gathers
+the weights instead. This script compiles the plan's embedding program (jvp_embeddings of the first blocks, 2
+tangents, 1 row per device) both ways (sharding.ROW_LAYOUTS, as JVPEmbedder and `idjax plan` do) and prints
+the compiler's bytes per device (memory.compiled_bytes) for each.
 
     python experiments/bench_rows_constraint.py                      # forces 16 CPU devices
     python experiments/bench_rows_constraint.py --json out.json
@@ -45,26 +42,15 @@ def main(argv=None) -> int:
 
     import jax
     import jax.numpy as jnp
-    from jax.sharding import PartitionSpec as P
 
     from idjax import embed as E
     from idjax import grads as G
     from idjax import memory, models, plan
     from idjax import sharding as shd
-    from idjax.models import modeling
 
-    plain_call = modeling.DecoderLayer.__call__
-
-    def rows_call(self, x, *a, **k):  # the layer's output split by rows over the ambient mesh, if any
-        h, cache = plain_call(self, x, *a, **k)
-        mesh = jax.sharding.get_abstract_mesh()
-        if not mesh.empty and h.shape[0] % mesh.size == 0:
-            h = jax.lax.with_sharding_constraint(h, P(shd.ROWS, *([None] * (h.ndim - 1))))
-        return h, cache
-
-    modeling.DecoderLayer.__call__ = rows_call
     rows = []
-    print("| model | devices | tokens | blocks | as today: GiB per device | activations split by rows | ratio |")
+    print("| model | devices | tokens | blocks | the partitioner's layout: GiB per device | activations split by rows "
+          "| ratio |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, devices, tokens, blocks in SETTINGS:
         config = dataclasses.replace(models.load_config(CONFIGS / f"{name}.json"), num_layers=blocks)
@@ -77,13 +63,9 @@ def main(argv=None) -> int:
         fn = jax.jit(lambda st, t, ids, mask, labels: E.jvp_embeddings((graphdef, st), ids, mask, labels,
                                                                       tangents=t))
         got = {}
-        for way in ("today", "rows"):
+        for way, split in zip(("today", "rows"), (split for _, split in shd.ROW_LAYOUTS)):
             t0 = time.perf_counter()
-            if way == "rows":
-                with jax.set_mesh(mesh):
-                    compiled = fn.lower(state, tangents, batch, batch, batch).compile()
-            else:  # no ambient mesh: the wrapper adds nothing, the program is idjax's
-                compiled = fn.lower(state, tangents, batch, batch, batch).compile()
+            compiled = shd.lower_in_layout(fn, (state, tangents, batch, batch, batch), mesh, split)
             got[way] = memory.compiled_bytes(compiled) / 2**30
             got[f"{way}_compile_s"] = round(time.perf_counter() - t0, 1)
         rows.append({"model": name, "devices": devices, "tokens": tokens, "blocks": blocks, **got})

@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from idjax import data as D
+from idjax import memory
 from idjax import sharding as shd
 from idjax.grads import split_params
 from idjax.models import CausalLM
@@ -130,10 +131,13 @@ class JVPEmbedder:
 
     mesh: a ("data", "fsdp") device mesh (sharding.make_mesh; default sharding.get_mesh(), all
     local devices): each batch is split over the devices (its size must be a multiple of the mesh
-    size), parameters and tangents are replicated or FSDP-sharded (sharding.RULES).
+    size), parameters and tangents are replicated or FSDP-sharded (sharding.RULES). On such a mesh each
+    batch shape's program is planned against device_memory bytes per device (default: what the device
+    says): the partitioner's activation layout if it fits, else the activations split by rows.
     """
 
-    def __init__(self, model: CausalLM, config: EmbedConfig = EmbedConfig(), *, mesh=None):
+    def __init__(self, model: CausalLM, config: EmbedConfig = EmbedConfig(), *, mesh=None,
+                 device_memory: int | None = None):
         self.config = config
         self.mesh = shd.get_mesh() if mesh is None else mesh
         small = truncate(model, min(config.num_blocks, model.config.num_layers))
@@ -151,6 +155,8 @@ class JVPEmbedder:
             self.tangents = shd.shard_params(self.tangents, self.mesh, lead=1)
             self.projection = shd.put_replicated(self.projection, self.mesh)
             self._fn = _embed_jit(self.graphdef, config.pooling, shd.row_sharding(self.mesh, 2))
+            # the budget each batch shape's layout is planned against (device_memory overrides the device's)
+            self.device_memory = memory.device_memory(device_memory, agree=shd.spans_processes(self.mesh))
         else:
             self._fn = _embed_jit(self.graphdef, config.pooling, None)
 
@@ -162,8 +168,16 @@ class JVPEmbedder:
                             jnp.asarray(batch.labels))
         rows = len(batch.input_ids)  # padded to a multiple of the mesh size, the padding cut off again
         put = lambda x: shd.put_rows(shd.pad_rows(x, self.mesh), self.mesh)  # noqa: E731
-        out = self._fn(self.params, self.rest, self.tangents, self.projection, put(batch.input_ids),
-                       put(batch.attention_mask), put(batch.labels))
+        args = (self.params, self.rest, self.tangents, self.projection, put(batch.input_ids),
+                put(batch.attention_mask), put(batch.labels))
+        # The partitioner's activation layout if it fits the device, else the rows split (shd.ROW_LAYOUTS),
+        # chosen by the compiler's memory analysis once per batch shape and kept compiled.
+        key = ("embed", self.graphdef, self.config.pooling, self.mesh, memory.input_key(args))
+        _, compiled = memory.planned(key, shd.ROW_LAYOUTS,
+                                     lambda split: shd.lower_in_layout(self._fn, args, self.mesh, split),
+                                     self.device_memory,
+                                     what=f"JVP embeddings of {args[4].shape[0]} rows of {args[4].shape[1]} tokens")
+        out = compiled(*args)
         return out if out.shape[0] == rows else out[:rows]
 
     def run(self, batches, *, desc: str = "embeddings", progress: bool = True) -> np.ndarray:

@@ -123,6 +123,7 @@ def plan(config, mesh, *, pool: int, max_length: int, device_memory: int, batch_
     from idjax import embed as E
     from idjax import grads as G
     from idjax import hessian as H
+    from idjax import sharding as shd
     from idjax import trainer as TR
     from idjax.optim import OptimizerSpec
     from idjax.sketch import Projector
@@ -165,13 +166,14 @@ def plan(config, mesh, *, pool: int, max_length: int, device_memory: int, batch_
         width = embed_tangents * config.hidden_size
         projection = None if embed_dim >= width else jax.ShapeDtypeStruct((width, embed_dim), jnp.float32)
 
-        def embed(_):
+        def embed(split):  # as JVPEmbedder plans it: the partitioner's layout, else the rows split
             fn = jax.jit(lambda st, t, p, ids, mask, labels: E.jvp_embeddings(
                 (cut_def, st), ids, mask, labels, tangents=t, projection=p))
-            return fn.lower(cut_state, tangents, projection, *batch(rows)).compile()
+            return shd.lower_in_layout(fn, (cut_state, tangents, projection, *batch(rows)), mesh, split)
         embed_flops = (1 + 2 * embed_tangents) * forward_flops(config, max_length, blocks=blocks, lm_head=False)
-        out.append(_first_fit("embed", [(f"{blocks} blocks, {embed_tangents} tangents", None)], embed,
-                              device_memory, lambda _: embed_flops))
+        layouts = [(f"{blocks} blocks, {embed_tangents} tangents" + ("" if i == 0 else f", {name}"), split)
+                   for i, (name, split) in enumerate(shd.ROW_LAYOUTS)]
+        out.append(_first_fit("embed", layouts, embed, device_memory, lambda _: embed_flops))
 
     t_rows = max(n_dev, math.ceil(targets / n_dev) * n_dev)
     if "target" in stages:

@@ -70,6 +70,47 @@ def test_an_8b_plan_fits_with_fsdp8_and_not_with_fsdp1(tmp_path):
     assert res["largest_block_8"] * 8 <= 32 * 4096 * 14336 and res["largest_block_1"] == 32 * 4096 * 14336
 
 
+ROWS_LAYOUT = textwrap.dedent("""
+    import json
+    import jax
+    from idjax import plan, sharding as shd
+    from idjax.models import ModelConfig
+
+    config = ModelConfig(model_type="llama", vocab_size=1024, hidden_size=256, intermediate_size=1024, num_layers=2,
+                         num_heads=4, num_kv_heads=2, head_dim=64, tie_word_embeddings=False)
+    mesh = shd.make_mesh(1, 8, devices=jax.devices())
+    out = {}
+    for budget in (1 << 40, 200 << 20):
+        report = plan.plan(config, mesh, pool=1000, max_length=512, device_memory=budget, batch_size=8,
+                           stages=("embed",), embed_dim=4096)
+        out[budget] = report["stages"][0]
+    print("RESULT " + json.dumps(out))
+""")
+
+
+def test_the_embedding_plan_splits_activations_by_rows_when_the_partitioners_layout_does_not_fit(tmp_path):
+    """On 8 forced CPU devices (FSDP, 1 row of 512 tokens each) the partitioner keeps every row's activations
+    on every device; sharding.constrain_rows under the mesh splits them. The compiler's memory analysis must
+    see the split layout far leaner, and the plan must keep the partitioner's layout while it fits and
+    take the split one when it does not."""
+    script = tmp_path / "rows.py"
+    script.write_text(ROWS_LAYOUT)
+    env = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+           "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, cwd=ROOT,
+                          env=env)
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    assert proc.returncode == 0 and line, proc.stderr[-3000:]
+    roomy, tight = json.loads(line[0][len("RESULT "):]).values()
+    assert roomy["setting"] == "2 blocks, 2 tangents" and len(roomy["tried"]) == 1
+    (first, partitioner), (split, rows) = tight["tried"]
+    assert first == "2 blocks, 2 tangents"
+    assert split == tight["setting"] == "2 blocks, 2 tangents, activations split by rows"
+    # one float32 [8 rows, 512, 1024] MLP activation of the whole batch is 16 MiB: the partitioner's layout
+    # holds several on each device (more than the 200 MiB budget allows), the split one an eighth of the rows
+    assert partitioner > 0.9 * (200 << 20) and rows < partitioner / 3 and tight["fits"], tight
+
+
 def test_plan_command_on_a_small_config(capsys):
     """The CLI end to end on Llama-3.2-1B's config, one device: every stage compiled, a table, a verdict,
     store sizes from the pool size; too little memory gives the verdict that names the stage."""

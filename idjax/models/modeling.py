@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from idjax.models.config import ModelConfig, rope_inverse_frequencies
+from idjax.sharding import constrain_rows
 
 _NEG_INF = -1e30
 
@@ -219,7 +220,8 @@ class CausalLM(nnx.Module):
         else:
             index = cache.index
             key_mask = jax.lax.dynamic_update_slice(cache.valid, attention_mask, (0, index))
-        x = self.embed_tokens(input_ids) if residual is None else residual
+        # under an ambient mesh (jax.set_mesh) the residual stream is split by rows: sharding.constrain_rows
+        x = constrain_rows(self.embed_tokens(input_ids) if residual is None else residual)
         inv_freq = self.rope_frequencies()
 
         graphdef, layer_state = nnx.split(self.layers)
@@ -230,7 +232,7 @@ class CausalLM(nnx.Module):
             state, layer_cache = xs
             layer = nnx.merge(graphdef, state)
             h, layer_cache = layer(h, positions, inv_freq, key_mask, layer_cache, index)
-            return h, layer_cache
+            return constrain_rows(h), layer_cache
 
         def last(h, state):  # the last layer at the query positions only
             return nnx.merge(graphdef, state)(h, positions, inv_freq, key_mask, None, index, queries)[0]
