@@ -197,12 +197,12 @@ def plan(config, mesh, *, pool: int, max_length: int, device_memory: int, batch_
 
     if "train" in stages:
         spec = OptimizerSpec("adamw", 2e-5, clip_norm=1.0)
-        settings = TR.step_settings(rows // n_dev)
+        settings = TR.layout_settings(TR.step_settings(rows // n_dev), n_dev > 1)  # as the Trainer plans it
 
         def step(setting):
-            micro, remat = setting
+            micro, remat, split = setting
             return TR.compile_step(config, spec, mesh, rows=rows, grad_accum=micro, length=max_length, remat=remat,
-                                   compute_dtype=dtype)
+                                   compute_dtype=dtype, split_rows=split)
         out.append(_first_fit("train", settings, step, device_memory,
                               lambda s: (PASSES["train"] + s[1]) * fwd))
 

@@ -131,6 +131,16 @@ def step_settings(rows_per_device: int, grad_accum: int = 1, remats=(False, True
              (grad_accum * s, r)) for s in range(1, per + 1) if per % s == 0 for r in remats]
 
 
+def layout_settings(settings: list, sharded: bool) -> list:
+    """step_settings with the activations' layout (shd.ROW_LAYOUTS): on a mesh of several devices each
+    setting in the partitioner's layout, then with the activations split by rows (a training step of
+    Llama-3.1-8B at 2048 tokens on 16 devices: 20.76 -> 12.99 GiB per device); one device: as given."""
+    if not sharded:
+        return [(name, (*value, False)) for name, value in settings]
+    return [(name if not split else f"{name}, {layout}", (*value, split))
+            for name, value in settings for layout, split in shd.ROW_LAYOUTS]
+
+
 class Trainer:
     """Holds the split model; `step` is a pure function of (state, batch), jitted once per bucket.
 
@@ -282,18 +292,20 @@ class Trainer:
         """(microbatches, compiled step) for batches shaped like `arrays`: the fewest microbatches (a
         multiple of grad_accum), without remat before with it, whose program fits the device memory."""
         rows = arrays[0].shape[0]
-        settings = step_settings(rows // (self.mesh.size if shd.active(self.mesh) else 1), grad_accum,
-                                 self.remat_choices)
+        sharded = shd.active(self.mesh)
+        settings = layout_settings(step_settings(rows // (self.mesh.size if sharded else 1), grad_accum,
+                                                 self.remat_choices), sharded)
 
         def compile_one(setting):
-            micro, remat = setting
-            return self._step.lower(self.compute_graphdefs[remat], self.config.optimizer, self.config.lora, state,
-                                    self.base, self.rest, *self._inputs(arrays, micro, self._real_rows(1))).compile()
+            micro, remat, split = setting
+            args = (self.compute_graphdefs[remat], self.config.optimizer, self.config.lora, state, self.base,
+                    self.rest, *self._inputs(arrays, micro, self._real_rows(1)))
+            return shd.lower_in_layout(self._step, args, self.mesh, split)
 
         key = ("train step", self._step, tuple(self.compute_graphdefs.items()), self.config.optimizer,
                self.config.lora, memory.input_key((state, self.base, self.rest, arrays)), grad_accum)
-        (micro, _), compiled = memory.planned(key, settings, compile_one, self.device_memory,
-                                              what=f"training step on {rows} rows of {arrays[0].shape[1]} tokens")
+        (micro, _, _), compiled = memory.planned(key, settings, compile_one, self.device_memory,
+                                                 what=f"training step on {rows} rows of {arrays[0].shape[1]} tokens")
         return micro, compiled
 
     def lr(self, step: int) -> float:
@@ -301,14 +313,15 @@ class Trainer:
         return float(self.schedule(step))
 
 
-__all__ = ["COMPUTE_DTYPES", "TrainState", "Trainer", "step_settings"]
+__all__ = ["COMPUTE_DTYPES", "TrainState", "Trainer", "step_settings", "layout_settings"]
 
 
 def compile_step(model_config, spec: OptimizerSpec, mesh, *, rows: int, grad_accum: int = 1, length: int,
-                 remat: bool = False, compute_dtype: str = "float32"):
+                 remat: bool = False, compute_dtype: str = "float32", split_rows: bool = False):
     """The training step of full fine-tuning compiled for abstract inputs on `mesh` (idjax plan): float32
     masters and the optimizer state sharded by the FSDP rules, `rows` rows per step in `grad_accum`
-    microbatches of `length` tokens. Nothing is allocated; the result's memory_analysis() is the plan."""
+    microbatches of `length` tokens, the activations split by rows when `split_rows` (layout_settings).
+    Nothing is allocated; the result's memory_analysis() is the plan."""
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     compute = abstract_model(model_config, dtype=COMPUTE_DTYPES[compute_dtype], param_dtype=jnp.float32)
@@ -325,4 +338,5 @@ def compile_step(model_config, spec: OptimizerSpec, mesh, *, rows: int, grad_acc
     weights = jax.ShapeDtypeStruct((grad_accum, per), jnp.float32, sharding=batch)
     step = _sharded_train_step(shardings, mesh)
     real_rows = jax.ShapeDtypeStruct((), jnp.float32)
-    return step.lower(graphdef, spec, None, state, None, rest, ids, ids, ids, weights, real_rows).compile()
+    return shd.lower_in_layout(step, (graphdef, spec, None, state, None, rest, ids, ids, ids, weights, real_rows),
+                               mesh, split_rows)

@@ -211,6 +211,18 @@ FOUR_DEVICES = textwrap.dedent("""
     }
     from idjax import memory
     res["train"]["compilations"] = memory.kept("train step")
+    # a budget nothing fits: the leanest step, its activations split by rows, on the 2 x 2 mesh
+    import logging
+    plans = []
+    handler = logging.Handler()
+    handler.emit = lambda record: plans.append(record.getMessage())
+    logging.getLogger("idjax.memory").addHandler(handler)
+    lean = T.train(model, pool, dataclasses.replace(tcfg, device_memory=1), mesh=fsdp, progress=False)
+    res["train"]["rows_split"] = {
+        "plans": plans,
+        "loss_diff": max(abs(h["loss"] - g["loss"]) for h, g in zip(runs["one"].history, lean.history)),
+        "param_diff": float(np.abs(np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(
+            lean.trainer.params(lean.state))]) - flat["one"]).max())}
     print("RESULT " + json.dumps(res))
 """)
 
@@ -268,6 +280,9 @@ def test_four_devices_match_one_device(tmp_path):
         assert res["train"][name]["loss_diff"] < 1e-5, res["train"]
         assert res["train"][name]["param_diff"] < 1e-5, res["train"]
     assert res["train"]["moved"] > 1e-3  # training changed the weights, so the comparison means something
+    lean = res["train"]["rows_split"]
+    assert any("training step" in p and "activations split by rows" in p for p in lean["plans"]), lean
+    assert lean["loss_diff"] < 1e-5 and lean["param_diff"] < 1e-5, lean
     # one compilation per (bucket, mesh): no recompiling per step
     assert res["train"]["compilations"] <= 3, res["train"]
     s = res["sharded_load"]
