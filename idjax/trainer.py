@@ -290,7 +290,8 @@ class Trainer:
 
     def _plan(self, state: TrainState, arrays, grad_accum: int):
         """(microbatches, compiled step) for batches shaped like `arrays`: the fewest microbatches (a
-        multiple of grad_accum), without remat before with it, whose program fits the device memory."""
+        multiple of grad_accum), without remat before with it, on a mesh each in the partitioner's
+        activation layout before the rows split (layout_settings), whose program fits the device memory."""
         rows = arrays[0].shape[0]
         sharded = shd.active(self.mesh)
         settings = layout_settings(step_settings(rows // (self.mesh.size if sharded else 1), grad_accum,
