@@ -166,13 +166,12 @@ def plan(config, mesh, *, pool: int, max_length: int, device_memory: int, batch_
         width = embed_tangents * config.hidden_size
         projection = None if embed_dim >= width else jax.ShapeDtypeStruct((width, embed_dim), jnp.float32)
 
-        def embed(split):  # as JVPEmbedder plans it: the partitioner's layout, else the rows split
+        def embed(setting):  # as JVPEmbedder plans it: the partitioner's layout, else the rows split
             fn = jax.jit(lambda st, t, p, ids, mask, labels: E.jvp_embeddings(
                 (cut_def, st), ids, mask, labels, tangents=t, projection=p))
-            return shd.lower_in_layout(fn, (cut_state, tangents, projection, *batch(rows)), mesh, split)
+            return shd.lower_in_layout(fn, (cut_state, tangents, projection, *batch(rows)), mesh, setting[0])
         embed_flops = (1 + 2 * embed_tangents) * forward_flops(config, max_length, blocks=blocks, lm_head=False)
-        layouts = [(f"{blocks} blocks, {embed_tangents} tangents" + ("" if i == 0 else f", {name}"), split)
-                   for i, (name, split) in enumerate(shd.ROW_LAYOUTS)]
+        layouts = shd.layout_settings([(f"{blocks} blocks, {embed_tangents} tangents", ())], n_dev > 1)
         out.append(_first_fit("embed", layouts, embed, device_memory, lambda _: embed_flops))
 
     t_rows = max(n_dev, math.ceil(targets / n_dev) * n_dev)
@@ -197,7 +196,7 @@ def plan(config, mesh, *, pool: int, max_length: int, device_memory: int, batch_
 
     if "train" in stages:
         spec = OptimizerSpec("adamw", 2e-5, clip_norm=1.0)
-        settings = TR.layout_settings(TR.step_settings(rows // n_dev), n_dev > 1)  # as the Trainer plans it
+        settings = shd.layout_settings(TR.step_settings(rows // n_dev), n_dev > 1)  # as the Trainer plans it
 
         def step(setting):
             micro, remat, split = setting

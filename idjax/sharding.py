@@ -108,6 +108,15 @@ def constrain_rows(x):
 ROW_LAYOUTS = (("the partitioner's layout", False), ("activations split by rows", True))
 
 
+def layout_settings(settings: list, sharded: bool) -> list:
+    """memory.first_fit settings (name, tuple) with the activations' layout appended: on a mesh of several
+    devices each setting in the partitioner's layout, then split by rows (ROW_LAYOUTS); on one device, where
+    the two are the same program, the first only."""
+    layouts = ROW_LAYOUTS if sharded else ROW_LAYOUTS[:1]
+    return [(name if not split else f"{name}, {layout}", (*value, split))
+            for name, value in settings for layout, split in layouts]
+
+
 def lower_in_layout(jitted, args, mesh: Mesh, rows: bool):
     """jitted.lower(*args).compile(), under jax.set_mesh(mesh) when `rows` (ROW_LAYOUTS)."""
     if not rows:

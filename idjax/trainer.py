@@ -131,16 +131,6 @@ def step_settings(rows_per_device: int, grad_accum: int = 1, remats=(False, True
              (grad_accum * s, r)) for s in range(1, per + 1) if per % s == 0 for r in remats]
 
 
-def layout_settings(settings: list, sharded: bool) -> list:
-    """step_settings with the activations' layout (shd.ROW_LAYOUTS): on a mesh of several devices each
-    setting in the partitioner's layout, then with the activations split by rows (a training step of
-    Llama-3.1-8B at 2048 tokens on 16 devices: 20.76 -> 12.99 GiB per device); one device: as given."""
-    if not sharded:
-        return [(name, (*value, False)) for name, value in settings]
-    return [(name if not split else f"{name}, {layout}", (*value, split))
-            for name, value in settings for layout, split in shd.ROW_LAYOUTS]
-
-
 class Trainer:
     """Holds the split model; `step` is a pure function of (state, batch), jitted once per bucket.
 
@@ -291,11 +281,11 @@ class Trainer:
     def _plan(self, state: TrainState, arrays, grad_accum: int):
         """(microbatches, compiled step) for batches shaped like `arrays`: the fewest microbatches (a
         multiple of grad_accum), without remat before with it, on a mesh each in the partitioner's
-        activation layout before the rows split (layout_settings), whose program fits the device memory."""
+        activation layout before the rows split (sharding.layout_settings), whose program fits the device memory."""
         rows = arrays[0].shape[0]
         sharded = shd.active(self.mesh)
-        settings = layout_settings(step_settings(rows // (self.mesh.size if sharded else 1), grad_accum,
-                                                 self.remat_choices), sharded)
+        settings = shd.layout_settings(step_settings(rows // (self.mesh.size if sharded else 1), grad_accum,
+                                                     self.remat_choices), sharded)
 
         def compile_one(setting):
             micro, remat, split = setting
@@ -314,14 +304,14 @@ class Trainer:
         return float(self.schedule(step))
 
 
-__all__ = ["COMPUTE_DTYPES", "TrainState", "Trainer", "step_settings", "layout_settings"]
+__all__ = ["COMPUTE_DTYPES", "TrainState", "Trainer", "step_settings"]
 
 
 def compile_step(model_config, spec: OptimizerSpec, mesh, *, rows: int, grad_accum: int = 1, length: int,
                  remat: bool = False, compute_dtype: str = "float32", split_rows: bool = False):
     """The training step of full fine-tuning compiled for abstract inputs on `mesh` (idjax plan): float32
     masters and the optimizer state sharded by the FSDP rules, `rows` rows per step in `grad_accum`
-    microbatches of `length` tokens, the activations split by rows when `split_rows` (layout_settings).
+    microbatches of `length` tokens, the activations split by rows when `split_rows` (sharding.layout_settings).
     Nothing is allocated; the result's memory_analysis() is the plan."""
     from jax.sharding import NamedSharding, PartitionSpec as P
 
